@@ -1,0 +1,421 @@
+"""Atomic checkpoints that resume a run exactly.
+
+Layout, under `run_dir/checkpoints/`:
+
+    step_000123/model.safetensors   model state (tied/shared tensors stored once, see below)
+    step_000123/optimizer.pt        torch optimizer state_dict (torch.save)
+    step_000123/rng.pt              python, numpy, torch CPU/CUDA and named generator states
+    step_000123/state.json          {"step", "trainer_state"}: JSON-able loop state
+    latest                          the name of the newest complete checkpoint directory
+
+Crash safety: a checkpoint is written into a `.tmp-*` directory in the same parent, every file
+and the directory are fsynced, and only then is it renamed to `step_NNNNNN` (one atomic rename).
+`latest` is replaced atomically after that. Pruning renames a directory away before deleting
+it. So a SIGKILL at any moment leaves every visible `step_*` directory complete; stale `.tmp-*`
+and `.trash-*` directories are ignored by readers and removed by the next save.
+
+Tied weights: safetensors refuses tensors that share memory. The writer stores one copy of each
+group of identical views and records the other names as aliases in the file's metadata; the
+reader restores them as the same tensor, so `model.load_state_dict` sees every key.
+
+`save_named_state(root, name, ...)` / `latest_named_state(root)` are the same machinery under
+any directory and name (the Tinker-style `TrainingClient.save_state(name)`).
+
+Left out: sharded (multi-rank) checkpoints and async writes; one process writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+from torch import Tensor
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json")
+_ALIASES_KEY = "cispo_aliases"
+_FORMAT_VERSION = 1
+
+# torch's optimizer StateDict is dict[str, Any]; RNG and trainer states are heterogenous too.
+StateDict = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Checkpoint:
+    step: int
+    """The optimizer step the checkpoint was taken after."""
+    path: Path
+    """The `step_NNNNNN` directory."""
+    model_state: dict[str, Tensor]
+    """Model state dict; tied names map to one shared tensor."""
+    optimizer_state: StateDict
+    """`torch.optim.Optimizer.state_dict()`, tensors on `map_location`."""
+    rng_state: StateDict
+    """From `capture_rng_state`; pass to `restore_rng_state`."""
+    trainer_state: StateDict
+    """The JSON-able loop state given to `save_checkpoint`."""
+
+
+# --------------------------------------------------------------------------------------------
+# RNG
+
+
+def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> StateDict:
+    """Python `random`, numpy's global RNG, torch CPU (and CUDA) and named generator states.
+
+    The result holds only tensors, ints, floats, strings, lists and dicts, so `torch.load` can
+    read it back with `weights_only=True`.
+    """
+    version, mt_state, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy=True always gives the tuple form
+    name, key, pos, has_gauss, cached_gauss = np_state
+    state: StateDict = {
+        "python": {"version": version, "state": list(mt_state), "gauss": gauss},
+        "numpy": {
+            "name": str(name),
+            "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gauss),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {n: g.get_state() for n, g in (generators or {}).items()},
+    }
+    return state
+
+
+def restore_rng_state(
+    state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None
+) -> None:
+    """Inverse of `capture_rng_state`. Each generator passed in must have a saved state.
+
+    CUDA states are restored for the devices present (a CPU-only resume skips them).
+    """
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npst = state["numpy"]
+    key = npst["key"].numpy().astype(np.uint32)
+    np.random.set_state(
+        (npst["name"], key, npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    cuda_states = state.get("cuda", [])
+    if cuda_states and torch.cuda.is_available():
+        for device, cuda_state in enumerate(cuda_states[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+    saved = state.get("generators", {})
+    for name, generator in (generators or {}).items():
+        if name not in saved:
+            raise KeyError(
+                f"no saved RNG state for generator {name!r}; saved: {sorted(saved) or 'none'}"
+            )
+        generator.set_state(saved[name])
+
+
+# --------------------------------------------------------------------------------------------
+# Model state with shared tensors
+
+
+def _dedupe_shared(model_state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """One tensor per group of identical views (tied weights), plus {alias: stored name}.
+
+    Tensors that share a storage without being the same view (e.g. a slice of another) are
+    cloned, since safetensors cannot represent views.
+    """
+    unique: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_of_view: dict[tuple[object, ...], str] = {}
+    for name, tensor in model_state.items():
+        tensor = tensor.detach()
+        if tensor.numel() > 0:
+            view = (
+                tensor.device,
+                tensor.untyped_storage().data_ptr(),
+                tensor.storage_offset(),
+                tuple(tensor.shape),
+                tuple(tensor.stride()),
+                tensor.dtype,
+            )
+            if view in first_of_view:
+                aliases[name] = first_of_view[view]
+                continue
+            first_of_view[view] = name
+        unique[name] = tensor
+    storage_users: dict[tuple[object, int], int] = {}
+    for tensor in unique.values():
+        if tensor.numel() > 0:
+            key = (tensor.device, tensor.untyped_storage().data_ptr())
+            storage_users[key] = storage_users.get(key, 0) + 1
+    for name, tensor in unique.items():
+        shared = (
+            tensor.numel() > 0
+            and storage_users[(tensor.device, tensor.untyped_storage().data_ptr())] > 1
+        )
+        if shared or not tensor.is_contiguous():
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        unique[name] = tensor.cpu()
+    return unique, aliases
+
+
+def _save_model(path: Path, model_state: Mapping[str, Tensor]) -> None:
+    unique, aliases = _dedupe_shared(model_state)
+    metadata = {_ALIASES_KEY: json.dumps(aliases), "format": "pt"}
+    safetensors.torch.save_file(unique, str(path), metadata=metadata)
+
+
+def _load_model(path: Path, device: str | torch.device) -> dict[str, Tensor]:
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    state = safetensors.torch.load_file(str(path), device=str(device))
+    aliases: dict[str, str] = json.loads(metadata.get(_ALIASES_KEY, "{}"))
+    for alias, target in aliases.items():
+        state[alias] = state[target]
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic file-system helpers
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes a rename durable. Not supported on every platform/file system; skip there.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _discard(path: Path) -> None:
+    """Rename away (atomic: the name disappears at once), then delete."""
+    trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{os.getpid()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_stale(root: Path) -> None:
+    for entry in root.iterdir():
+        if entry.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    found = []
+    if root.is_dir():
+        for entry in root.iterdir():
+            match = _STEP_DIR.match(entry.name)
+            if match and entry.is_dir():
+                found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def _is_complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in _FILES)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    model_state: Mapping[str, Tensor],
+    optimizer_state: Mapping[str, Any],
+    rng_state: Mapping[str, Any],
+    trainer_state: Mapping[str, Any],
+    keep_last: int | None = 3,
+) -> Path:
+    """Write `run_dir/checkpoints/step_{step:06d}/` atomically, point `latest` at it, prune.
+
+    Pruning keeps the `keep_last` newest checkpoints up to `step` (None or 0 keeps all);
+    checkpoints with a larger step (left from a run resumed at an earlier step) are not touched.
+    Saving a step that already exists replaces it.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return _save(
+        Path(run_dir) / "checkpoints",
+        f"step_{step:06d}",
+        step=step,
+        model_state=model_state,
+        optimizer_state=optimizer_state,
+        rng_state=rng_state,
+        trainer_state=trainer_state,
+        keep_last=keep_last,
+    )
+
+
+def save_named_state(
+    root: Path,
+    name: str,
+    *,
+    model_state: Mapping[str, Tensor],
+    optimizer_state: Mapping[str, Any],
+    rng_state: Mapping[str, Any],
+    trainer_state: Mapping[str, Any],
+    keep_last: int | None = 0,
+) -> Path:
+    """`save_checkpoint` for a Tinker-style named state: writes `root/name/` the same way.
+
+    The checkpoint's step is `trainer_state["step"]` if given, else the N of a `step_N` name,
+    else 0. Only `step_N` directories are pruned (None or 0 keeps all).
+    """
+    if not name or "/" in name or name.startswith(".") or name == "latest":
+        raise ValueError(f"bad checkpoint name {name!r}: one path component, not hidden")
+    match = _STEP_DIR.match(name)
+    given = trainer_state.get("step")
+    if isinstance(given, int) and not isinstance(given, bool):
+        step = given
+    else:
+        step = int(match.group(1)) if match else 0
+    return _save(
+        Path(root),
+        name,
+        step=step,
+        model_state=model_state,
+        optimizer_state=optimizer_state,
+        rng_state=rng_state,
+        trainer_state=trainer_state,
+        keep_last=keep_last if match else None,
+    )
+
+
+def _save(
+    root: Path,
+    name: str,
+    *,
+    step: int,
+    model_state: Mapping[str, Tensor],
+    optimizer_state: Mapping[str, Any],
+    rng_state: Mapping[str, Any],
+    trainer_state: Mapping[str, Any],
+    keep_last: int | None,
+) -> Path:
+    if keep_last is not None and keep_last < 0:
+        raise ValueError(f"keep_last must be >= 0 (0 or None keeps all), got {keep_last}")
+    # Serialise the JSON first: a non-JSON-able trainer_state fails before touching the disk.
+    state_json = json.dumps(
+        {"format_version": _FORMAT_VERSION, "step": step, "trainer_state": dict(trainer_state)},
+        indent=1,
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale(root)
+    final = root / name
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=root))
+    try:
+        _save_model(tmp / "model.safetensors", model_state)
+        torch.save(dict(optimizer_state), tmp / "optimizer.pt")
+        torch.save(dict(rng_state), tmp / "rng.pt")
+        (tmp / "state.json").write_text(state_json)
+        for file_name in _FILES:
+            _fsync_file(tmp / file_name)
+        _fsync_dir(tmp)
+        if final.exists():
+            _discard(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(root)
+    _write_text_atomic(root / "latest", final.name + "\n")
+    if keep_last:
+        older = [path for s, path in _step_dirs(root) if s < step]
+        for path in older[: max(0, len(older) - (keep_last - 1))]:
+            _discard(path)
+    return final
+
+
+def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read one `step_NNNNNN` directory."""
+    path = Path(path)
+    missing = [name for name in _FILES if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"incomplete checkpoint {path}: missing {', '.join(missing)}")
+    meta = json.loads((path / "state.json").read_text())
+    return Checkpoint(
+        step=int(meta["step"]),
+        path=path,
+        model_state=_load_model(path / "model.safetensors", map_location),
+        optimizer_state=torch.load(
+            path / "optimizer.pt", map_location=map_location, weights_only=True
+        ),
+        # RNG states are CPU ByteTensors whatever the device.
+        rng_state=torch.load(path / "rng.pt", map_location="cpu", weights_only=True),
+        trainer_state=meta["trainer_state"],
+    )
+
+
+def latest_named_state(root: Path) -> Path | None:
+    """The directory `root/latest` names if it is complete, else the newest complete `step_N`
+    directory, else None."""
+    root = Path(root)
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if named.name and not named.name.startswith(".") and _is_complete(named):
+            return named
+    for _, path in reversed(_step_dirs(root)):
+        if _is_complete(path):
+            return path
+    return None
+
+
+def latest_checkpoint_path(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint directory of `save_checkpoint`, or None."""
+    return latest_named_state(Path(run_dir) / "checkpoints")
+
+
+def load_latest_checkpoint(
+    run_dir: Path, *, map_location: str | torch.device = "cpu"
+) -> Checkpoint | None:
+    """The newest complete checkpoint of a run, or None if it has none."""
+    path = latest_checkpoint_path(run_dir)
+    return None if path is None else load_checkpoint(path, map_location=map_location)

@@ -1,0 +1,289 @@
+"""An in-process client with Tinker's programming model: ServiceClient → TrainingClient / SamplingClient.
+
+    service = ServiceClient()
+    training = service.create_lora_training_client("tiny", rank=0)
+    sampler = training.save_weights_and_get_sampling_client()
+    futures = [sampler.sample(prompt, num_samples=8, sampling_params=params) for prompt in prompts]
+    fwd = training.forward_backward(datums, "cispo", {"clip_high_threshold": 4.0})
+    opt = training.optim_step(AdamParams(learning_rate=1e-3))
+    fwd.result(); opt.result()
+
+Every call returns an `APIFuture` (`.result()` or `await`). Training calls run in submission order on
+one worker thread per TrainingClient. Sampling requests are deferred and batched: the first `.result()`
+runs every pending request of that SamplingClient as one KV-cached batch, which is what makes
+one-prompt-per-call code (the tinker-cookbook style) fast in process.
+
+Differences from the hosted service, on purpose: paths are local directories, not `tinker://` URIs
+(`cispo serve` maps them); `forward_backward` also takes `temperature` / `num_tokens` / `num_sequences`
+keywords; `save_state` takes a JSON `metadata` dict stored beside the weights (the RL loop keeps its
+data position there so that one checkpoint is one consistent state).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from cispo.checkpoint import load_checkpoint, save_named_state
+from cispo.client.futures import APIFuture, OrderedWorker, completed
+from cispo.client.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    ModelInput,
+    OptimStepResponse,
+    SampleResponse,
+    SamplingParams,
+    SaveWeightsResponse,
+)
+from cispo.train.bundle import ModelBundle, load_bundle
+from cispo.rollout.sampler import compute_logprobs
+from cispo.train.engine import Engine, EngineConfig
+
+__all__ = ["SamplingClient", "ServiceClient", "TrainingClient"]
+
+
+class ServiceClient:
+    """Creates training and sampling clients over local models."""
+
+    def __init__(self, *, checkpoint_root: str | Path = "runs/_client", seed: int = 0) -> None:
+        self.checkpoint_root = Path(checkpoint_root)
+        self.seed = seed
+
+    def create_lora_training_client(
+        self,
+        base_model: str,
+        rank: int = 32,
+        *,
+        seed: int | None = None,
+        engine_config: EngineConfig | None = None,
+        model_overrides: Mapping[str, Any] | None = None,
+    ) -> TrainingClient:
+        """A training client on `base_model` (a local HF directory, "smollm2-135m" or "tiny").
+
+        `rank=0` trains every parameter (full fine-tuning); `rank>0` attaches LoRA adapters via PEFT.
+        """
+        bundle = load_bundle(
+            base_model, lora_rank=rank, seed=self.seed if seed is None else seed,
+            overrides=model_overrides,
+        )
+        return self.create_training_client(bundle, engine_config=engine_config, name=base_model)
+
+    def create_training_client(
+        self,
+        bundle: ModelBundle,
+        *,
+        engine_config: EngineConfig | None = None,
+        name: str = "model",
+    ) -> TrainingClient:
+        """A training client over an already-built model (our extension: no Tinker equivalent)."""
+        engine = Engine(
+            bundle.model,
+            eos_token_id=bundle.tokenizer.eos_token_id,
+            pad_token_id=int(bundle.tokenizer.pad_token_id or 0),
+            tokenizer=bundle.tokenizer,
+            config=engine_config,
+            seed=self.seed,
+        )
+        return TrainingClient(engine, bundle, self.checkpoint_root / name.replace("/", "_"))
+
+    def create_sampling_client(self, model_path: str, base_model: str | None = None) -> SamplingClient:
+        """A sampling client on saved weights (`model_path` from `save_weights_for_sampler`)."""
+        checkpoint = load_checkpoint(Path(model_path))
+        spec = base_model or str(checkpoint.trainer_state.get("base_model", "tiny"))
+        bundle = load_bundle(spec, lora_rank=0, seed=self.seed,
+                            overrides=checkpoint.trainer_state.get("model_overrides"))
+        bundle.model.load_state_dict(checkpoint.model_state, strict=False)
+        engine = Engine(
+            bundle.model,
+            eos_token_id=bundle.tokenizer.eos_token_id,
+            pad_token_id=int(bundle.tokenizer.pad_token_id or 0),
+            tokenizer=bundle.tokenizer,
+            seed=self.seed,
+        )
+        return SamplingClient(engine, engine.sampler_model(), bundle)
+
+
+class TrainingClient:
+    """Trains one model. Calls run in submission order on a worker thread."""
+
+    def __init__(self, engine: Engine, bundle: ModelBundle, checkpoint_dir: Path) -> None:
+        self.engine = engine
+        self.bundle = bundle
+        self.checkpoint_dir = checkpoint_dir
+        self._worker = OrderedWorker("cispo-train")
+
+    def get_tokenizer(self) -> Any:
+        return self.bundle.tokenizer
+
+    def forward_backward(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None = None,
+        *,
+        temperature: float = 1.0,
+        num_tokens: float | None = None,
+        num_sequences: float | None = None,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        datums = list(data)
+        return self._worker.submit(
+            lambda: self.engine.forward_backward(
+                datums,
+                loss_fn,
+                loss_fn_config,
+                temperature=temperature,
+                num_tokens=num_tokens,
+                num_sequences=num_sequences,
+            )
+        )
+
+    def forward(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: Mapping[str, Any] | None = None,
+        *,
+        temperature: float = 1.0,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        datums = list(data)
+        return self._worker.submit(
+            lambda: self.engine.forward_backward(
+                datums, loss_fn, loss_fn_config, forward_only=True, temperature=temperature
+            )
+        )
+
+    def optim_step(self, adam_params: AdamParams) -> APIFuture[OptimStepResponse]:
+        return self._worker.submit(
+            lambda: OptimStepResponse(metrics=self.engine.optim_step(adam_params))
+        )
+
+    def save_state(
+        self, name: str, *, metadata: Mapping[str, Any] | None = None, keep_last: int = 0
+    ) -> APIFuture[SaveWeightsResponse]:
+        """Weights + optimizer + sampler RNG (+ `metadata`), atomically, under `checkpoint_dir`."""
+
+        def run() -> SaveWeightsResponse:
+            state = self.engine.state()
+            trainer_state = {
+                "version": state["version"],
+                "base_model": self.bundle.spec,
+                "model_overrides": self.bundle.overrides,
+                **dict(metadata or {}),
+            }
+            path = save_named_state(
+                self.checkpoint_dir,
+                name,
+                model_state=state["model"],
+                optimizer_state=state["optimizer"],
+                rng_state={"sample_generator": state["sample_generator"]},
+                trainer_state=trainer_state,
+                keep_last=keep_last,
+            )
+            return SaveWeightsResponse(path=str(path))
+
+        return self._worker.submit(run)
+
+    def load_state(self, path: str, *, optimizer: bool = True) -> APIFuture[dict[str, Any]]:
+        """Restore weights (and optimizer) from `save_state`; returns the saved metadata."""
+
+        def run() -> dict[str, Any]:
+            checkpoint = load_checkpoint(Path(path))
+            self.engine.load_state(
+                {
+                    "model": checkpoint.model_state,
+                    "optimizer": checkpoint.optimizer_state if optimizer else None,
+                    "version": checkpoint.trainer_state.get("version", 0),
+                    "sample_generator": checkpoint.rng_state["sample_generator"],
+                },
+                optimizer=optimizer,
+            )
+            return dict(checkpoint.trainer_state)
+
+        return self._worker.submit(run)
+
+    def save_weights_for_sampler(self, name: str) -> APIFuture[SaveWeightsResponse]:
+        return self.save_state(name)
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
+        """A sampling client on the current weights (after every call submitted so far)."""
+        self._worker.submit(lambda: None).result()  # barrier: pending steps land first
+        return SamplingClient(self.engine, self.engine.sampler_model(), self.bundle)
+
+    def close(self) -> None:
+        self._worker.shutdown()
+
+
+@dataclass
+class _Pending:
+    prompt: list[int]
+    num_samples: int
+    params: SamplingParams
+    future: concurrent.futures.Future[SampleResponse]
+
+
+class SamplingClient:
+    """Samples from one fixed set of weights, batching deferred requests into one KV-cached pass."""
+
+    def __init__(self, engine: Engine, model: nn.Module, bundle: ModelBundle) -> None:
+        self.engine = engine
+        self.model = model
+        self.bundle = bundle
+        self.version = engine.version
+        self._pending: list[_Pending] = []
+        self._lock = threading.Lock()
+
+    def get_tokenizer(self) -> Any:
+        return self.bundle.tokenizer
+
+    def sample(
+        self,
+        prompt: ModelInput,
+        num_samples: int,
+        sampling_params: SamplingParams,
+        include_prompt_logprobs: bool = False,
+    ) -> APIFuture[SampleResponse]:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if include_prompt_logprobs:
+            tokens = prompt.to_ints()
+            prompt_lp: list[float | None] = [None, *compute_logprobs(self.model, [tokens])[0]]
+            response = self._sample_now(tokens, num_samples, sampling_params)
+            return completed(SampleResponse(response.sequences, prompt_logprobs=prompt_lp))
+        future: concurrent.futures.Future[SampleResponse] = concurrent.futures.Future()
+        with self._lock:
+            self._pending.append(_Pending(prompt.to_ints(), num_samples, sampling_params, future))
+        return APIFuture(future, on_wait=self.flush)
+
+    def _sample_now(self, tokens: list[int], n: int, params: SamplingParams) -> SampleResponse:
+        sequences = self.engine.sample(self.model, [tokens], n, params)[0]
+        return SampleResponse(sequences=sequences)
+
+    def flush(self) -> None:
+        """Run every pending request, grouped by (num_samples, params), one batch per group."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        groups: dict[tuple[int, str], list[_Pending]] = {}
+        for request in pending:  # SamplingParams may hold a list (stop), so key on its repr
+            groups.setdefault((request.num_samples, repr(request.params)), []).append(request)
+        for (n, _), requests in groups.items():
+            params = requests[0].params
+            try:
+                results = self.engine.sample(self.model, [r.prompt for r in requests], n, params)
+            except BaseException as error:  # delivered to every waiter, then re-raised
+                for r in requests:
+                    r.future.set_exception(error)
+                raise
+            for request, sequences in zip(requests, results, strict=True):
+                request.future.set_result(SampleResponse(sequences=sequences))
+
+    def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
+        """Teacher-forced logprob of every token of `prompt` (the first is None)."""
+        values = compute_logprobs(self.model, [prompt.to_ints()])[0]
+        return completed([None, *values])

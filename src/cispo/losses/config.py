@@ -1,0 +1,425 @@
+"""Typed configs for the objectives, with converters from every bound convention in the field.
+
+Each objective has a frozen, kw_only config; `LossConfig` bundles one of them with the reduction,
+the train-vs-sampler correction, the KL and entropy terms and the non-finite policy.
+`make_loss_config` builds a `LossConfig` from a Tinker-style `loss_fn` name and flat key dict.
+
+Two conventions for the CISPO/PPO band exist under similar names (see docs/losses.md):
+absolute bounds on r (TRL/ms-swift `epsilon_high`, Tinker `clip_*_threshold`) and additive
+offsets from 1 (verl, NeMo-RL, slime/miles, AReaL, SkyRL). `CispoConfig` stores absolute bounds;
+the converters say which convention they read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+Anchor = Literal["old", "sampler"]
+RatioLevel = Literal["token", "sequence"]
+
+ANCHORS: tuple[str, ...] = ("old", "sampler")
+RATIO_LEVELS: tuple[str, ...] = ("token", "sequence")
+REDUCTION_NAMES: tuple[str, ...] = (
+    "token_mean",
+    "seq_mean_token_mean",
+    "seq_mean_token_sum",
+    "seq_mean_token_sum_norm",
+    "sum",
+)
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+NONFINITE_POLICIES: tuple[str, ...] = ("zero", "raise")
+CORRECTION_KINDS: tuple[str, ...] = ("tis", "mis")
+SEQUENCE_STATS: tuple[str, ...] = ("product", "geometric_mean")
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+
+
+def _check_anchor(anchor: str) -> None:
+    _check_choice("anchor", anchor, ANCHORS)
+
+
+def _fmt(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:g}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CispoConfig:
+    """CISPO weight band, in absolute bounds on r (not offsets from 1)."""
+
+    ratio_min: float = 0.0
+    """Lower bound on the detached weight. 0 = one-sided (no lower bound; MiniMax-M1, ScaleRL)."""
+    ratio_max: float = 4.0
+    """Upper bound on the weight. 4 is Tinker's default; ScaleRL found 4, 5 and 8 equivalent."""
+    anchor: Anchor = "sampler"
+    """Denominator of r: "sampler" (Tinker) or "old" (trainer recompute; needed by corrections)."""
+    ratio_level: RatioLevel = "token"
+    """Only "token": the CISPO weight multiplies one token's log-probability."""
+    allow_degenerate: bool = False
+    """Accept a band that excludes r = 1 (cap below 1 or floor above 1)."""
+
+    def __post_init__(self) -> None:
+        _check_anchor(self.anchor)
+        if self.ratio_level != "token":
+            raise ValueError(
+                f"ratio_level={self.ratio_level!r}: CISPO weights each token's log-probability "
+                "by its own detached ratio, so a sequence-level ratio is not defined for it; "
+                "use loss_fn='gspo' for a sequence-level clipped ratio"
+            )
+        if math.isnan(self.ratio_min) or math.isnan(self.ratio_max):
+            raise ValueError("ratio_min and ratio_max must not be NaN")
+        # Always rejected: these do not describe a band at all.
+        if self.ratio_min < 0:
+            raise ValueError(
+                f"ratio_min={self.ratio_min} is negative; r = exp(...) > 0, so use 0 for no lower "
+                "bound. Did you pass an additive offset? Use CispoConfig.from_additive."
+            )
+        if self.ratio_min > self.ratio_max:
+            raise ValueError(f"ratio_min={self.ratio_min} > ratio_max={self.ratio_max}: empty band")
+        if self.allow_degenerate:
+            return
+        if self.ratio_max < 1:
+            raise ValueError(
+                f"ratio_max={self.ratio_max} < 1 caps every weight below 1, even on-policy (r=1), "
+                "shrinking every update. This is the TRL/ms-swift trap: loss_type='cispo' with "
+                "epsilon_high unset caps at epsilon=0.2. Use ratio_max >= 1 (4 or 5 is usual), "
+                "or pass allow_degenerate=True."
+            )
+        if self.ratio_min > 1:
+            raise ValueError(
+                f"ratio_min={self.ratio_min} > 1 floors every weight above 1, even on-policy "
+                "(r = 1), so every token is up-weighted. "
+                "Use ratio_min <= 1 (0 is usual), or pass allow_degenerate=True."
+            )
+
+    @classmethod
+    def from_additive(
+        cls,
+        eps_low: float,
+        eps_high: float,
+        *,
+        anchor: Anchor = "old",
+        allow_degenerate: bool = False,
+    ) -> CispoConfig:
+        """From additive offsets: band [max(0, 1 - eps_low), 1 + eps_high].
+
+        The convention of miles/slime (eps_clip, eps_clip_high), verl (clip_ratio_low/high),
+        NeMo-RL (ratio_clip_min/max), AReaL (eps_clip, eps_clip_higher) and SkyRL-train
+        (cispo_eps_clip_low/high). eps_low >= 1 means no lower bound (r > 0 anyway).
+        These systems anchor r on the trainer's old logprobs, hence anchor="old".
+        """
+        if eps_low < 0 or eps_high < 0:
+            raise ValueError(f"additive offsets must be >= 0, got ({eps_low}, {eps_high})")
+        return cls(
+            ratio_min=max(0.0, 1.0 - eps_low),
+            ratio_max=1.0 + eps_high,
+            anchor=anchor,
+            allow_degenerate=allow_degenerate,
+        )
+
+    @classmethod
+    def from_verl(cls, clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2) -> CispoConfig:
+        """verl `actor.clip_ratio_low/high` (additive; defaults 0.2/0.2 give [0.8, 1.2])."""
+        return cls.from_additive(clip_ratio_low, clip_ratio_high)
+
+    @classmethod
+    def from_nemo_rl(cls, ratio_clip_min: float = 0.2, ratio_clip_max: float = 0.2) -> CispoConfig:
+        """NeMo-RL `loss_fn.ratio_clip_min/max` (additive; CISPO recipe 1.0/5.0 gives [0, 6])."""
+        return cls.from_additive(ratio_clip_min, ratio_clip_max)
+
+    @classmethod
+    def from_slime(cls, eps_clip: float = 0.2, eps_clip_high: float | None = None) -> CispoConfig:
+        """slime/miles `--eps-clip/--eps-clip-high` (additive; eps_clip_high None -> eps_clip)."""
+        return cls.from_additive(eps_clip, eps_clip if eps_clip_high is None else eps_clip_high)
+
+    @classmethod
+    def from_areal(cls, eps_clip: float = 0.2, eps_clip_higher: float | None = None) -> CispoConfig:
+        """AReaL `actor.eps_clip/eps_clip_higher` (additive; AReaL requires eps_clip_higher > 0)."""
+        if eps_clip_higher is None or eps_clip_higher <= 0:
+            raise ValueError(f"AReaL CISPO requires eps_clip_higher > 0, got {eps_clip_higher}")
+        return cls.from_additive(eps_clip, eps_clip_higher)
+
+    @classmethod
+    def from_skyrl(
+        cls, cispo_eps_clip_low: float = 1.0, cispo_eps_clip_high: float = 4.0
+    ) -> CispoConfig:
+        """SkyRL-train `cispo_eps_clip_low/high` (additive; defaults 1.0/4.0 give [0, 5])."""
+        return cls.from_additive(cispo_eps_clip_low, cispo_eps_clip_high)
+
+    @classmethod
+    def from_absolute_cap(
+        cls, epsilon_high: float, *, anchor: Anchor = "old", allow_degenerate: bool = False
+    ) -> CispoConfig:
+        """TRL / ms-swift / Liger `epsilon_high` for loss_type="cispo": band [0, epsilon_high].
+
+        An absolute cap, unlike the same name for their PPO losses. TRL's unset value falls
+        back to epsilon = 0.2, a cap below 1 that is rejected here unless allowed.
+        """
+        return cls(
+            ratio_min=0.0, ratio_max=epsilon_high, anchor=anchor, allow_degenerate=allow_degenerate
+        )
+
+    @classmethod
+    def from_tinker(
+        cls, clip_low_threshold: float = 0.0, clip_high_threshold: float = 4.0
+    ) -> CispoConfig:
+        """Tinker `loss_fn_config` clip_low/high_threshold: absolute, anchored on the sampler."""
+        return cls(ratio_min=clip_low_threshold, ratio_max=clip_high_threshold, anchor="sampler")
+
+    def describe(self) -> str:
+        """The effective band, e.g. "CISPO weight band [0, 4] (one-sided: no lower bound)"."""
+        band = f"CISPO weight band [{_fmt(self.ratio_min)}, {_fmt(self.ratio_max)}]"
+        if self.ratio_max < 1 or self.ratio_min > 1:
+            note = "degenerate: excludes r = 1"
+        elif self.ratio_min == 0:
+            note = "one-sided: no lower bound"
+        else:
+            note = "two-sided"
+        return f"{band} ({note}), anchor={self.anchor}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PPOConfig:
+    """Clipped surrogate (PPO, GRPO, DAPO clip-higher, dual-clip, GSPO): additive offsets."""
+
+    eps_low: float = 0.2
+    """r is clipped below at 1 - eps_low."""
+    eps_high: float = 0.2
+    """r is clipped above at 1 + eps_high (DAPO clip-higher: 0.28)."""
+    dual_clip_c: float | None = None
+    """Dual-clip bound c > 1 for A < 0 (arXiv:1912.09729); None = off."""
+    anchor: Anchor = "sampler"
+    """Denominator of r: "sampler" (Tinker) or "old" (trainer recompute)."""
+    ratio_level: RatioLevel = "token"
+    """"sequence" = GSPO: geometric mean of the sequence's token ratios (GSPO-token form)."""
+
+    def __post_init__(self) -> None:
+        _check_anchor(self.anchor)
+        _check_choice("ratio_level", self.ratio_level, RATIO_LEVELS)
+        if not 0 <= self.eps_low <= 1:
+            raise ValueError(f"eps_low={self.eps_low} must be in [0, 1] (lower clip 1 - eps_low)")
+        if self.eps_high < 0:
+            raise ValueError(f"eps_high={self.eps_high} must be >= 0 (upper clip 1 + eps_high)")
+        if self.dual_clip_c is not None and not self.dual_clip_c > 1:
+            raise ValueError(f"dual_clip_c={self.dual_clip_c} must be > 1 or None")
+
+    def describe(self) -> str:
+        """E.g. "PPO clip [0.8, 1.2] (token ratio), anchor=sampler"."""
+        lo, hi = _fmt(1.0 - self.eps_low), _fmt(1.0 + self.eps_high)
+        dual = "" if self.dual_clip_c is None else f", dual clip c={_fmt(self.dual_clip_c)}"
+        return f"PPO clip [{lo}, {hi}] ({self.ratio_level} ratio){dual}, anchor={self.anchor}"
+
+    @classmethod
+    def grpo(cls, eps: float = 0.2, *, anchor: Anchor = "old") -> PPOConfig:
+        """GRPO (arXiv:2402.03300): symmetric clip 1 ± eps."""
+        return cls(eps_low=eps, eps_high=eps, anchor=anchor)
+
+    @classmethod
+    def dapo(
+        cls, eps_low: float = 0.2, eps_high: float = 0.28, *, anchor: Anchor = "old"
+    ) -> PPOConfig:
+        """DAPO clip-higher (arXiv:2503.14476): asymmetric clip [1 - 0.2, 1 + 0.28]."""
+        return cls(eps_low=eps_low, eps_high=eps_high, anchor=anchor)
+
+    @classmethod
+    def gspo(
+        cls, eps_low: float = 3e-4, eps_high: float = 4e-4, *, anchor: Anchor = "old"
+    ) -> PPOConfig:
+        """GSPO (arXiv:2507.18071): sequence-level ratio, clip range (3e-4, 4e-4) from the paper."""
+        return cls(eps_low=eps_low, eps_high=eps_high, anchor=anchor, ratio_level="sequence")
+
+    @classmethod
+    def from_tinker(
+        cls, clip_low_threshold: float = 0.8, clip_high_threshold: float = 1.2
+    ) -> PPOConfig:
+        """Tinker `ppo` loss_fn_config: absolute thresholds (defaults 0.8/1.2), sampler anchor."""
+        return cls(
+            eps_low=1.0 - clip_low_threshold, eps_high=clip_high_threshold - 1.0, anchor="sampler"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportanceSamplingConfig:
+    """Tinker `importance_sampling`: loss_t = -r_t * A_t (r not detached)."""
+
+    anchor: Anchor = "sampler"
+    """Denominator of r."""
+    ratio_min: float = 0.0
+    """Absolute lower clamp on r (0 = none). Outside the band the gradient is 0."""
+    ratio_max: float = math.inf
+    """Absolute upper clamp on r (inf = none, Tinker's documented form)."""
+
+    def __post_init__(self) -> None:
+        _check_anchor(self.anchor)
+        if not 0 <= self.ratio_min <= self.ratio_max:
+            raise ValueError(
+                f"need 0 <= ratio_min <= ratio_max, got [{self.ratio_min}, {self.ratio_max}]"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReinforceConfig:
+    """REINFORCE: loss_t = -A_t * logp_t. Reads no anchor."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CrossEntropyConfig:
+    """Weighted NLL for SFT: loss_t = -weights_t * logp_t (weights default to 1)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DroConfig:
+    """DRO (Tinker/verl form): loss_t = -(logp_t * A_t - beta/2 * (logp_t - q_t)^2)."""
+
+    beta: float
+    """Quadratic penalty on the log-ratio to the anchor; Tinker's loss_fn_config key "beta"."""
+    anchor: Anchor = "sampler"
+    """Which logprobs are q: "sampler" (Tinker) or "old" (verl)."""
+
+    def __post_init__(self) -> None:
+        _check_anchor(self.anchor)
+        if not self.beta >= 0:
+            raise ValueError(f"beta={self.beta} must be >= 0")
+
+
+ObjectiveConfig = (
+    CispoConfig
+    | PPOConfig
+    | ImportanceSamplingConfig
+    | ReinforceConfig
+    | CrossEntropyConfig
+    | DroConfig
+)
+
+_OBJECTIVE_TYPES: dict[str, type] = {
+    "cispo": CispoConfig,
+    "ppo": PPOConfig,
+    "gspo": PPOConfig,
+    "importance_sampling": ImportanceSamplingConfig,
+    "reinforce": ReinforceConfig,
+    "cross_entropy": CrossEntropyConfig,
+    "dro": DroConfig,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CorrectionConfig:
+    """Train-vs-sampler correction w = exp(old - sampler), detached, multiplied into loss_t.
+
+    kind "tis": truncated IS, w clamped to [ratio_min, ratio_max] (Yao et al. 2025 blog).
+    kind "mis": masked IS / IcePop (arXiv:2510.18855): w kept inside the band, 0 outside.
+    """
+
+    kind: Literal["tis", "mis"] = "tis"
+    """"tis" (truncate) or "mis" (mask)."""
+    level: RatioLevel = "token"
+    """"token": one weight per token; "sequence": one weight per sequence, broadcast over T."""
+    sequence_stat: Literal["product", "geometric_mean"] = "geometric_mean"
+    """Sequence weight: "product" exp(Σ_t δ_t) (TRL, verl, SkyRL) or "geometric_mean"
+    exp(mean_t δ_t) (ms-swift, NeMo seq-mask-tis). Only read when level="sequence"."""
+    ratio_min: float = 0.0
+    """Absolute lower bound on w."""
+    ratio_max: float = 2.0
+    """Absolute upper bound on w (slime tis_clip and verl rollout_is_threshold default 2.0)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("correction kind", self.kind, CORRECTION_KINDS)
+        _check_choice("correction level", self.level, RATIO_LEVELS)
+        _check_choice("sequence_stat", self.sequence_stat, SEQUENCE_STATS)
+        if not 0 <= self.ratio_min <= self.ratio_max:
+            raise ValueError(
+                f"correction band needs 0 <= ratio_min <= ratio_max, got "
+                f"[{self.ratio_min}, {self.ratio_max}]"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class OPSMConfig:
+    """Off-policy sequence masking (DeepSeek-V3.2, arXiv:2512.02556)."""
+
+    delta: float = 1e-4
+    """Drop a sequence iff A < 0 and mean_t(sampler - logp) > delta (slime/miles default 1e-4)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    """Everything `compute_loss` needs besides tensors."""
+
+    loss_fn: str
+    """Registry name, e.g. "cispo" (see cispo.losses.LOSSES)."""
+    objective: ObjectiveConfig
+    """Typed config of that objective."""
+    reduction: str = "sum"
+    """One of REDUCTION_NAMES; "sum" is Tinker's."""
+    max_len: int | None = None
+    """Dr.GRPO constant L; required by seq_mean_token_sum_norm."""
+    correction: CorrectionConfig | None = None
+    """Train-vs-sampler correction; needs old and sampler logprobs and an "old" anchor."""
+    opsm: OPSMConfig | None = None
+    """Off-policy sequence masking; needs sampler logprobs and advantages."""
+    kl_coef: float = 0.0
+    """Coefficient of the KL-to-reference term (reads ref_logprobs when > 0)."""
+    kl_estimator: str = "k3"
+    """"k1", "k2" or "k3" (Schulman, "Approximating KL divergence")."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient: loss_t -= entropy_coef * entropy_t (reads entropy when > 0)."""
+    nonfinite: str = "zero"
+    """Active token with a NaN/inf input: "zero" drops it from the loss (counted in
+    loss/nonfinite_tokens), "raise" raises ValueError."""
+    fork_prob_threshold: float = 0.1
+    """Sampler probability below which a token counts as a fork token in the metrics."""
+
+    def __post_init__(self) -> None:
+        _check_choice("loss_fn", self.loss_fn, tuple(_OBJECTIVE_TYPES))
+        expected = _OBJECTIVE_TYPES[self.loss_fn]
+        if not isinstance(self.objective, expected):
+            raise ValueError(
+                f"loss_fn={self.loss_fn!r} needs objective of type {expected.__name__}, "
+                f"got {type(self.objective).__name__}"
+            )
+        if self.loss_fn == "gspo" and getattr(self.objective, "ratio_level", "") != "sequence":
+            raise ValueError("loss_fn='gspo' needs PPOConfig(ratio_level='sequence')")
+        _check_choice("reduction", self.reduction, REDUCTION_NAMES)
+        if self.reduction == "seq_mean_token_sum_norm" and (
+            self.max_len is None or self.max_len <= 0
+        ):
+            raise ValueError("reduction='seq_mean_token_sum_norm' needs max_len > 0 (Dr.GRPO L)")
+        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        if self.kl_coef < 0 or self.entropy_coef < 0:
+            raise ValueError("kl_coef and entropy_coef must be >= 0")
+        if not 0 < self.fork_prob_threshold < 1:
+            raise ValueError("fork_prob_threshold must be in (0, 1)")
+        anchor = getattr(self.objective, "anchor", None)
+        if self.correction is not None:
+            if anchor == "sampler":
+                raise ValueError(
+                    "correction with anchor='sampler' corrects twice: r = exp(logp - sampler) "
+                    "already includes exp(old - sampler). Use anchor='old' or drop the correction."
+                )
+            if self.loss_fn == "cross_entropy":
+                raise ValueError("correction needs sampled tokens; cross_entropy (SFT) has none")
+
+    def describe(self) -> str:
+        """One line: the objective's effective band and every optional term that is on."""
+        obj = self.objective
+        if isinstance(obj, CispoConfig | PPOConfig):
+            parts = [obj.describe()]
+        else:
+            anchor = getattr(obj, "anchor", None)
+            parts = [self.loss_fn + ("" if anchor is None else f", anchor={anchor}")]
+        if (c := self.correction) is not None:
+            stat = f" {c.sequence_stat}" if c.level == "sequence" else ""
+            band = f"[{_fmt(c.ratio_min)}, {_fmt(c.ratio_max)}]"
+            parts.append(f"correction {c.kind} {c.level}{stat} {band}")
+        if self.opsm is not None:
+            parts.append(f"opsm delta={self.opsm.delta:g}")
+        if self.kl_coef > 0:
+            parts.append(f"kl {self.kl_estimator} coef {self.kl_coef:g}")
+        if self.entropy_coef > 0:
+            parts.append(f"entropy coef {self.entropy_coef:g}")
+        return "; ".join(parts)

@@ -1,0 +1,140 @@
+"""Per-token trainer logprobs from a transformers causal LM, scoring only loss-mask tokens.
+
+`model_token_logprobs` runs the decoder (the model without its lm_head) to get final hidden states
+[B, T, H], keeps the loss-mask rows [N, H], and sends only those through the vocabulary projection,
+fused (`fused_logprobs`, memory O(chunk × V)) or naive (`naive_logprobs`, full [N, V] logits).
+It takes a model as an argument and owns none: no optimizer, no I/O.
+
+The output projection is read from `model.get_output_embeddings()`: a plain `nn.Linear` (its weight
+may be tied to the input embeddings; gradients then reach the embedding through the same tensor) or
+a peft LoRA `Linear`, which becomes the differentiable expression W + Σ_adapters s·B·A. Left out:
+LoRA variants (DoRA and friends), LoRA dropout in training mode on the head (the fused path cannot
+drop per token), and models whose logits are post-processed (soft-capping, logit scales) — those
+raise rather than silently giving a different distribution from the sampler's.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+
+from cispo.ops.fused_logprobs import (
+    FusedLogprobOutput,
+    default_chunk_rows,
+    fused_logprobs,
+    naive_logprobs,
+)
+
+__all__ = ["model_token_logprobs", "output_projection"]
+
+# Config fields of transformers models whose lm_head output is transformed before the softmax.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+def output_projection(head: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The head's effective (weight [V, H], bias [V] | None), differentiable w.r.t. its parameters.
+
+    nn.Linear: (W, b).  peft lora.Linear: (W + Σ_a s_a·B_a·A_a, b + Σ_a s_a·bias(B_a)) over the
+    active, unmerged adapters, which is what its forward computes when dropout is off.
+    """
+    if isinstance(head, nn.Linear):
+        return head.weight, head.bias
+    base = getattr(head, "base_layer", None)
+    if isinstance(base, nn.Linear) and hasattr(head, "get_delta_weight"):
+        weight: Tensor = base.weight
+        bias: Tensor | None = base.bias
+        if getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
+            return weight, bias
+        lora_a = cast(nn.ModuleDict, head.lora_A)
+        lora_b = cast(nn.ModuleDict, head.lora_B)
+        for name in cast(list[str], head.active_adapters):
+            if name not in lora_a:
+                continue
+            if name in cast(dict[str, object], getattr(head, "lora_variant", {})):
+                raise NotImplementedError(f"LoRA variant on the lm_head (adapter {name!r})")
+            dropout = cast(nn.ModuleDict, head.lora_dropout)[name]
+            if head.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+                raise NotImplementedError(
+                    f"lm_head LoRA dropout p={dropout.p} in training mode (adapter {name!r}): "
+                    "use lora_dropout=0 for the head or fused=False with the model's own forward"
+                )
+            weight = weight + cast(Tensor, head.get_delta_weight(name))
+            b_bias = cast(nn.Linear, lora_b[name]).bias
+            if b_bias is not None:
+                scaling = cast(dict[str, float], head.scaling)[name]
+                bias = b_bias * scaling if bias is None else bias + b_bias * scaling
+        return weight, bias
+    raise TypeError(f"unsupported output projection {type(head).__name__}")
+
+
+def model_token_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    targets: Tensor,
+    loss_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    fused: bool | None = None,
+    chunk_size: int | None = None,
+    with_entropy: bool = False,
+) -> FusedLogprobOutput:
+    """Trainer logprobs log_softmax(logits / T)[target] and entropy at loss-mask positions.
+
+    Shapes: input_ids, attention_mask, targets (int64) and loss_mask (bool) are [B, T]; targets[b, t]
+    is the token scored at position t. Returns logprobs [B, T] and entropy [B, T] | None, fp32, 0
+    where loss_mask is False; only the N = loss_mask.sum() selected rows see the vocabulary.
+
+    Args:
+        model: a transformers causal LM (or a peft model wrapping one).
+        fused: True for `fused_logprobs`, False for the naive reference; None (default) fuses when N
+            is larger than one chunk, i.e. when fusing bounds memory the naive path would not.
+        chunk_size: tokens per chunk for the fused path; None picks one from a memory budget.
+    """
+    config = getattr(model, "config", None)
+    for field in _LOGIT_TRANSFORMS:
+        value = getattr(config, field, None)
+        if value not in (None, 1, 1.0):
+            raise NotImplementedError(f"config.{field}={value}: logits are transformed")
+    get_decoder = getattr(model, "get_decoder", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if get_decoder is None or not isinstance(head, nn.Module):
+        raise TypeError(f"{type(model).__name__} has no get_decoder()/get_output_embeddings()")
+    decoder = cast(nn.Module, get_decoder())
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    loss_mask = loss_mask.bool()
+    selected = cast(Tensor, hidden)[loss_mask]  # [N, H]
+    selected_targets = targets[loss_mask]  # [N]
+    weight, bias = output_projection(head)
+    num_tokens, vocab_size = selected.shape[0], weight.shape[0]
+    chunk_rows = default_chunk_rows(vocab_size) if chunk_size is None else chunk_size
+    if fused is None:
+        fused = num_tokens > chunk_rows
+    if fused:
+        out = fused_logprobs(
+            selected,
+            weight,
+            selected_targets,
+            bias=bias,
+            temperature=temperature,
+            chunk_size=chunk_rows,
+            with_entropy=with_entropy,
+        )
+    else:
+        out = naive_logprobs(
+            selected,
+            weight,
+            selected_targets,
+            bias=bias,
+            temperature=temperature,
+            with_entropy=with_entropy,
+        )
+
+    def scatter(values: Tensor) -> Tensor:  # [N] -> [B, T], 0 off the mask, differentiable
+        zeros = torch.zeros(loss_mask.shape, dtype=values.dtype, device=values.device)
+        return zeros.index_put((loss_mask,), values)
+
+    entropy = scatter(out.entropy) if out.entropy is not None else None
+    return FusedLogprobOutput(logprobs=scatter(out.logprobs), entropy=entropy)

@@ -1,0 +1,1 @@
+"""Recipes: Python functions `recipe() -> TrainConfig`. `cispo train NAME` loads `cispo.recipes.NAME`."""

@@ -1,0 +1,338 @@
+"""Batched, KV-cached sampling that returns the sampler's per-token logprobs.
+
+`sample` runs all prompts × samples as one batch: a prefill over the left-padded prompts, then one
+token per step against a transformers `DynamicCache`. Rows that finish are dropped from the batch
+(cache included), so late steps only pay for the rows still running. `compute_logprobs` is the
+teacher-forced counterpart (Tinker's `SamplingClient.compute_logprobs`).
+
+The logprob of a sampled token is log softmax(logits / temperature)[token] in float32, which is what
+a trainer computes by running prompt + completion through the same model once. With left padding,
+an explicit attention mask and position ids counted from each row's first real token, padded rows
+give the same logits as unpadded ones, so on-policy sampler and trainer logprobs agree to float
+rounding (tests/rollout/test_sampler.py checks 1e-5).
+
+Left out: speculative decoding, prefix sharing between the G samples of a prompt (the prompt is
+prefilled G times), CUDA graphs, and per-row RNG streams (a row's sample depends on the whole
+batch and on the seed).
+
+    params = SamplingParams(max_tokens=16, temperature=1.0, seed=0)
+    seqs_P_G = sample(model, prompts_P_T, 8, params, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, cast
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache, PretrainedConfig, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """Mirrors Tinker's `SamplingParams` (fields and meanings)."""
+
+    max_tokens: int | None = None
+    """Most tokens to generate per sequence. None: up to the model's max_position_embeddings."""
+    seed: int | None = None
+    """Seeds a fresh CPU generator for this call; None uses the `generator` argument, else
+    torch's global RNG."""
+    stop: str | list[str] | list[int] | None = None
+    """Stop strings or stop token ids, in addition to eos. None: eos only. []: nothing stops a
+    sequence but max_tokens (Tinker's meaning). The token that completes a stop is kept."""
+    temperature: float = 1.0
+    """Logits are divided by it. 0 means greedy (argmax; logprobs then at temperature 1)."""
+    top_k: int = -1
+    """Sample among the k most likely tokens; -1 means all."""
+    top_p: float = 1.0
+    """Sample among the smallest set of tokens whose probability reaches top_p; 1 means all."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k != -1 and self.top_k < 1:
+            raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampledSequence:
+    tokens: list[int]
+    """Completion tokens [T], without the prompt; includes the token that ended it (eos/stop)."""
+    logprobs: list[float]
+    """[T] sampler logprobs: log softmax(logits / temperature)[token], float32, full vocab."""
+    stop_reason: Literal["stop", "length"]
+    """"stop": eos, a stop token or a stop string ended it; "length": max_tokens did."""
+
+
+def sample(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    num_samples: int,
+    params: SamplingParams,
+    *,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    use_cache: bool = True,
+    drop_finished: bool = True,
+) -> list[list[SampledSequence]]:
+    """Sample `num_samples` completions for each prompt; returns [P][G] sequences.
+
+    Row b of the batch is sample b % G of prompt b // G. A sampled token is drawn from
+    softmax(filter(logits / temperature)) where filter keeps the top_k / top_p set, but its
+    reported logprob is of the unfiltered log softmax(logits / temperature). That is the quantity
+    a trainer recomputes, so the sampler/trainer ratio stays exactly 1 on-policy; the price is
+    that with top_k/top_p the reported logprob is not the probability the token was actually drawn
+    with (it is lower by the log of the kept mass), so importance ratios against it are biased
+    towards the truncated tokens. Leave top_k/top_p off for RL.
+
+    Args:
+        prompts: token ids [P][T_p], each non-empty (start with bos where the model expects one).
+        eos_token_id: ends a sequence unless `params.stop == []`; None: no eos.
+        pad_token_id: any valid id; padded positions are masked out.
+        generator: used when `params.seed` is None; any device (it draws B uniforms per step).
+        tokenizer: decodes completions for stop strings; required only when they are given.
+        use_cache: False recomputes the whole prefix every step (the reference path for tests
+            and the benchmark; same tokens, much slower).
+        drop_finished: drop finished rows from the batch (True) or keep computing them masked.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if not prompts:
+        return []
+    stop_ids, stop_strings = _resolve_stops(params.stop, eos_token_id)
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to decode completions")
+    device = _device(model)
+    config = _config(model)
+    if params.seed is not None:
+        generator = torch.Generator().manual_seed(params.seed)
+
+    rows_B = [p for p in prompts for _ in range(num_samples)]
+    prompt_len = max(len(p) for p in rows_B)
+    max_position = int(getattr(config, "max_position_embeddings", 0) or 0)
+    max_tokens = params.max_tokens
+    if max_tokens is None:
+        if max_position <= prompt_len:
+            raise ValueError("max_tokens=None needs config.max_position_embeddings > prompt length")
+        max_tokens = max_position - prompt_len
+
+    input_ids, attention_mask = _left_pad(rows_B, pad_token_id, device)  # [B, T]
+    B = len(rows_B)
+    tokens_B: list[list[int]] = [[] for _ in range(B)]
+    logprobs_B: list[list[float]] = [[] for _ in range(B)]
+    reasons_B: list[Literal["stop", "length"]] = ["length"] * B
+    live = torch.arange(B, device=device)  # batch row -> original row, for the rows still running
+    live_list = list(range(B))
+    finished = [False] * B
+    max_stop_chars = max((len(s) for s in stop_strings), default=0)
+
+    with torch.inference_mode():
+        cache = DynamicCache(config=config) if use_cache else None
+        logits = _forward_last(model, input_ids, attention_mask, cache)  # [B, V]
+        for step in range(max_tokens):
+            next_tokens, next_logprobs = _choose(logits, params, generator)
+            tok_list, lp_list = next_tokens.tolist(), next_logprobs.tolist()
+            keep: list[int] = []
+            for i, row in enumerate(live_list):
+                if finished[row]:  # only when drop_finished=False: a masked passenger
+                    continue
+                tokens_B[row].append(tok_list[i])
+                logprobs_B[row].append(lp_list[i])
+                if tok_list[i] in stop_ids or (
+                    stop_strings
+                    and _ends_with_stop(tokenizer, tokens_B[row], stop_strings, max_stop_chars)
+                ):
+                    finished[row] = True
+                    reasons_B[row] = "stop"
+                else:
+                    keep.append(i)
+            if not keep or step == max_tokens - 1:
+                break
+            if drop_finished and len(keep) < len(live_list):
+                keep_t = torch.tensor(keep, device=device)
+                live, next_tokens = live[keep_t], next_tokens[keep_t]
+                live_list = [live_list[i] for i in keep]
+                attention_mask, input_ids = attention_mask[keep_t], input_ids[keep_t]
+                if cache is not None:
+                    cache.batch_select_indices(keep_t)
+            ones = attention_mask.new_ones(len(live_list), 1)
+            attention_mask = torch.cat([attention_mask, ones], dim=1)
+            if cache is not None:
+                logits = _forward_last(model, next_tokens[:, None], attention_mask, cache)
+            else:
+                input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=1)
+                logits = _forward_last(model, input_ids, attention_mask, None)
+
+    seqs_B = [
+        SampledSequence(tokens=t, logprobs=lp, stop_reason=r)
+        for t, lp, r in zip(tokens_B, logprobs_B, reasons_B, strict=True)
+    ]
+    return [seqs_B[p * num_samples : (p + 1) * num_samples] for p in range(len(prompts))]
+
+
+def compute_logprobs(
+    model: torch.nn.Module, sequences: list[list[int]], *, temperature: float = 1.0
+) -> list[list[float]]:
+    """Teacher-forced logprobs of tokens 1..n of each sequence: out[i][t] = logprob of token t+1.
+
+    log softmax(logits / temperature) in float32; temperature 0 is read as 1 (as in `sample`'s
+    greedy mode). The first token has no logprob and is omitted, so out[i] has len(seq) - 1
+    entries; Tinker returns a leading None there instead. Shapes: [N][T_i] -> [N][T_i - 1].
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not sequences:
+        return []
+    if any(len(s) == 0 for s in sequences):
+        raise ValueError("every sequence needs at least one token")
+    scale = 1.0 if temperature == 0 else temperature
+    # Left padding as in `sample`: one code path for masks and positions.
+    input_ids, attention_mask = _left_pad(sequences, 0, _device(model))  # [N, T]
+    with torch.inference_mode():
+        logits = _forward(model, input_ids, attention_mask, None, logits_to_keep=0)  # [N, T, V]
+        logprobs = torch.log_softmax(logits[:, :-1].float() / scale, dim=-1)
+        target = torch.gather(logprobs, 2, input_ids[:, 1:, None]).squeeze(2)  # [N, T-1]
+    T = input_ids.shape[1]
+    return [target[i, T - len(s) :].tolist() for i, s in enumerate(sequences)]
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _config(model: torch.nn.Module) -> PretrainedConfig:
+    """The HF config; peft wrappers forward `.config` to the wrapped model."""
+    return cast(PretrainedConfig, model.config)
+
+
+def _resolve_stops(
+    stop: str | list[str] | list[int] | None, eos_token_id: int | None
+) -> tuple[set[int], list[str]]:
+    if stop is None:
+        return ({eos_token_id} if eos_token_id is not None else set()), []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not stop:
+        return set(), []
+    ids = {s for s in stop if isinstance(s, int)}
+    strings = [s for s in stop if isinstance(s, str)]
+    if eos_token_id is not None:
+        ids.add(eos_token_id)
+    return ids, strings
+
+
+def _ends_with_stop(
+    tokenizer: PreTrainedTokenizerBase | None,
+    tokens: list[int],
+    stop_strings: list[str],
+    max_stop_chars: int,
+) -> bool:
+    """Whether the newest token completed a stop string.
+
+    Only the tail is decoded: an occurrence that ends in the newest token spans at most
+    max_stop_chars characters, hence at most that many tokens plus a few that decode to no
+    character of their own (partial UTF-8 bytes). Earlier occurrences would have stopped earlier.
+    """
+    assert tokenizer is not None
+    text = tokenizer.decode(tokens[-(max_stop_chars + 4) :], skip_special_tokens=False)
+    return any(s in text for s in stop_strings)
+
+
+def _left_pad(
+    rows: list[list[int]], pad_token_id: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Left-pad to [B, T] input ids and a [B, T] long attention mask (1 = real token)."""
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, T - len(r) :] = torch.tensor(r, dtype=torch.long)
+        attention_mask[i, T - len(r) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _forward(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    cache: DynamicCache | None,
+    *,
+    logits_to_keep: int,
+) -> Tensor:
+    """Logits [B, T_new, V] for `input_ids` [B, T_new], the last positions of `attention_mask`."""
+    # Positions count real tokens only, so a left-padded row sees the positions it would unpadded.
+    # Pad positions get position 0; they are masked and never attended to.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=cache is not None,
+        logits_to_keep=logits_to_keep,
+    )
+    return cast(Tensor, out.logits)
+
+
+def _forward_last(
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, cache: DynamicCache | None
+) -> Tensor:
+    """Float32 logits [B, V] at the last position."""
+    return _forward(model, input_ids, attention_mask, cache, logits_to_keep=1)[:, -1].float()
+
+
+def _choose(
+    logits: Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """Next tokens [B] and their logprobs [B] from float32 logits [B, V]."""
+    if params.temperature == 0:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        tokens = logprobs.argmax(dim=-1)
+    else:
+        scaled = logits / params.temperature
+        logprobs = torch.log_softmax(scaled, dim=-1)
+        probs = torch.softmax(_truncate(scaled, params.top_k, params.top_p), dim=-1)
+        tokens = _draw(probs, generator)
+    return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+
+
+def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One token per row of probs [B, V] by inverse CDF, from B uniforms.
+
+    The uniforms come from `generator` on its own device and are moved to probs' device, so a
+    CPU generator drives a CUDA model, and one seed gives the same draws on every device.
+    """
+    device = generator.device if generator is not None else probs.device
+    u = torch.rand(probs.shape[0], generator=generator, device=device).to(probs.device)
+    cdf = probs.cumsum(dim=-1)  # [B, V]
+    x = (u * cdf[:, -1])[:, None]
+    # right=True: the first index with cdf > x, so zero-probability tokens are never picked.
+    tokens = torch.searchsorted(cdf, x, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+    # Float rounding can put x at or past cdf[-1] (odds ~1e-7); fall back to the mode there.
+    picked = probs.gather(1, tokens[:, None]).squeeze(1)
+    return torch.where(picked > 0, tokens, probs.argmax(dim=-1))
+
+
+def _truncate(scaled: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Set logits outside the top_k / top_p set to -inf; [B, V] -> [B, V]."""
+    if top_k != -1 and top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return scaled

@@ -1,0 +1,144 @@
+"""The futures (promise) protocol and the per-model ordering contract.
+
+Every mutating request is answered at once with `{"request_id": ...}`; the client long-polls
+`retrieve_future` until the result is there. `FutureTable` holds those results: JSON dicts, protobuf
+bytes, or `{"error", "category"}`. A poll waits up to `poll_timeout` seconds for the result and
+otherwise answers `try_again` (the SDK's client timeout is 45 s).
+
+`ModelSequencer` enforces the SDK's ordering contract: a TrainingClient numbers its requests
+`seq_id = 1, 2, 3, ...`, may send chunks of one forward_backward concurrently (first chunk last), and
+expects the server to run them strictly in seq_id order. Requests that arrive early wait in a
+buffer; each model runs on its own single worker thread, so submission order is execution order.
+A repeated seq_id (a client retry after a lost response) gets the request id of the first one.
+
+All methods run on the event loop thread, except the work itself, which runs on the model's worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+Result = dict[str, Any] | bytes
+"""A JSON result or serialized protobuf bytes (ForwardBackwardOutput / SampleResponse)."""
+
+
+class UserError(ValueError):
+    """A request that is valid on the wire but wrong for this server (category "user")."""
+
+
+@dataclass
+class _Entry:
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    result: Result | None = None
+
+
+class FutureTable:
+    """request_id -> result, filled by workers, read by long polls."""
+
+    def __init__(self, poll_timeout: float = 30.0) -> None:
+        self.poll_timeout = poll_timeout
+        self._entries: dict[str, _Entry] = {}
+        self._ids = itertools.count(1)
+
+    def create(self) -> str:
+        request_id = f"req-{next(self._ids)}"
+        self._entries[request_id] = _Entry()
+        return request_id
+
+    def resolve(self, request_id: str, result: Result) -> None:
+        entry = self._entries[request_id]
+        entry.result = result
+        entry.done.set()
+
+    def fail(self, request_id: str, error: BaseException) -> None:
+        category = "user" if isinstance(error, (UserError, ValueError, KeyError)) else "server"
+        if category == "server":
+            logger.exception("request %s failed", request_id, exc_info=error)
+        self.resolve(request_id, {"error": f"{type(error).__name__}: {error}", "category": category})
+
+    def run_on(
+        self,
+        executor: concurrent.futures.Executor,
+        request_id: str,
+        work: Callable[[], Result],
+    ) -> None:
+        """Run `work` on `executor` and resolve `request_id` with its result or error."""
+        loop = asyncio.get_running_loop()
+
+        def wrapped() -> None:
+            try:
+                result = work()
+            except BaseException as error:  # delivered to the client as a failed future
+                loop.call_soon_threadsafe(self.fail, request_id, error)
+            else:
+                loop.call_soon_threadsafe(self.resolve, request_id, result)
+
+        executor.submit(wrapped)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._entries
+
+    async def wait(self, request_id: str, timeout: float | None = None) -> Result | None:
+        """The result, or None if it is not ready within the poll timeout."""
+        entry = self._entries[request_id]
+        if not entry.done.is_set():
+            try:
+                await asyncio.wait_for(entry.done.wait(), timeout or self.poll_timeout)
+            except TimeoutError:
+                return None
+        return entry.result
+
+
+@dataclass
+class ModelSequencer:
+    """Runs one model's requests in seq_id order on one worker thread."""
+
+    name: str
+    next_seq_id: int = 1
+    _pending: dict[int, tuple[str, Callable[[], Result]]] = field(default_factory=dict)
+    _by_seq_id: dict[int, str] = field(default_factory=dict)
+    executor: concurrent.futures.ThreadPoolExecutor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"cispo-model-{self.name}"
+        )
+
+    def submit(
+        self, table: FutureTable, seq_id: int, work: Callable[[], Result]
+    ) -> str:
+        """Queue `work` at `seq_id`; returns its request id. Raises UserError for a reused seq_id."""
+        if seq_id in self._by_seq_id:
+            return self._by_seq_id[seq_id]  # the client resent a request we already have
+        if seq_id < self.next_seq_id:
+            raise UserError(
+                f"seq_id {seq_id} was already executed for model {self.name} "
+                f"(next expected: {self.next_seq_id})"
+            )
+        request_id = table.create()
+        self._by_seq_id[seq_id] = request_id
+        self._pending[seq_id] = (request_id, work)
+        while self.next_seq_id in self._pending:
+            rid, fn = self._pending.pop(self.next_seq_id)
+            table.run_on(self.executor, rid, fn)
+            self.next_seq_id += 1
+        # Forget old ids; a retry can only concern recent requests.
+        for old in [s for s in self._by_seq_id if s < self.next_seq_id - 1024]:
+            del self._by_seq_id[old]
+        return request_id
+
+    @property
+    def waiting(self) -> list[int]:
+        """seq_ids that arrived before their predecessors (for tests and diagnostics)."""
+        return sorted(self._pending)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=False)

@@ -1,0 +1,472 @@
+"""The server's state: sessions, trained models, sampling sessions; every operation the routes call.
+
+Each trained model is a `cispo.train.engine.Engine` (the same engine the in-process client drives: no
+second loss or sampler here) with its own `ModelSequencer`, so its requests run in seq_id order on
+its own thread. Sampling goes through `cispo.rollout.sampler.sample` on one sampling thread, which
+batches every queued request with the same (sampler, num_samples, params) into one KV-cached pass.
+
+Validation happens on the event loop before anything is queued, so a bad request gets a 4xx and
+changes nothing: the loss config is built with `make_loss_config`, every datum's lengths, token ids
+and required `loss_fn_inputs` are checked against the loss and the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import shutil
+import threading
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cispo.client.types import AdamParams, ForwardBackwardOutput
+from cispo.losses import make_loss_config, required_inputs
+from cispo.models import apply_lora
+from cispo.rollout.sampler import SamplingParams, compute_logprobs, sample
+from cispo.server.futures import FutureTable, ModelSequencer, Result, UserError
+from cispo.server.store import RunRecord, Store
+from cispo.server.wire import (
+    ForwardBackwardCall,
+    encode_forward_backward,
+    encode_sample_response,
+    sdk_metrics,
+)
+from cispo.tokenizer import build_char_tokenizer
+from cispo.train.bundle import TINY, load_bundle
+from cispo.train.engine import Engine, EngineConfig
+
+logger = logging.getLogger(__name__)
+
+# LoRA target modules per Tinker LoraConfig flag (Llama / Qwen2 module names).
+LORA_TARGETS = {
+    "train_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "train_mlp": ("gate_proj", "up_proj", "down_proj"),
+    "train_unembed": ("lm_head",),
+}
+MAX_NUM_SAMPLES = 1024
+# loss_fn_inputs keys the engine reads, and the LossInputs field each feeds.
+_INPUT_KEYS = {"logprobs": "sampler_logprobs", "advantages": "advantages", "weights": "weights",
+               "old_logprobs": "old_logprobs", "ref_logprobs": "ref_logprobs", "mask": "mask"}
+
+
+class NotFound(LookupError):
+    """An unknown session, model or sampler id; the server answers 404."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    root: Path
+    """Directory for tinker:// checkpoints, training-run records and tokenizers."""
+    api_key: str
+    """Every request must carry it in X-API-Key."""
+    base_models: tuple[str, ...] = (TINY,)
+    """Base models clients may create: "tiny", "smollm2-135m" or local HF directories."""
+    model_overrides: Mapping[str, Any] = field(default_factory=dict)
+    """Size overrides for "tiny" (hidden_size, num_layers, num_heads, family)."""
+    seed: int = 0
+    """Seed of the base weights of "tiny" and of the default LoRA initialisation."""
+    full_finetune: bool = False
+    """Train every parameter even when the client asks for LoRA."""
+    max_request_bytes: int = 64 << 20
+    poll_timeout: float = 30.0
+    """Seconds one retrieve_future long poll waits before answering try_again."""
+    engine: EngineConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not self.api_key:
+            raise ValueError("api_key must be non-empty")
+        if not self.base_models:
+            raise ValueError("base_models must name at least one model")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+
+
+@dataclass
+class Session:
+    session_id: str
+    tags: list[str]
+    user_metadata: dict[str, Any] | None
+    finished: bool = False
+
+
+@dataclass
+class ServedModel:
+    model_id: str
+    session_id: str
+    record: RunRecord
+    engine: Engine
+    tokenizer: Any
+    sequencer: ModelSequencer
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.engine.model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
+
+
+@dataclass
+class SamplerSession:
+    sampler_id: str
+    base_model: str
+    model_path: str | None
+    model: nn.Module
+    tokenizer: Any
+    eos_token_id: int | None
+    pad_token_id: int
+    generator: torch.Generator
+    vocab_size: int
+
+
+@dataclass
+class _SampleJob:
+    request_id: str
+    sampler: SamplerSession
+    prompt: list[int]
+    num_samples: int
+    params: SamplingParams
+    prompt_logprobs: bool
+    prompt_logprobs_last_n: int | None
+    loop: asyncio.AbstractEventLoop
+
+    def group_key(self) -> tuple[Any, ...]:
+        p = self.params
+        stop = json.dumps(p.stop)
+        return (id(self.sampler), self.num_samples, p.max_tokens, p.seed, stop, p.temperature,
+                p.top_k, p.top_p)
+
+
+def _vocab_size(model: nn.Module) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
+
+
+class Backend:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.store = Store(config.root)
+        self.futures = FutureTable(config.poll_timeout)
+        self.sessions: dict[str, Session] = {}
+        self.models: dict[str, ServedModel] = {}
+        self.samplers: dict[str, SamplerSession] = {}
+        self._reserved: set[str] = set()
+        self._control = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cispo-ctl")
+        self._sampling = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cispo-smp")
+        self._sample_lock = threading.Lock()
+        self._sample_queue: list[_SampleJob] = []
+        self._tokenizer_dirs: dict[str, str] = {}
+
+    def close(self) -> None:
+        for served in list(self.models.values()):
+            served.sequencer.shutdown()
+        self._control.shutdown(wait=True)
+        self._sampling.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ models
+    def tokenizer_id(self, base_model: str) -> str:
+        """A local directory `AutoTokenizer.from_pretrained` loads offline."""
+        if base_model not in self._tokenizer_dirs:
+            if base_model == TINY:
+                directory = self.config.root / "tokenizers" / TINY
+                if not (directory / "tokenizer.json").is_file():
+                    tmp = directory.with_name(f".tmp-{uuid.uuid4().hex}")
+                    build_char_tokenizer().save_pretrained(str(tmp))
+                    if directory.exists():
+                        shutil.rmtree(directory)
+                    tmp.rename(directory)
+                self._tokenizer_dirs[base_model] = str(directory.resolve())
+            elif Path(base_model).is_dir():
+                self._tokenizer_dirs[base_model] = str(Path(base_model).resolve())
+            else:
+                self._tokenizer_dirs[base_model] = base_model
+        return self._tokenizer_dirs[base_model]
+
+    def check_base_model(self, base_model: str) -> None:
+        if base_model not in self.config.base_models:
+            raise UserError(
+                f"unknown base_model {base_model!r}; this server offers {list(self.config.base_models)}"
+            )
+
+    def _build(self, record: RunRecord) -> tuple[nn.Module, Any]:
+        bundle = load_bundle(record.base_model, lora_rank=0, seed=self.config.seed,
+                             overrides=record.model_overrides)
+        model = bundle.model
+        if record.lora_rank > 0:
+            present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+            targets = [t for t in record.lora_targets if t in present]
+            if not targets:
+                raise UserError(f"none of the LoRA targets {record.lora_targets} exist in the model")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(record.seed)
+                model = apply_lora(model, r=record.lora_rank, alpha=2 * record.lora_rank,
+                                   target_modules=targets)
+        return model, bundle.tokenizer
+
+    def new_record(
+        self,
+        model_id: str,
+        base_model: str,
+        lora: Mapping[str, Any] | None,
+        user_metadata: Mapping[str, Any] | None,
+    ) -> RunRecord:
+        self.check_base_model(base_model)
+        rank = 0 if lora is None or self.config.full_finetune else int(lora["rank"])
+        if rank < 0:
+            raise UserError(f"lora_config.rank must be >= 0, got {rank}")
+        targets = [m for flag, mods in LORA_TARGETS.items() if (lora or {}).get(flag, True)
+                   for m in mods]
+        seed = lora.get("seed") if lora else None
+        return RunRecord(
+            training_run_id=model_id,
+            base_model=base_model,
+            lora_rank=rank,
+            lora_targets=targets,
+            seed=self.config.seed if seed is None else int(seed),
+            model_overrides=dict(self.config.model_overrides) if base_model == TINY else {},
+            user_metadata={str(k): str(v) for k, v in (user_metadata or {}).items()} or None,
+        )
+
+    def reserve_model_id(self, session_id: str, model_seq_id: int) -> str:
+        session = self.sessions.get(session_id)
+        if session is None or session.finished:
+            raise NotFound(f"unknown or finished session {session_id!r}")
+        model_id = f"{session_id}:train:{model_seq_id}"
+        if model_id in self.models or model_id in self._reserved:
+            raise UserError(f"model {model_id!r} already exists (model_seq_id reused)")
+        self._reserved.add(model_id)
+        return model_id
+
+    def create_model(self, record: RunRecord, state: Mapping[str, Any] | None = None,
+                     optimizer: bool = False) -> ServedModel:
+        """Build the model (on the control thread) and register it. `state`: load_weights."""
+        model, tokenizer = self._build(record)
+        engine = Engine(model, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=int(tokenizer.pad_token_id or 0),
+                        config=self.config.engine, seed=record.seed)
+        if state is not None:
+            self._load_into(engine, state, optimizer=optimizer)
+        model_id = record.training_run_id
+        served = ServedModel(model_id=model_id, session_id=model_id.split(":train:")[0],
+                             record=record, engine=engine, tokenizer=tokenizer,
+                             sequencer=ModelSequencer(model_id))
+        self.store.add_run(record)
+        self.models[model_id] = served
+        self._reserved.discard(model_id)
+        return served
+
+    @staticmethod
+    def _load_into(engine: Engine, state: Mapping[str, Any], *, optimizer: bool) -> None:
+        if optimizer and state.get("optimizer") is None:
+            raise UserError("this checkpoint has no optimizer state (it is a sampler checkpoint)")
+        try:
+            engine.load_state(state, optimizer=optimizer)
+        except RuntimeError as error:  # state_dict key/shape mismatch
+            raise UserError(f"checkpoint does not fit this model: {error}") from error
+
+    def model(self, model_id: str) -> ServedModel:
+        served = self.models.get(model_id)
+        if served is None:
+            raise NotFound(f"unknown model_id {model_id!r}")
+        self.store.touch(model_id)
+        return served
+
+    def get_info(self, model_id: str) -> dict[str, Any]:
+        served = self.model(model_id)
+        record = served.record
+        arch = getattr(getattr(served.engine.model, "config", None), "model_type", None)
+        return {
+            "type": "get_info",
+            "model_id": model_id,
+            "model_data": {"arch": arch, "model_name": record.base_model,
+                           "tokenizer_id": self.tokenizer_id(record.base_model)},
+            "is_lora": record.lora_rank > 0,
+            "lora_rank": record.lora_rank or None,
+            "model_name": record.base_model,
+        }
+
+    # ------------------------------------------------------------------ training ops
+    def check_forward_backward(self, served: ServedModel, call: ForwardBackwardCall) -> None:
+        """Everything that can be wrong with a forward_backward request, before it is queued."""
+        try:
+            config = make_loss_config(call.loss_fn, call.loss_fn_config)
+        except (ValueError, TypeError) as error:
+            raise UserError(f"bad loss: {error}") from error
+        if not call.datums:
+            raise UserError("forward_backward needs at least one datum")
+        need = required_inputs(config)
+        need.pop("entropy", None)  # computed by the engine
+        vocab = served.vocab_size
+        keys0: set[str] | None = None
+        for i, datum in enumerate(call.datums):
+            inputs = datum.loss_fn_inputs
+            n = datum.model_input.length
+            if n == 0:
+                raise UserError(f"datum {i}: model_input is empty")
+            tokens = datum.model_input.to_ints()
+            if "target_tokens" not in inputs:
+                raise UserError(f"datum {i}: loss_fn_inputs needs 'target_tokens'")
+            targets = inputs["target_tokens"].data
+            if len(targets) != n:
+                raise UserError(f"datum {i}: target_tokens has {len(targets)} entries, "
+                                f"model_input has {n}")
+            if min(tokens + list(targets)) < 0 or max(tokens + list(targets)) >= vocab:
+                raise UserError(f"datum {i}: token ids must be in [0, {vocab})")
+            for key in inputs.keys() & _INPUT_KEYS.keys():
+                if len(inputs[key].data) != n:
+                    raise UserError(f"datum {i}: loss_fn_inputs[{key!r}] has "
+                                    f"{len(inputs[key].data)} entries, expected {n}")
+            present = {_INPUT_KEYS[k] for k in inputs.keys() & _INPUT_KEYS.keys()}
+            missing = [f"{name} ({why})" for name, why in need.items() if name not in present]
+            if missing:
+                hint = " ('sampler_logprobs' is the 'logprobs' key)" if any(
+                    m.startswith("sampler_logprobs") for m in missing) else ""
+                raise UserError(f"datum {i}: loss_fn={call.loss_fn!r} needs loss_fn_inputs "
+                                f"{missing}{hint}")
+            keys = set(inputs.keys() & _INPUT_KEYS.keys())
+            if keys0 is None:
+                keys0 = keys
+            elif keys != keys0:
+                raise UserError("all datums in one call must carry the same loss_fn_inputs keys")
+
+    @staticmethod
+    def run_forward_backward(served: ServedModel, call: ForwardBackwardCall) -> bytes:
+        out = served.engine.forward_backward(call.datums, call.loss_fn, call.loss_fn_config,
+                                             forward_only=call.forward_only)
+        return encode_forward_backward(ForwardBackwardOutput(
+            loss_fn_output_type=out.loss_fn_output_type,
+            loss_fn_outputs=out.loss_fn_outputs,
+            metrics=sdk_metrics(out.metrics),
+        ))
+
+    @staticmethod
+    def run_optim_step(served: ServedModel, adam: AdamParams) -> dict[str, Any]:
+        return {"type": "optim_step", "metrics": served.engine.optim_step(adam)}
+
+    def run_save(self, served: ServedModel, kind: str, name: str, overwrite: bool) -> dict[str, Any]:
+        state = served.engine.state()
+        if kind == "sampler_weights":
+            state = {"model": state["model"], "version": state["version"]}
+        path = self.store.save(served.model_id, kind, name, state, overwrite=overwrite)
+        return {"path": path, "type": "save_weights" if kind == "weights" else
+                "save_weights_for_sampler"}
+
+    def run_ephemeral_sampler(self, served: ServedModel, sampling_session_seq_id: int) -> Result:
+        snapshot = served.engine.sampler_model()
+        sampler_id = f"{served.session_id}:sample:{sampling_session_seq_id}"
+        self.samplers[sampler_id] = self._sampler(sampler_id, served.record.base_model, None,
+                                                  snapshot, served.tokenizer,
+                                                  served.record.seed + 7919 * sampling_session_seq_id)
+        return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
+
+    def run_load(self, served: ServedModel, path: str, optimizer: bool) -> dict[str, Any]:
+        record, state = self.store.load(path)
+        mine = served.record
+        if (record.base_model, record.lora_rank, record.lora_targets) != (
+            mine.base_model, mine.lora_rank, mine.lora_targets
+        ):
+            raise UserError(f"{path!r} was trained on {record.base_model!r} with LoRA rank "
+                            f"{record.lora_rank}; this model is {mine.base_model!r}, rank "
+                            f"{mine.lora_rank}")
+        self._load_into(served.engine, state, optimizer=optimizer)
+        return {"path": path, "type": "load_weights"}
+
+    # ------------------------------------------------------------------ sampling
+    def _sampler(self, sampler_id: str, base_model: str, model_path: str | None, model: nn.Module,
+                 tokenizer: Any, seed: int) -> SamplerSession:
+        return SamplerSession(
+            sampler_id=sampler_id, base_model=base_model, model_path=model_path, model=model,
+            tokenizer=tokenizer, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=int(tokenizer.pad_token_id or 0),
+            generator=torch.Generator().manual_seed(seed), vocab_size=_vocab_size(model),
+        )
+
+    def create_sampler(self, sampler_id: str, base_model: str | None,
+                       model_path: str | None) -> dict[str, Any]:
+        """Runs on the control thread: build the base model, load saved weights if given."""
+        if model_path is not None:
+            record, state = self.store.load(model_path)
+        elif base_model is not None:
+            record, state = self.new_record(sampler_id, base_model, None, None), None
+        else:
+            raise UserError("create_sampling_session needs model_path or base_model")
+        model, tokenizer = self._build(record)
+        if state is not None:
+            try:
+                model.load_state_dict(state["model"])
+            except RuntimeError as error:
+                raise UserError(f"checkpoint does not fit its model: {error}") from error
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.samplers[sampler_id] = self._sampler(sampler_id, record.base_model, model_path,
+                                                  model, tokenizer, record.seed)
+        return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
+
+    def sampler(self, sampler_id: str) -> SamplerSession:
+        found = self.samplers.get(sampler_id)
+        if found is None:
+            raise NotFound(f"unknown sampling_session_id {sampler_id!r}")
+        return found
+
+    def enqueue_sample(self, job: _SampleJob) -> None:
+        with self._sample_lock:
+            self._sample_queue.append(job)
+            start = len(self._sample_queue) == 1
+        if start:
+            self._sampling.submit(self._drain_samples)
+
+    def _drain_samples(self) -> None:
+        with self._sample_lock:
+            jobs, self._sample_queue = self._sample_queue, []
+        groups: dict[tuple[Any, ...], list[_SampleJob]] = {}
+        for job in jobs:
+            groups.setdefault(job.group_key(), []).append(job)
+        for group in groups.values():
+            first = group[0]
+            s = first.sampler
+            try:
+                results = sample(s.model, [j.prompt for j in group], first.num_samples,
+                                 first.params, eos_token_id=s.eos_token_id,
+                                 pad_token_id=s.pad_token_id, generator=s.generator,
+                                 tokenizer=s.tokenizer)
+                encoded = [encode_sample_response(seqs, self._prompt_logprobs(j))
+                           for j, seqs in zip(group, results, strict=True)]
+            except Exception as error:  # every waiter of the group gets the error
+                for j in group:
+                    j.loop.call_soon_threadsafe(self.futures.fail, j.request_id, error)
+                continue
+            for j, payload in zip(group, encoded, strict=True):
+                j.loop.call_soon_threadsafe(self.futures.resolve, j.request_id, payload)
+
+    @staticmethod
+    def _prompt_logprobs(job: _SampleJob) -> list[float | None] | None:
+        if not job.prompt_logprobs:
+            return None
+        values: list[float | None] = [None, *compute_logprobs(job.sampler.model, [job.prompt])[0]]
+        if job.prompt_logprobs_last_n is not None:
+            cut = len(values) - job.prompt_logprobs_last_n
+            values = [None if i < cut else v for i, v in enumerate(values)]
+        return values
+
+    # ------------------------------------------------------------------ sessions
+    def create_session(self, tags: list[str], user_metadata: dict[str, Any] | None) -> str:
+        session_id = f"s{uuid.uuid4().hex[:16]}"
+        self.sessions[session_id] = Session(session_id, tags, user_metadata)
+        return session_id
+
+    def finish_session(self, session_id: str) -> None:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"unknown session {session_id!r}")
+        session.finished = True
+        prefix = f"{session_id}:"
+        for sampler_id in [k for k in self.samplers if k.startswith(prefix)]:
+            del self.samplers[sampler_id]
+        for model_id in [k for k in self.models if k.startswith(prefix)]:
+            served = self.models.pop(model_id)
+            served.sequencer.executor.shutdown(wait=False)

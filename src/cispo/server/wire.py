@@ -1,0 +1,177 @@
+"""Protobuf codec: the SDK's `ForwardBackwardRequest` in, `ForwardBackwardOutput` / `SampleResponse` out.
+
+The message classes come from the installed `tinker` SDK (`tinker.proto.tinker_public_pb2`, Apache-2.0)
+instead of a vendored copy: the schema must match the SDK that talks to us byte for byte, the server
+needs that SDK pinned anyway (`cispo[serve]`), and one copy cannot drift from the other.
+
+Tensors on the wire: dense little-endian bytes with a dtype and shape, or sparse CSR (values + int64
+row/column indices), which is densified here. Token chunks are int32 bytes. Only encoded-text chunks
+are accepted; image and audio chunks are refused with a message.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from google.protobuf.message import DecodeError
+from tinker.proto import tinker_public_pb2 as pb
+
+from cispo.client.types import Datum, ForwardBackwardOutput, ModelInput, TensorData
+from cispo.rollout.sampler import SampledSequence
+
+_NUMPY_DTYPE = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+}
+
+
+class WireError(ValueError):
+    """A request that cannot be decoded; the server answers 400 with this message."""
+
+
+@dataclass(frozen=True)
+class ForwardBackwardCall:
+    model_id: str
+    seq_id: int
+    datums: list[Datum]
+    loss_fn: str
+    loss_fn_config: dict[str, float | str]
+    forward_only: bool
+
+
+def _tensor(name: str, msg: pb.Tensor) -> TensorData:
+    np_dtype = _NUMPY_DTYPE.get(msg.dtype)
+    if np_dtype is None:
+        raise WireError(f"loss_fn_inputs[{name!r}]: unsupported dtype {msg.dtype}")
+    dtype = "int64" if np_dtype.kind == "i" else "float32"
+    shape = [int(s) for s in msg.shape]
+    try:
+        if msg.HasField("sparse_csr"):
+            csr = msg.sparse_csr
+            values = np.frombuffer(csr.values, dtype=np_dtype)
+            crow = np.frombuffer(csr.crow_indices, dtype="<i8")
+            col = np.frombuffer(csr.col_indices, dtype="<i8")
+            if len(shape) != 2 or len(crow) != shape[0] + 1 or len(col) != len(values):
+                raise WireError(f"loss_fn_inputs[{name!r}]: inconsistent sparse CSR tensor")
+            dense = np.zeros(shape, dtype=np_dtype)
+            for row in range(shape[0]):
+                lo, hi = int(crow[row]), int(crow[row + 1])
+                dense[row, col[lo:hi]] = values[lo:hi]
+            flat = dense.reshape(-1)
+        else:
+            flat = np.frombuffer(msg.dense, dtype=np_dtype)
+    except ValueError as error:  # bytes not a multiple of the item size, bad indices
+        raise WireError(f"loss_fn_inputs[{name!r}]: {error}") from error
+    if shape and math.prod(shape) != flat.size:
+        raise WireError(f"loss_fn_inputs[{name!r}]: shape {shape} but {flat.size} values")
+    data = flat.astype(np.int64 if dtype == "int64" else np.float32).tolist()
+    return TensorData(data=data, dtype=dtype, shape=shape or [flat.size])  # type: ignore[arg-type]
+
+
+def _tokens(raw: bytes, where: str) -> list[int]:
+    if len(raw) % 4:
+        raise WireError(f"{where}: token bytes are not int32 ({len(raw)} bytes)")
+    return np.frombuffer(raw, dtype="<i4").tolist()
+
+
+def decode_forward_backward(body: bytes) -> ForwardBackwardCall:
+    """Parse a `ForwardBackwardRequest`; raises WireError on anything malformed."""
+    msg = pb.ForwardBackwardRequest()
+    try:
+        msg.ParseFromString(body)
+    except DecodeError as error:
+        raise WireError(f"malformed ForwardBackwardRequest protobuf: {error}") from error
+    if not msg.model_id:
+        raise WireError("ForwardBackwardRequest.model_id is empty")
+    datums: list[Datum] = []
+    for i, datum in enumerate(msg.data):
+        tokens: list[int] = []
+        for chunk in datum.model_input:
+            kind = chunk.WhichOneof("chunk")
+            if kind != "encoded_text":
+                raise WireError(f"datum {i}: only encoded_text chunks are supported, got {kind}")
+            tokens.extend(_tokens(chunk.encoded_text.tokens, f"datum {i}"))
+        inputs = {name: _tensor(name, t) for name, t in datum.loss_fn_inputs.items()}
+        datums.append(Datum(model_input=ModelInput.from_ints(tokens), loss_fn_inputs=inputs))
+    # The SDK writes floats to both maps and strings only to v2; v2 wins where both are set.
+    config: dict[str, float | str] = {k: float(v) for k, v in msg.loss_fn_config.items()}
+    for key, value in msg.loss_fn_config_v2.items():
+        which = value.WhichOneof("value")
+        if which == "number":
+            config[key] = float(value.number)
+        elif which == "text":
+            config[key] = value.text
+    return ForwardBackwardCall(
+        model_id=msg.model_id,
+        seq_id=int(msg.seq_id),
+        datums=datums,
+        loss_fn=msg.loss_fn,
+        loss_fn_config=config,
+        forward_only=bool(msg.forward_only),
+    )
+
+
+def _batched(arrays: Sequence[np.ndarray], dtype: int) -> pb.BatchedTensor:
+    """Concatenate per-datum 1-D arrays; offsets are byte offsets, num_datums + 1 of them."""
+    np_dtype = _NUMPY_DTYPE[dtype]
+    parts = [np.ascontiguousarray(a, dtype=np_dtype) for a in arrays]
+    offsets = np.zeros(len(parts) + 1, dtype="<i8")
+    offsets[1:] = np.cumsum([p.nbytes for p in parts])
+    data = b"".join(p.tobytes() for p in parts)
+    return pb.BatchedTensor(data=data, offsets=offsets.tobytes(), dtype=dtype)
+
+
+def encode_forward_backward(output: ForwardBackwardOutput) -> bytes:
+    """One `ArrayRecord` holding every per-datum output field, plus `name:reduction` metrics."""
+    record = pb.ArrayRecord(type_tag=output.loss_fn_output_type,
+                            num_datums=len(output.loss_fn_outputs))
+    names = sorted({k for out in output.loss_fn_outputs for k in out})
+    for name in names:
+        values = [out[name] for out in output.loss_fn_outputs]
+        dtype = pb.DTYPE_INT64 if values[0].dtype == "int64" else pb.DTYPE_FLOAT32
+        record.fields[name].CopyFrom(_batched([np.asarray(v.data) for v in values], dtype))
+    msg = pb.ForwardBackwardOutput(loss_fn_output_type=output.loss_fn_output_type)
+    msg.loss_fn_outputs.append(record)
+    for key, value in output.metrics.items():
+        msg.metrics[key] = float(value)
+    return msg.SerializeToString()
+
+
+def sdk_metric_name(name: str) -> str:
+    """Our metric names as the SDK's `name:reduction` (it splits on the one ':' to merge chunks).
+
+    `loss:sum` stays; `.../min`, `.../max` reduce by min/max; counts and token totals add up;
+    everything else is a mean (the engine already token-weights it within one call).
+    """
+    if ":" in name:
+        return name
+    if name.endswith(("min", "/min")):
+        return f"{name}:min"
+    if name.endswith(("max", "/max")):
+        return f"{name}:max"
+    if name.endswith(("count", "/num_tokens")):
+        return f"{name}:sum"
+    return f"{name}:mean"
+
+
+def sdk_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {sdk_metric_name(k): float(v) for k, v in metrics.items()}
+
+
+def encode_sample_response(
+    sequences: Sequence[SampledSequence], prompt_logprobs: Sequence[float | None] | None
+) -> bytes:
+    msg = pb.SampleResponse()
+    for seq in sequences:
+        out = msg.sequences.add()
+        out.stop_reason = pb.STOP_REASON_STOP if seq.stop_reason == "stop" else pb.STOP_REASON_LENGTH
+        out.tokens = np.asarray(seq.tokens, dtype="<i4").tobytes()
+        out.logprobs = np.asarray(seq.logprobs, dtype="<f4").tobytes()
+    if prompt_logprobs is not None:
+        values = [math.nan if v is None else v for v in prompt_logprobs]
+        msg.prompt_logprobs = np.asarray(values, dtype="<f4").tobytes()
+    return msg.SerializeToString()

@@ -1,0 +1,96 @@
+"""Procedurally generated integer arithmetic, sized for a character-level model.
+
+Prompt "37+45=", answer "82"; the model should write the answer then an end marker (newline or
+EOS). `score` reads the completion up to the first end marker, strips whitespace and compares
+the text exactly: 1.0 or 0.0. "82", "82\\n" and " 82 \\n..." score 1; "082", "82.0" and "823" 0.
+
+Operands are drawn uniformly from [0, 10**digits), operators uniformly from `operators`;
+`*` binds tighter than `+` and `-` (so "2+3*4=" is 14) and answers can be negative ("12-45=" is
+"-33"). No parentheses, division or negative operands.
+
+    task = ArithmeticTask(num_terms=3, operators="+-*")
+    problems = task.problems("train", seed=0, n=64)
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from cispo.tasks.base import Problem, check_split, extract_answer, split_of
+
+__all__ = ["ArithmeticTask", "evaluate"]
+
+
+def evaluate(operands: list[int], operators: list[str]) -> int:
+    """Value of operands[0] op[0] operands[1] ... with `*` before `+`/`-` (no eval())."""
+    total, sign, product = 0, 1, operands[0]
+    for op, x in zip(operators, operands[1:], strict=True):
+        if op == "*":
+            product *= x
+        else:
+            total += sign * product
+            sign, product = (1 if op == "+" else -1), x
+    return total + sign * product
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArithmeticTask:
+    num_terms: int = 2
+    """Operands per problem (>= 2)."""
+    digits: int = 2
+    """Each operand is drawn from [0, 10**digits)."""
+    operators: str = "+-"
+    """The operators to draw from, a non-empty subset of "+-*"."""
+    test_fraction: float = 0.1
+    """Share of all possible prompts that belong to the test split (hash of the prompt text)."""
+    name: str = field(default="arithmetic", init=False)
+
+    def __post_init__(self) -> None:
+        if self.num_terms < 2:
+            raise ValueError(f"num_terms must be >= 2, got {self.num_terms}")
+        if self.digits < 1:
+            raise ValueError(f"digits must be >= 1, got {self.digits}")
+        if not self.operators or set(self.operators) - set("+-*"):
+            raise ValueError(
+                f'operators must be a non-empty subset of "+-*", got {self.operators!r}'
+            )
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+
+    def problems(self, split: str, seed: int, n: int) -> list[Problem]:
+        """n problems of `split`, drawn with replacement; deterministic in (split, seed, n)."""
+        check_split(split)
+        # A str seed is hashed with sha512 by `random`, so this is stable across processes.
+        rng = random.Random(f"{self.name}/{split}/{seed}")
+        out: list[Problem] = []
+        # Rejection sampling on the split: about 1/test_fraction draws per test problem. The cap
+        # only trips when a split holds (almost) no prompts, e.g. digits=1 with one operator.
+        max_draws = 1000 + 1000 * n
+        for _ in range(max_draws):
+            if len(out) == n:
+                break
+            problem = self._draw(rng)
+            if split_of(problem.prompt, self.test_fraction) == split:
+                out.append(problem)
+        if len(out) < n:
+            raise ValueError(
+                f"found only {len(out)} of {n} {split!r} problems in {max_draws} draws; "
+                "the problem space is too small for this test_fraction"
+            )
+        return out
+
+    def _draw(self, rng: random.Random) -> Problem:
+        operands = [rng.randrange(10**self.digits) for _ in range(self.num_terms)]
+        operators = [rng.choice(self.operators) for _ in range(self.num_terms - 1)]
+        prompt = str(operands[0])
+        for op, x in zip(operators, operands[1:], strict=True):
+            prompt += f"{op}{x}"
+        return Problem(
+            prompt=prompt + "=",
+            answer=str(evaluate(operands, operators)),
+            metadata={"operands": operands, "operators": operators},
+        )
+
+    def score(self, problem: Problem, completion: str) -> float:
+        return 1.0 if extract_answer(completion) == problem.answer else 0.0

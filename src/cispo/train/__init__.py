@@ -1,0 +1,1 @@
+"""Training: the engine (model + optimizer), run configuration and the RL loop."""

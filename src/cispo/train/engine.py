@@ -1,0 +1,307 @@
+"""The engine: owns the model and the optimizer, and runs forward/backward, optimizer steps and sampling.
+
+Everything above it (the client API, the RL loop, the server) speaks Tinker's vocabulary: datums in,
+per-token trainer logprobs and metrics out. The engine never knows which algorithm produced a datum:
+the loss named in the call reads the datum's `loss_fn_inputs` (prime-rl's "algorithm-blind" trainer).
+
+Contracts:
+- `forward_backward` accumulates gradients (several calls before one `optim_step` add up) and splits the
+  datums into micro-batches of `micro_batch_size` sequences. Each micro-batch's loss is reduced with the
+  *global* token (or sequence) count of the whole call, so the micro-batch size never changes the update.
+- Trainer logprobs are `log_softmax(logits / temperature)[target]` in float32, the same quantity the
+  sampler reports (`cispo.rollout.sampler`), so on-policy `r = exp(trainer - sampler) = 1`.
+- The loss mask of a datum is `loss_fn_inputs["mask"]` if given, else `weights > 0` if given, else every
+  position of the datum (Tinker's semantics, where masking is done by zero advantages or weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cispo.client.types import AdamParams, Datum, ForwardBackwardOutput, TensorData
+from cispo.losses import LossInputs, compute_loss, make_loss_config
+from cispo.ops import model_token_logprobs
+from cispo.rollout.sampler import SampledSequence, SamplingParams, sample
+
+# Keys of `loss_fn_inputs` that are per-token float tensors read by the losses.
+_FLOAT_KEYS = ("logprobs", "advantages", "weights", "old_logprobs", "ref_logprobs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    micro_batch_size: int = 64
+    """Sequences per forward/backward pass; gradients accumulate across micro-batches."""
+    fused_logprobs: bool | None = None
+    """Compute logprobs chunk by chunk from hidden states (`cispo.ops`), never materialising
+    [tokens, vocab] logits. None: fuse when the scored tokens exceed one chunk; False: the naive
+    reference path."""
+    logprob_chunk_size: int | None = None
+    """Tokens per chunk of the fused path; None picks it from a memory budget."""
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:
+            raise ValueError(f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}")
+
+
+@dataclass(frozen=True)
+class _Batch:
+    input_ids: Tensor  # [B, T]
+    attention_mask: Tensor  # [B, T] bool, True on real tokens
+    targets: Tensor  # [B, T]
+    loss_mask: Tensor  # [B, T] bool
+    fields: dict[str, Tensor]  # name -> [B, T] float
+    lengths: list[int]
+
+
+def _collate(datums: Sequence[Datum]) -> _Batch:
+    """Right-pad datums into [B, T] tensors."""
+    lengths = [d.model_input.length for d in datums]
+    width = max(lengths)
+    batch = len(datums)
+    input_ids = torch.zeros(batch, width, dtype=torch.long)
+    targets = torch.zeros(batch, width, dtype=torch.long)
+    attention = torch.zeros(batch, width, dtype=torch.bool)
+    loss_mask = torch.zeros(batch, width, dtype=torch.bool)
+    fields: dict[str, Tensor] = {}
+    for i, datum in enumerate(datums):
+        n = lengths[i]
+        inputs = datum.loss_fn_inputs
+        if "target_tokens" not in inputs:
+            raise ValueError(f"datum {i}: loss_fn_inputs needs 'target_tokens'")
+        tokens = inputs["target_tokens"].to_torch().reshape(-1)
+        if tokens.numel() != n:
+            raise ValueError(
+                f"datum {i}: target_tokens has {tokens.numel()} entries, model_input has {n}"
+            )
+        input_ids[i, :n] = torch.tensor(datum.model_input.to_ints(), dtype=torch.long)
+        targets[i, :n] = tokens
+        attention[i, :n] = True
+        if "mask" in inputs:
+            loss_mask[i, :n] = inputs["mask"].to_torch().reshape(-1) > 0
+        elif "weights" in inputs:
+            loss_mask[i, :n] = inputs["weights"].to_torch().reshape(-1) > 0
+        else:
+            loss_mask[i, :n] = True
+        for key in _FLOAT_KEYS:
+            if key in inputs:
+                values = inputs[key].to_torch().reshape(-1).float()
+                if values.numel() != n:
+                    raise ValueError(
+                        f"datum {i}: loss_fn_inputs[{key!r}] has {values.numel()} entries, "
+                        f"expected {n} (one per model_input position)"
+                    )
+                fields.setdefault(key, torch.zeros(batch, width))[i, :n] = values
+    present = [set(d.loss_fn_inputs) & set(_FLOAT_KEYS) for d in datums]
+    if any(p != present[0] for p in present):
+        raise ValueError("all datums in one call must carry the same loss_fn_inputs keys")
+    return _Batch(input_ids, attention, targets, loss_mask, fields, lengths)
+
+
+def merge_metrics(parts: Sequence[tuple[float, Mapping[str, float]]]) -> dict[str, float]:
+    """Merge per-micro-batch metrics, each paired with its active-token count.
+
+    Keys ending in `min`/`max` take the min/max, `:sum` keys and `count` keys add up, every other key is
+    a token-weighted mean (the same value one big batch would give for per-token means).
+    """
+    merged: dict[str, float] = {}
+    total = sum(w for w, _ in parts) or 1.0
+    for key in {k for _, m in parts for k in m}:
+        values = [(w, m[key]) for w, m in parts if key in m and math.isfinite(m[key])]
+        if not values:
+            merged[key] = float("nan")
+        elif key.endswith(("min", "/min")):
+            merged[key] = min(v for _, v in values)
+        elif key.endswith(("max", "/max")):
+            merged[key] = max(v for _, v in values)
+        elif key.endswith((":sum", "count", "/num_tokens")):
+            merged[key] = sum(v for _, v in values)
+        else:
+            merged[key] = sum(w * v for w, v in values) / total
+    return merged
+
+
+class Engine:
+    """Model + optimizer + sampler snapshot. Not thread-safe: the client serialises calls."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eos_token_id: int | None,
+        pad_token_id: int,
+        tokenizer: Any = None,
+        config: EngineConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.version = 0
+        """Number of optimizer steps applied; the policy version of sampled tokens."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-12)
+        self.sample_generator = torch.Generator().manual_seed(seed)
+        self._sampler: tuple[int, nn.Module] | None = None
+
+    # ---------------------------------------------------------------- training
+    def forward_backward(
+        self,
+        datums: Sequence[Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None = None,
+        *,
+        forward_only: bool = False,
+        temperature: float = 1.0,
+        num_tokens: float | None = None,
+        num_sequences: float | None = None,
+    ) -> ForwardBackwardOutput:
+        """Run the loss on `datums`; accumulate gradients unless `forward_only`.
+
+        `num_tokens` / `num_sequences` override the normalisers of token_mean / seq_mean reductions when
+        one optimizer step spans several calls (default: the counts of this call).
+        """
+        if not datums:
+            raise ValueError("forward_backward needs at least one datum")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for trainer logprobs, got {temperature}")
+        config = make_loss_config(loss_fn, loss_fn_config)
+        full = _collate(datums)
+        tokens_total = float(full.loss_mask.sum()) if num_tokens is None else num_tokens
+        # Sequences with no active token contribute 0 and are not counted (cispo.losses.aggregate).
+        nonempty = float(full.loss_mask.any(dim=1).sum())
+        seqs_total = nonempty if num_sequences is None else num_sequences
+        self.model.train(not forward_only)
+        size = self.config.micro_batch_size
+        outputs: list[dict[str, TensorData]] = []
+        parts: list[tuple[float, Mapping[str, float]]] = []
+        loss_sum = 0.0
+        for start in range(0, len(datums), size):
+            part = _collate(datums[start : start + size])
+            with torch.set_grad_enabled(not forward_only):
+                scored = model_token_logprobs(
+                    self.model,
+                    part.input_ids,
+                    part.attention_mask,
+                    part.targets,
+                    part.loss_mask,
+                    temperature=temperature,
+                    fused=self.config.fused_logprobs,
+                    chunk_size=self.config.logprob_chunk_size,
+                    with_entropy=config.entropy_coef != 0.0,
+                )
+                logprobs, entropy = scored.logprobs, scored.entropy
+                inputs = LossInputs(
+                    logprobs=logprobs,
+                    loss_mask=part.loss_mask,
+                    advantages=part.fields.get("advantages"),
+                    sampler_logprobs=part.fields.get("logprobs"),
+                    old_logprobs=part.fields.get("old_logprobs"),
+                    ref_logprobs=part.fields.get("ref_logprobs"),
+                    weights=part.fields.get("weights"),
+                    entropy=entropy,
+                )
+                out = compute_loss(
+                    inputs, config, num_tokens=tokens_total, num_sequences=seqs_total
+                )
+                if not forward_only:
+                    out.loss.backward()
+            loss_sum += float(out.loss.detach())
+            parts.append((float(part.loss_mask.sum()), out.metrics))
+            for i, n in enumerate(part.lengths):
+                outputs.append({"logprobs": TensorData.from_torch(logprobs[i, :n].detach())})
+        metrics = merge_metrics(parts)
+        metrics["loss:sum"] = loss_sum
+        metrics["train/num_tokens"] = float(full.loss_mask.sum())
+        return ForwardBackwardOutput(
+            loss_fn_output_type="target_token_logprobs", loss_fn_outputs=outputs, metrics=metrics
+        )
+
+    def optim_step(self, adam: AdamParams) -> dict[str, float]:
+        """Apply the accumulated gradients with AdamW, then zero them."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = (
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            if grads
+            else torch.tensor(0.0)
+        )
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"non-finite gradient norm ({float(norm)}); the step was skipped and gradients cleared"
+            )
+        if adam.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, adam.grad_clip_norm)
+        for group in self.optimizer.param_groups:
+            group.update(
+                lr=adam.learning_rate,
+                betas=(adam.beta1, adam.beta2),
+                eps=adam.eps,
+                weight_decay=adam.weight_decay,
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.version += 1
+        return {"optim/grad_norm": float(norm), "optim/lr": adam.learning_rate}
+
+    # ---------------------------------------------------------------- sampling
+    def sampler_model(self) -> nn.Module:
+        """A frozen copy of the current weights for sampling, refreshed when the version changes."""
+        if self._sampler is None or self._sampler[0] != self.version:
+            snapshot = copy.deepcopy(self.model).eval()
+            for p in snapshot.parameters():
+                p.requires_grad_(False)
+            self._sampler = (self.version, snapshot)
+        return self._sampler[1]
+
+    def sample(
+        self,
+        model: nn.Module,
+        prompts: list[list[int]],
+        num_samples: int,
+        params: SamplingParams,
+    ) -> list[list[SampledSequence]]:
+        generator = (
+            torch.Generator().manual_seed(params.seed)
+            if params.seed is not None
+            else self.sample_generator
+        )
+        return sample(
+            model,
+            prompts,
+            num_samples,
+            params,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            generator=generator,
+            tokenizer=self.tokenizer,
+        )
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "version": self.version,
+            "sample_generator": self.sample_generator.get_state(),
+        }
+
+    def load_state(self, state: Mapping[str, Any], *, optimizer: bool = True) -> None:
+        self.model.load_state_dict(state["model"])
+        if optimizer and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.version = int(state.get("version", 0))
+        if "sample_generator" in state:
+            self.sample_generator.set_state(state["sample_generator"])
+        self._sampler = None

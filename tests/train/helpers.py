@@ -1,0 +1,46 @@
+"""A tiny real transformer and a few datums, shared by the engine, client and loop tests."""
+
+from __future__ import annotations
+
+import torch
+
+from cispo.client.types import Datum
+from cispo.datums import rl_datum
+from cispo.train.bundle import ModelBundle, load_bundle
+from cispo.train.engine import Engine, EngineConfig
+
+SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
+
+
+def tiny_bundle(seed: int = 0) -> ModelBundle:
+    return load_bundle("tiny", seed=seed, overrides=SMALL)
+
+
+def tiny_engine(seed: int = 0, **config: object) -> Engine:
+    bundle = tiny_bundle(seed)
+    return Engine(
+        bundle.model,
+        eos_token_id=bundle.tokenizer.eos_token_id,
+        pad_token_id=bundle.tokenizer.pad_token_id,
+        tokenizer=bundle.tokenizer,
+        config=EngineConfig(**config),  # type: ignore[arg-type]
+    )
+
+
+def random_datums(n: int, seed: int = 0, vocab: int = 40) -> list[Datum]:
+    """RL datums with mixed prompt/completion lengths, random tokens, logprobs and advantages."""
+    g = torch.Generator().manual_seed(seed)
+    datums = []
+    for i in range(n):
+        prompt = torch.randint(4, vocab, (2 + i % 3,), generator=g).tolist()
+        completion = torch.randint(4, vocab, (1 + (i * 5) % 4,), generator=g).tolist()
+        sampler = (-torch.rand(len(completion), generator=g) * 3 - 0.5).tolist()
+        advantage = float(torch.randn((), generator=g))
+        datums.append(rl_datum(prompt, completion, sampler, advantage, old_logprobs=sampler))
+    return datums
+
+
+def grads(engine: Engine) -> dict[str, torch.Tensor]:
+    return {
+        name: p.grad.clone() for name, p in engine.model.named_parameters() if p.grad is not None
+    }

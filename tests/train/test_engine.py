@@ -1,0 +1,103 @@
+"""Claims about the engine on a real (tiny) transformers model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cispo.client.types import AdamParams
+from cispo.datums import rl_datum
+from cispo.rollout.sampler import SamplingParams
+from tests.train.helpers import grads, random_datums, tiny_engine
+
+CISPO = {"reduction": "token_mean", "anchor": "old"}
+
+
+def test_micro_batch_size_does_not_change_the_gradient_on_a_real_model() -> None:
+    datums = random_datums(8)
+    one = tiny_engine(micro_batch_size=8)
+    eight = tiny_engine(micro_batch_size=1)
+    out_one = one.forward_backward(datums, "cispo", CISPO)
+    out_eight = eight.forward_backward(datums, "cispo", CISPO)
+    g1, g8 = grads(one), grads(eight)
+    assert g1.keys() == g8.keys() and g1
+    for name in g1:
+        torch.testing.assert_close(g8[name], g1[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert out_one.metrics["loss:sum"] == pytest.approx(out_eight.metrics["loss:sum"], rel=1e-5)
+
+
+def test_gradients_accumulate_across_calls_until_optim_step() -> None:
+    datums = random_datums(6, seed=1)
+    total = sum(float(d.loss_fn_inputs["mask"].to_torch().sum()) for d in datums)
+    whole, split = tiny_engine(), tiny_engine()
+    whole.forward_backward(datums, "cispo", CISPO)
+    split.forward_backward(datums[:2], "cispo", CISPO, num_tokens=total)
+    split.forward_backward(datums[2:], "cispo", CISPO, num_tokens=total)
+    for name, g in grads(whole).items():
+        torch.testing.assert_close(grads(split)[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_equal_trainer_logprobs_on_policy(temperature: float) -> None:
+    engine = tiny_engine()
+    prompts = [[1, 20, 21], [1, 22], [1, 23, 24, 25, 26]]  # mixed lengths: padding is exercised
+    params = SamplingParams(max_tokens=6, temperature=temperature, seed=3, stop=[])
+    groups = engine.sample(engine.sampler_model(), prompts, 4, params)
+    datums = [
+        rl_datum(prompt, seq.tokens, seq.logprobs, 1.0)
+        for prompt, group in zip(prompts, groups, strict=True)
+        for seq in group
+    ]
+    out = engine.forward_backward(
+        datums, "importance_sampling", forward_only=True, temperature=temperature
+    )
+    diffs = []
+    for datum, o in zip(datums, out.loss_fn_outputs, strict=True):
+        mask = datum.loss_fn_inputs["mask"].to_torch() > 0
+        diffs.append(
+            datum.loss_fn_inputs["logprobs"].to_torch()[mask] - o["logprobs"].to_torch()[mask]
+        )
+    d = torch.cat(diffs)
+    assert d.abs().max() < 1e-5  # per token
+    assert abs(float(d.mean())) < 1e-6  # k1 sampler-vs-trainer KL
+
+
+def test_one_cispo_step_raises_logprob_of_positive_and_lowers_negative_advantage() -> None:
+    engine = tiny_engine()
+    good = rl_datum([1, 10, 11], [12, 13], [-3.0, -3.0], advantage=1.0)
+    bad = rl_datum([1, 10, 11], [14, 15], [-3.0, -3.0], advantage=-1.0)
+
+    def completion_logprob(datum):  # type: ignore[no-untyped-def]
+        out = engine.forward_backward([datum], "cross_entropy", forward_only=True)
+        return float(out.loss_fn_outputs[0]["logprobs"].to_torch()[-2:].sum())
+
+    before = completion_logprob(good), completion_logprob(bad)
+    engine.forward_backward([good, bad], "cispo", {"reduction": "token_mean"})
+    engine.optim_step(AdamParams(learning_rate=1e-2))
+    after = completion_logprob(good), completion_logprob(bad)
+    assert after[0] > before[0] + 1e-3
+    assert after[1] < before[1] - 1e-3
+    assert engine.version == 1
+
+
+def test_unknown_loss_name_is_an_error_that_lists_valid_names_and_keeps_no_gradient() -> None:
+    engine = tiny_engine()
+    with pytest.raises(ValueError, match="cispo"):
+        engine.forward_backward(random_datums(2), "cispoo")
+    assert grads(engine) == {}
+
+
+def test_non_finite_gradient_skips_the_step_and_keeps_weights() -> None:
+    engine = tiny_engine()
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    engine.forward_backward(random_datums(2), "cispo", CISPO)
+    p = next(engine.model.parameters())
+    assert p.grad is not None
+    p.grad[0] = math.inf
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        engine.optim_step(AdamParams(learning_rate=1e-2))
+    for k, v in engine.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert grads(engine) == {}
