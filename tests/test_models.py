@@ -101,7 +101,7 @@ def test_lora_starts_equal_to_base_trains_only_adapters_and_samples_exactly() ->
     grads = torch.autograd.grad(loss, list(trainable.values()))
     with torch.no_grad():
         for p, g in zip(trainable.values(), grads, strict=True):
-            p -= g
+            p.sub_(g)
     lora.eval()
     with torch.no_grad():
         assert (lora(ids).logits - base_logits).abs().max() > 1e-3

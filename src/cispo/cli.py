@@ -4,6 +4,7 @@
     cispo train arithmetic_cispo --rl.steps=50   # a recipe by name, with dotted overrides
     cispo train path/to/recipe.py --resume --run.dir=runs/x
     cispo config [RECIPE] [overrides]            # print the resolved config and exit
+    cispo serve --api-key tml-... [--port 8000]  # HTTP server for the tinker SDK (see docs/server.md)
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ def _resolve(recipe: str | None, overrides: Sequence[str]):  # type: ignore[no-u
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        from cispo.server import serve_main
+
+        return serve_main(argv[1:])
     parser = argparse.ArgumentParser(prog="cispo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -30,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     show = sub.add_parser("config", help="print the resolved config")
     show.add_argument("recipe", nargs="?")
+    sub.add_parser("serve", help="serve the tinker SDK's HTTP protocol (cispo serve --help)")
     args, overrides = parser.parse_known_args(argv)
     recipe = args.recipe
     if recipe is not None and recipe.startswith("--"):

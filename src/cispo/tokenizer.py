@@ -52,7 +52,8 @@ def build_char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast
     )
     core.add_special_tokens(list(SPECIAL_TOKENS))
 
-    return PreTrainedTokenizerFast(
+    # The constructor takes **kwargs and is unannotated in transformers.
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=core,
         pad_token=PAD,
         bos_token=BOS,

@@ -1,68 +1,25 @@
-"""Fixtures: a live server (uvicorn in a background thread, loopback, free port) over a tiny model."""
+"""Fixtures: a live server over a tiny model, and the SDK environment (offline, no telemetry)."""
 
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("tinker")
 pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
-from cispo.server.app import create_app  # noqa: E402
-from cispo.server.runtime import Backend, ServerConfig  # noqa: E402
-
-API_KEY = "tml-cispo-test-key"
-TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
-
-
-@dataclass
-class LiveServer:
-    base_url: str
-    backend: Backend
-    root: Path
-    _server: uvicorn.Server
-    _thread: threading.Thread
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=30)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server(root: Path, **overrides: object) -> LiveServer:
-    config = ServerConfig(root=root, api_key=API_KEY, model_overrides=TINY, poll_timeout=5.0,
-                          **overrides)  # type: ignore[arg-type]
-    app = create_app(config)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        if time.time() > deadline or not thread.is_alive():
-            raise RuntimeError("server did not start")
-        time.sleep(0.02)
-    return LiveServer(f"http://127.0.0.1:{port}", app.state.backend, root, server, thread)
+from server_harness import API_KEY, LiveServer, start_server
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _sdk_env() -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in ("TINKER_API_KEY", "TINKER_TELEMETRY",
-                                             "HF_HUB_OFFLINE", "TINKER_BASE_URL")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("TINKER_API_KEY", "TINKER_TELEMETRY", "HF_HUB_OFFLINE", "TINKER_BASE_URL")
+    }
     os.environ.update(TINKER_API_KEY=API_KEY, TINKER_TELEMETRY="0", HF_HUB_OFFLINE="1")
     os.environ.pop("TINKER_BASE_URL", None)
     yield

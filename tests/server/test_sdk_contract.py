@@ -12,6 +12,7 @@ import pytest
 import torch
 
 tinker = pytest.importorskip("tinker")
+from server_harness import TINY, LiveServer, start_server  # noqa: E402
 from tinker import types  # noqa: E402
 
 from cispo.client.types import AdamParams, Datum, ModelInput  # noqa: E402
@@ -19,8 +20,6 @@ from cispo.models import apply_lora  # noqa: E402
 from cispo.server.runtime import LORA_TARGETS  # noqa: E402
 from cispo.train.bundle import load_bundle  # noqa: E402
 from cispo.train.engine import Engine  # noqa: E402
-
-from .conftest import TINY, LiveServer, start_server  # noqa: E402
 
 RANK, LORA_SEED = 4, 7
 TEXTS = ["12+7=19", "3+4=7", "20+22=42"]
@@ -37,8 +36,12 @@ LOSSES: list[tuple[str, dict[str, float]]] = [
 def _in_process_engine() -> Engine:
     bundle = load_bundle("tiny", lora_rank=0, seed=0, overrides=TINY)
     torch.manual_seed(LORA_SEED)
-    model = apply_lora(bundle.model, r=RANK, alpha=2 * RANK,
-                       target_modules=[m for mods in LORA_TARGETS.values() for m in mods])
+    model = apply_lora(
+        bundle.model,
+        r=RANK,
+        alpha=2 * RANK,
+        target_modules=[m for mods in LORA_TARGETS.values() for m in mods],
+    )
     tok = bundle.tokenizer
     return Engine(model, eos_token_id=tok.eos_token_id, pad_token_id=int(tok.pad_token_id))
 
@@ -59,13 +62,17 @@ def _rows(tokenizer: Any, loss: str) -> list[dict[str, Any]]:
 
 
 def _sdk_datums(rows: list[dict[str, Any]]) -> list[types.Datum]:
-    return [types.Datum(model_input=types.ModelInput.from_ints(r["tokens"]),
-                        loss_fn_inputs=r["inputs"]) for r in rows]
+    return [
+        types.Datum(model_input=types.ModelInput.from_ints(r["tokens"]), loss_fn_inputs=r["inputs"])
+        for r in rows
+    ]
 
 
 def _our_datums(rows: list[dict[str, Any]]) -> list[Datum]:
-    return [Datum(model_input=ModelInput.from_ints(r["tokens"]), loss_fn_inputs=r["inputs"])
-            for r in rows]
+    return [
+        Datum(model_input=ModelInput.from_ints(r["tokens"]), loss_fn_inputs=r["inputs"])
+        for r in rows
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -107,19 +114,22 @@ def test_sampled_logprobs_equal_trainer_logprobs(training: Any) -> None:
     """Sampler-vs-trainer KL ≈ 0: the per-token logprobs the sampler reports are what forward
     computes for the same tokens (stop string honoured or max_tokens reached)."""
     tokenizer = training.get_tokenizer()
-    sampler = training.save_weights_and_get_sampling_client()
+    sampler = training.save_weights_and_get_sampling_client().result()
     prompt = tokenizer.encode("12+7=")
     params = types.SamplingParams(max_tokens=8, stop=["\n"], seed=3)
-    result = sampler.sample(types.ModelInput.from_ints(prompt), num_samples=3,
-                            sampling_params=params).result()
+    result = sampler.sample(
+        types.ModelInput.from_ints(prompt), num_samples=3, sampling_params=params
+    ).result()
     assert len(result.sequences) == 3
     for seq in result.sequences:
         text = tokenizer.decode(seq.tokens)
-        assert (seq.stop_reason == "stop" and text.endswith("\n")) or len(seq.tokens) == 8
+        stopped = text.endswith("\n") or seq.tokens[-1] == tokenizer.eos_token_id
+        assert (seq.stop_reason == "stop" and stopped) or len(seq.tokens) == 8
         full = prompt + list(seq.tokens)
-        datum = types.Datum(model_input=types.ModelInput.from_ints(full[:-1]),
-                            loss_fn_inputs={"target_tokens": full[1:],
-                                            "weights": [1.0] * (len(full) - 1)})
+        datum = types.Datum(
+            model_input=types.ModelInput.from_ints(full[:-1]),
+            loss_fn_inputs={"target_tokens": full[1:], "weights": [1.0] * (len(full) - 1)},
+        )
         fwd = training.forward([datum], "cross_entropy").result()
         trainer = fwd.loss_fn_outputs[0]["logprobs"].tolist()[len(prompt) - 1 :]
         assert seq.logprobs == pytest.approx(trainer, abs=1e-4)
@@ -127,7 +137,7 @@ def test_sampled_logprobs_equal_trainer_logprobs(training: Any) -> None:
 
 def test_stop_token_ends_a_sample(training: Any) -> None:
     tokenizer = training.get_tokenizer()
-    sampler = training.save_weights_and_get_sampling_client()
+    sampler = training.save_weights_and_get_sampling_client().result()
     prompt = types.ModelInput.from_ints(tokenizer.encode("1+1="))
     free = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=6, stop=[], seed=1)).result()
     stop_id = free.sequences[0].tokens[1]
@@ -140,25 +150,34 @@ def test_stop_token_ends_a_sample(training: Any) -> None:
 def test_compute_logprobs_equals_forward(training: Any) -> None:
     tokenizer = training.get_tokenizer()
     ids = tokenizer.encode("20+22=42")
-    sampler = training.save_weights_and_get_sampling_client()
+    sampler = training.save_weights_and_get_sampling_client().result()
     prompt_lp = sampler.compute_logprobs(types.ModelInput.from_ints(ids)).result()
-    fwd = training.forward([types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
-                                        loss_fn_inputs={"target_tokens": ids[1:]})],
-                           "cross_entropy").result()
+    fwd = training.forward(
+        [
+            types.Datum(
+                model_input=types.ModelInput.from_ints(ids[:-1]),
+                loss_fn_inputs={"target_tokens": ids[1:]},
+            )
+        ],
+        "cross_entropy",
+    ).result()
     assert prompt_lp[0] is None
     assert prompt_lp[1:] == pytest.approx(fwd.loss_fn_outputs[0]["logprobs"].tolist(), abs=1e-5)
 
 
 def _forward_lp(training: Any, ids: list[int]) -> list[float]:
-    datum = types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
-                        loss_fn_inputs={"target_tokens": ids[1:]})
-    return list(training.forward([datum], "cross_entropy").result()
-                .loss_fn_outputs[0]["logprobs"].tolist())
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(ids[:-1]), loss_fn_inputs={"target_tokens": ids[1:]}
+    )
+    return list(
+        training.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    )
 
 
 def _ce_step(training: Any, ids: list[int]) -> None:
-    datum = types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
-                        loss_fn_inputs={"target_tokens": ids[1:]})
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(ids[:-1]), loss_fn_inputs={"target_tokens": ids[1:]}
+    )
     training.forward_backward([datum], "cross_entropy")
     training.optim_step(types.AdamParams(learning_rate=5e-2)).result()
 

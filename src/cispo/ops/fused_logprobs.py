@@ -2,8 +2,8 @@
 
 The largest tensor in RL training is the logits, tokens × vocabulary: 16k response tokens × 151,936
 (Qwen) is 9.7 GB in fp32, and autograd keeps more (log_softmax output, softmax for the entropy).
-`fused_logprobs` goes from final hidden states [N, H] and the output projection [V, H] straight to the
-two per-token quantities every objective in `cispo.losses` reads:
+`fused_logprobs` goes from final hidden states [N, H] and the output projection [V, H] straight to
+the two per-token quantities every objective in `cispo.losses` reads:
 
     z_i      = (h_i · Wᵀ + b) / temperature                    [V]  fp32, one row chunk at a time
     lse_i    = log Σ_j exp(z_ij)                               fp32 whatever the model dtype
@@ -11,12 +11,12 @@ two per-token quantities every objective in `cispo.losses` reads:
     entropy_i = −Σ_j p_ij log p_ij,  p_ij = exp(z_ij − lse_i)
 
 The temperature is applied exactly as the sampler applies it (logits divided by T before the
-softmax), so trainer and sampler logprobs are the same quantity. A custom autograd function saves
-only hidden, weight, targets, lse and entropy ([N] vectors), never logits; its backward recomputes
-each chunk's logits and forms
+softmax), so trainer and sampler logprobs are the same quantity. A custom autograd function
+saves only hidden, weight, targets and [N] vectors (log-sum-exp, entropy), never logits; its
+backward recomputes each chunk's logits and forms
 
     dL/dz_ij = g_lp_i · (1[j = target_i] − p_ij) − g_ent_i · p_ij (log p_ij + entropy_i)
-    dL/dh_i  = (dL/dz_i / T) · W          dL/dW = Σ_i (dL/dz_i / T)ᵀ h_i          dL/db = Σ_i dL/dz_i / T
+    dL/dh_i = (dL/dz_i / T) · W      dL/dW = Σ_i (dL/dz_i / T)ᵀ h_i      dL/db = Σ_i dL/dz_i / T
 
 so the extra memory is a few [chunk, V] fp32 buffers in forward and backward, independent of N.
 Gradients reach `weight` by ordinary autograd, so a tied embedding, a trainable lm_head or a LoRA'd
@@ -33,6 +33,7 @@ Run the tests with `pytest tests/ops` and the memory/time benchmark with
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,16 +74,21 @@ def default_chunk_rows(vocab_size: int, budget_bytes: int = CHUNK_BUDGET_BYTES) 
     return max(1, budget_bytes // (4 * vocab_size))
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 models; fp64 stays fp64 (gradcheck runs in it)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _logits_into(
     out: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float
 ) -> Tensor:
-    """out[C, V] (fp32) ← (h · Wᵀ + b) / T; the matmul runs in the model's dtype.
+    """out[C, V] ← (h · Wᵀ + b) / T; the matmul runs in the model's dtype.
 
-    An fp32 model writes straight into the reused buffer. A bf16 model runs the matmul in bf16 and
-    upcasts its output, which is what `lm_head(h).float()` does in the naive path, so both paths see
-    the same logits.
+    An fp32 (or fp64) model writes straight into the reused buffer. A bf16 model runs the matmul
+    in bf16 and upcasts its output, which is what `lm_head(h).float()` does in the naive path, so
+    both paths see the same logits.
     """
-    if h.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
+    if h.dtype == weight.dtype == out.dtype and (bias is None or bias.dtype == out.dtype):
         if bias is None:
             torch.mm(h, weight.t(), out=out)
         else:
@@ -107,31 +113,36 @@ class _FusedLogprobs(torch.autograd.Function):
         with_entropy: bool,
     ) -> tuple[Tensor, Tensor]:
         n, vocab = hidden.shape[0], weight.shape[0]
-        f32, dev = torch.float32, hidden.device
-        logprobs = torch.empty(n, dtype=f32, device=dev)
-        lse = torch.empty(n, dtype=f32, device=dev)
-        entropy = torch.empty(n if with_entropy else 0, dtype=f32, device=dev)
-        # Two [chunk, V] buffers reused by every chunk: no allocator churn, no page faults per chunk.
+        acc, dev = _accumulation_dtype(hidden.dtype), hidden.device
+        logprobs = torch.empty(n, dtype=acc, device=dev)
+        shift = torch.empty(n, dtype=acc, device=dev)
+        log_total = torch.empty(n, dtype=acc, device=dev)
+        entropy = torch.empty(n if with_entropy else 0, dtype=acc, device=dev)
+        # Two [chunk, V] buffers reused by every chunk: no allocator churn or page faults per chunk.
         rows_max = min(chunk_rows, n)
-        z_buf = torch.empty(rows_max, vocab, dtype=f32, device=dev)
-        p_buf = torch.empty(rows_max, vocab, dtype=f32, device=dev)
+        z_buf = torch.empty(rows_max, vocab, dtype=acc, device=dev)
+        p_buf = torch.empty(rows_max, vocab, dtype=acc, device=dev)
         for start in range(0, n, chunk_rows):
             rows = slice(start, min(start + chunk_rows, n))
             c = rows.stop - start
             z = _logits_into(z_buf[:c], hidden[rows], weight, bias, temperature)  # [C, V]
-            # log-sum-exp with the usual max shift; a row whose max is ±inf shifts by 0 instead.
-            m = z.amax(dim=1)
-            m = torch.where(torch.isfinite(m), m, 0.0)
-            p = torch.sub(z, m[:, None], out=p_buf[:c]).exp_()  # unnormalised softmax
+            # lse = shift + log_total, the two kept apart: log p = (z − shift) − log_total is
+            # accurate where p ≈ 1, while z − lse carries lse's rounding at ulp(|z|), which
+            # (1 − p) and the entropy gradient of a peaked row would amplify. A row whose max
+            # is ±inf shifts by 0.
+            shift_c = z.amax(dim=1)
+            shift_c = torch.where(torch.isfinite(shift_c), shift_c, 0.0)
+            z.sub_(shift_c[:, None])
+            p = torch.exp(z, out=p_buf[:c])  # unnormalised softmax
             total = p.sum(dim=1)
-            lse_c = m + total.log()
-            lse[rows] = lse_c
-            logprobs[rows] = z.gather(1, targets[rows, None]).squeeze(1) - lse_c
+            log_total_c = total.log()
+            shift[rows], log_total[rows] = shift_c, log_total_c
+            logprobs[rows] = z.gather(1, targets[rows, None]).squeeze(1) - log_total_c
             if with_entropy:
-                logp = z.sub_(lse_c[:, None]).clamp_(min=_FP32_MIN)
-                entropy[rows] = -p.div_(total[:, None]).mul_(logp).sum(dim=1)
+                logp = z.sub_(log_total_c[:, None]).clamp_(min=_FP32_MIN)
+                entropy[rows] = -p.mul_(logp).sum(dim=1) / total
         del z_buf, p_buf
-        ctx.save_for_backward(hidden, weight, targets, bias, lse, entropy)
+        ctx.save_for_backward(hidden, weight, targets, bias, shift, log_total, entropy)
         ctx.temperature = temperature
         ctx.chunk_rows = chunk_rows
         ctx.with_entropy = with_entropy
@@ -144,7 +155,7 @@ class _FusedLogprobs(torch.autograd.Function):
     def backward(
         ctx: Any, grad_logprobs: Tensor | None, grad_entropy: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        hidden, weight, targets, bias, lse, entropy = ctx.saved_tensors
+        hidden, weight, targets, bias, shift, log_total, entropy = ctx.saved_tensors
         temperature: float = ctx.temperature
         chunk_rows: int = ctx.chunk_rows
         if not ctx.with_entropy:
@@ -154,26 +165,27 @@ class _FusedLogprobs(torch.autograd.Function):
             return (None,) * 7
 
         n, vocab = hidden.shape[0], weight.shape[0]
-        fp32_model = hidden.dtype == weight.dtype == torch.float32
-        f32, dev = torch.float32, hidden.device
+        acc, dev = _accumulation_dtype(hidden.dtype), hidden.device
+        same_dtype = hidden.dtype == weight.dtype == acc
         grad_hidden = (
             torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_hidden else None
         )
         # fp32 accumulators over chunks, cast to the parameter dtype at the end.
-        grad_weight = torch.zeros(weight.shape, dtype=f32, device=dev) if need_weight else None  # type: ignore[arg-type]
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=dev) if need_weight else None
         grad_bias = (
-            torch.zeros(bias.shape, dtype=f32, device=dev)
+            torch.zeros(bias.shape, dtype=acc, device=dev)
             if need_bias and bias is not None
             else None
         )
         rows_max = min(chunk_rows, n)
-        z_buf = torch.empty(rows_max, vocab, dtype=f32, device=dev)
-        p_buf = torch.empty(rows_max, vocab, dtype=f32, device=dev)
+        z_buf = torch.empty(rows_max, vocab, dtype=acc, device=dev)
+        p_buf = torch.empty(rows_max, vocab, dtype=acc, device=dev)
         for start in range(0, n, chunk_rows):
             rows = slice(start, min(start + chunk_rows, n))
             c = rows.stop - start
             h = hidden[rows]
-            logp = _logits_into(z_buf[:c], h, weight, bias, temperature).sub_(lse[rows, None])
+            logp = _logits_into(z_buf[:c], h, weight, bias, temperature)
+            logp.sub_(shift[rows, None]).sub_(log_total[rows, None])
             p = torch.exp(logp, out=p_buf[:c])  # [C, V] softmax
             # grad_z = g_lp·(onehot − p) − g_ent·p·(log p + H), built in place in one buffer.
             if grad_entropy is not None:
@@ -190,12 +202,12 @@ class _FusedLogprobs(torch.autograd.Function):
             if temperature != 1.0:
                 grad_z.div_(temperature)  # d z / d logits = 1 / T
             if grad_hidden is not None:
-                if fp32_model:
+                if same_dtype:
                     torch.mm(grad_z, weight, out=grad_hidden[rows])
                 else:
                     grad_hidden[rows] = grad_z.to(weight.dtype) @ weight
             if grad_weight is not None:
-                grad_weight.addmm_(grad_z.t(), h.float())
+                grad_weight.addmm_(grad_z.t(), h.to(acc))
             if grad_bias is not None:
                 grad_bias += grad_z.sum(0)
         return (
@@ -237,9 +249,9 @@ def fused_logprobs(
     """Target logprobs (and entropy) from hidden states, chunked over tokens; no [N, V] tensor.
 
     logprob_i = log_softmax((h_i · Wᵀ + b) / T)[target_i],   entropy_i = −Σ_j p_ij log p_ij.
-    The log-sum-exp is accumulated in fp32 whatever the dtype of `hidden` and `weight`. Extra memory
-    is O(chunk_size × V) in forward and backward; gradients flow to hidden, weight and bias from both
-    outputs (an entropy bonus works).
+    The log-sum-exp is accumulated in fp32 whatever the dtype of `hidden` and `weight`. Extra
+    memory is O(chunk_size × V) in forward and backward; gradients flow to hidden, weight and bias
+    from both outputs (an entropy bonus works).
 
     Args:
         hidden: [N, H] final hidden states of the tokens to score (the caller already kept only the
@@ -259,7 +271,8 @@ def fused_logprobs(
     chunk_rows = default_chunk_rows(weight.shape[0]) if chunk_size is None else chunk_size
     if chunk_rows < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    logprobs, entropy = _FusedLogprobs.apply(
+    apply: Callable[..., tuple[Tensor, Tensor]] = _FusedLogprobs.apply
+    logprobs, entropy = apply(
         hidden, weight, targets, bias, float(temperature), chunk_rows, with_entropy
     )
     return FusedLogprobOutput(logprobs=logprobs, entropy=entropy if with_entropy else None)
@@ -276,11 +289,13 @@ def naive_logprobs(
 ) -> FusedLogprobOutput:
     """Reference for `fused_logprobs`: full [N, V] logits and plain autograd, same formulas.
 
-    logits = (h · Wᵀ + b).float() / T;  logp = log_softmax(logits);  logprob = logp[target];
-    entropy = −Σ p·log p with p·log p := 0 where log p = −inf.  Shapes as in `fused_logprobs`.
+    logits = (h · Wᵀ + b).float() / T (fp64 stays fp64);  logp = log_softmax(logits);
+    logprob = logp[target];  entropy = −Σ p·log p with p·log p := 0 where log p = −inf.
+    Shapes as in `fused_logprobs`.
     """
     _check_inputs(hidden, weight, targets, temperature)
-    logits = F.linear(hidden, weight, bias).float() / temperature  # [N, V]
+    logits = F.linear(hidden, weight, bias).to(_accumulation_dtype(hidden.dtype))  # [N, V]
+    logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1)
     logprobs = logp.gather(1, targets[:, None]).squeeze(1)
     entropy = None

@@ -15,6 +15,7 @@ raise rather than silently giving a different distribution from the sampler's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -60,7 +61,7 @@ def output_projection(head: nn.Module) -> tuple[Tensor, Tensor | None]:
                     f"lm_head LoRA dropout p={dropout.p} in training mode (adapter {name!r}): "
                     "use lora_dropout=0 for the head or fused=False with the model's own forward"
                 )
-            weight = weight + cast(Tensor, head.get_delta_weight(name))
+            weight = weight + cast(Callable[[str], Tensor], head.get_delta_weight)(name)
             b_bias = cast(nn.Linear, lora_b[name]).bias
             if b_bias is not None:
                 scaling = cast(dict[str, float], head.scaling)[name]
@@ -83,9 +84,10 @@ def model_token_logprobs(
 ) -> FusedLogprobOutput:
     """Trainer logprobs log_softmax(logits / T)[target] and entropy at loss-mask positions.
 
-    Shapes: input_ids, attention_mask, targets (int64) and loss_mask (bool) are [B, T]; targets[b, t]
-    is the token scored at position t. Returns logprobs [B, T] and entropy [B, T] | None, fp32, 0
-    where loss_mask is False; only the N = loss_mask.sum() selected rows see the vocabulary.
+    Shapes: input_ids, attention_mask, targets (int64) and loss_mask (bool) are [B, T];
+    targets[b, t] is the token scored at position t. Returns logprobs [B, T] and entropy [B, T] or
+    None, fp32, 0 where loss_mask is False; only the N = loss_mask.sum() selected rows see the
+    vocabulary.
 
     Args:
         model: a transformers causal LM (or a peft model wrapping one).
@@ -99,8 +101,9 @@ def model_token_logprobs(
         if value not in (None, 1, 1.0):
             raise NotImplementedError(f"config.{field}={value}: logits are transformed")
     get_decoder = getattr(model, "get_decoder", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if get_decoder is None or not isinstance(head, nn.Module):
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not callable(get_decoder) or not isinstance(head, nn.Module):
         raise TypeError(f"{type(model).__name__} has no get_decoder()/get_output_embeddings()")
     decoder = cast(nn.Module, get_decoder())
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

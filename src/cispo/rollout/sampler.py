@@ -1,8 +1,9 @@
 """Batched, KV-cached sampling that returns the sampler's per-token logprobs.
 
-`sample` runs all prompts × samples as one batch: a prefill over the left-padded prompts, then one
-token per step against a transformers `DynamicCache`. Rows that finish are dropped from the batch
-(cache included), so late steps only pay for the rows still running. `compute_logprobs` is the
+`sample` runs all prompts × samples as one batch: one prefill over the P left-padded prompts,
+whose cache is then repeated G times, then one token per step against a transformers
+`DynamicCache`. Rows that finish are dropped from the batch (cache included), so late steps only
+pay for the rows still running. `compute_logprobs` is the
 teacher-forced counterpart (Tinker's `SamplingClient.compute_logprobs`).
 
 The logprob of a sampled token is log softmax(logits / temperature)[token] in float32, which is what
@@ -11,9 +12,8 @@ an explicit attention mask and position ids counted from each row's first real t
 give the same logits as unpadded ones, so on-policy sampler and trainer logprobs agree to float
 rounding (tests/rollout/test_sampler.py checks 1e-5).
 
-Left out: speculative decoding, prefix sharing between the G samples of a prompt (the prompt is
-prefilled G times), CUDA graphs, and per-row RNG streams (a row's sample depends on the whole
-batch and on the seed).
+Left out: speculative decoding, prefix sharing between different prompts, a static cache and
+CUDA graphs, and per-row RNG streams (a row's sample depends on the whole batch and the seed).
 
     params = SamplingParams(max_tokens=16, temperature=1.0, seed=0)
     seqs_P_G = sample(model, prompts_P_T, 8, params, eos_token_id=tok.eos_token_id,
@@ -58,6 +58,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.stop == "" or (isinstance(self.stop, list) and "" in self.stop):
+            raise ValueError("stop strings must be non-empty")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,13 +87,13 @@ def sample(
 ) -> list[list[SampledSequence]]:
     """Sample `num_samples` completions for each prompt; returns [P][G] sequences.
 
-    Row b of the batch is sample b % G of prompt b // G. A sampled token is drawn from
-    softmax(filter(logits / temperature)) where filter keeps the top_k / top_p set, but its
-    reported logprob is of the unfiltered log softmax(logits / temperature). That is the quantity
-    a trainer recomputes, so the sampler/trainer ratio stays exactly 1 on-policy; the price is
-    that with top_k/top_p the reported logprob is not the probability the token was actually drawn
-    with (it is lower by the log of the kept mass), so importance ratios against it are biased
-    towards the truncated tokens. Leave top_k/top_p off for RL.
+    A sampled token is drawn from softmax(filter(logits / temperature)), where filter keeps the
+    top_k / top_p set (ties at the k-th logit are all kept), but its reported logprob is of the
+    unfiltered log softmax(logits / temperature). That is the quantity a trainer recomputes, so
+    the sampler/trainer ratio is exactly 1 on-policy. The price, with top_k/top_p on: the token
+    was really drawn with probability p / kept_mass, not p, so the ratio hides the truncation
+    (tokens outside the kept set are never seen, the kept ones are over-represented by
+    1 / kept_mass) and the policy gradient is biased. Leave them off for RL.
 
     Args:
         prompts: token ids [P][T_p], each non-empty (start with bos where the model expects one).
@@ -117,8 +119,7 @@ def sample(
     if params.seed is not None:
         generator = torch.Generator().manual_seed(params.seed)
 
-    rows_B = [p for p in prompts for _ in range(num_samples)]
-    prompt_len = max(len(p) for p in rows_B)
+    prompt_len = max(len(p) for p in prompts)
     max_position = int(getattr(config, "max_position_embeddings", 0) or 0)
     max_tokens = params.max_tokens
     if max_tokens is None:
@@ -126,19 +127,24 @@ def sample(
             raise ValueError("max_tokens=None needs config.max_position_embeddings > prompt length")
         max_tokens = max_position - prompt_len
 
-    input_ids, attention_mask = _left_pad(rows_B, pad_token_id, device)  # [B, T]
-    B = len(rows_B)
+    B = len(prompts) * num_samples  # row b is sample b % G of prompt b // G
     tokens_B: list[list[int]] = [[] for _ in range(B)]
     logprobs_B: list[list[float]] = [[] for _ in range(B)]
     reasons_B: list[Literal["stop", "length"]] = ["length"] * B
-    live = torch.arange(B, device=device)  # batch row -> original row, for the rows still running
-    live_list = list(range(B))
+    live_list = list(range(B))  # batch position -> row b, for the rows still running
     finished = [False] * B
     max_stop_chars = max((len(s) for s in stop_strings), default=0)
 
     with torch.inference_mode():
         cache = DynamicCache(config=config) if use_cache else None
-        logits = _forward_last(model, input_ids, attention_mask, cache)  # [B, V]
+        # Prefill each prompt once, then repeat its cache rows for the G samples.
+        input_ids, attention_mask = _left_pad(prompts, pad_token_id, device)  # [P, T]
+        logits = _forward_last(model, input_ids, attention_mask, cache)  # [P, V]
+        logits = logits.repeat_interleave(num_samples, dim=0)  # [B, V]
+        input_ids = input_ids.repeat_interleave(num_samples, dim=0)  # [B, T]
+        attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
+        if cache is not None and num_samples > 1:
+            cache.batch_repeat_interleave(num_samples)
         for step in range(max_tokens):
             next_tokens, next_logprobs = _choose(logits, params, generator)
             tok_list, lp_list = next_tokens.tolist(), next_logprobs.tolist()
@@ -160,7 +166,7 @@ def sample(
                 break
             if drop_finished and len(keep) < len(live_list):
                 keep_t = torch.tensor(keep, device=device)
-                live, next_tokens = live[keep_t], next_tokens[keep_t]
+                next_tokens = next_tokens[keep_t]
                 live_list = [live_list[i] for i in keep]
                 attention_mask, input_ids = attention_mask[keep_t], input_ids[keep_t]
                 if cache is not None:

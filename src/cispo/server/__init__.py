@@ -18,22 +18,42 @@ __all__ = ["serve_main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cispo serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="bind address (default loopback; anything else exposes the server)")
+    parser = argparse.ArgumentParser(
+        prog="cispo serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="bind address (default loopback; anything else exposes the server)",
+    )
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=None,
-                        help="required X-API-Key value (default: $CISPO_API_KEY). The tinker SDK "
-                             "only sends keys that start with 'tml-'")
-    parser.add_argument("--base-model", action="append", default=None,
-                        help="a base model clients may train: 'tiny', 'smollm2-135m' or a local HF "
-                             "directory; repeat for several (default: tiny)")
-    parser.add_argument("--root", type=Path, default=Path("runs/server"),
-                        help="directory for tinker:// checkpoints and training-run records")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="required X-API-Key value (default: $CISPO_API_KEY). The tinker SDK "
+        "only sends keys that start with 'tml-'",
+    )
+    parser.add_argument(
+        "--base-model",
+        action="append",
+        default=None,
+        help="a base model clients may train: 'tiny', 'smollm2-135m' or a local HF "
+        "directory; repeat for several (default: tiny)",
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("runs/server"),
+        help="directory for tinker:// checkpoints and training-run records",
+    )
     parser.add_argument("--max-request-mb", type=float, default=64.0)
-    parser.add_argument("--full-finetune", action="store_true",
-                        help="train every parameter even when a client asks for LoRA")
+    parser.add_argument(
+        "--full-finetune",
+        action="store_true",
+        help="train every parameter even when a client asks for LoRA",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser
 

@@ -14,7 +14,7 @@ import asyncio
 import hmac
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pydantic
 from fastapi import FastAPI, Request
@@ -30,8 +30,9 @@ from cispo.server.wire import WireError, decode_forward_backward
 PROTO = "application/x-protobuf"
 M = TypeVar("M", bound=pydantic.BaseModel)
 Scope = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
-                   Awaitable[None]]
+ASGIApp = Callable[
+    [Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]
+]
 
 
 class TooLarge(Exception):
@@ -85,7 +86,9 @@ def _parse(cls: type[M], body: bytes) -> M:
 
 def _result_response(request_id: str, result: Result | None) -> Response:
     if result is None:
-        return JSONResponse({"type": "try_again", "request_id": request_id, "queue_state": "active"})
+        return JSONResponse(
+            {"type": "try_again", "request_id": request_id, "queue_state": "active"}
+        )
     if isinstance(result, bytes):
         return Response(result, media_type=PROTO)
     return JSONResponse(result)
@@ -100,8 +103,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         yield
         backend.close()
 
-    app = FastAPI(title="cispo server (compatible with the tinker SDK)", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="cispo server (compatible with the tinker SDK)",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.backend = backend
     app.add_middleware(_Guard, api_key=config.api_key, max_bytes=limit)
 
@@ -139,14 +147,22 @@ def create_app(config: ServerConfig) -> FastAPI:
     # ------------------------------------------------------------------ service / sessions
     @app.post(f"{api}/client/config")
     async def client_config() -> dict[str, Any]:
-        return {"pjwt_auth_enabled": False, "proto_compress_fwdbwd": False,
-                "parallel_fwdbwd_chunks": True, "sample_use_retrieve_futures": False,
-                "custom_loss_server_side": False, "sample_join_sampling_session": False}
+        return {
+            "pjwt_auth_enabled": False,
+            "proto_compress_fwdbwd": False,
+            "parallel_fwdbwd_chunks": True,
+            "sample_use_retrieve_futures": False,
+            "custom_loss_server_side": False,
+            "sample_join_sampling_session": False,
+        }
 
     @app.post(f"{api}/client/dynamic_config")
     async def dynamic_config() -> dict[str, Any]:
-        return {"refresh_interval_sec": 300, "sample_cancel_enabled": False,
-                "sample_cancel_max_batch_size": 64}
+        return {
+            "refresh_interval_sec": 300,
+            "sample_cancel_enabled": False,
+            "sample_cancel_max_batch_size": 64,
+        }
 
     @app.get(f"{api}/healthz")
     async def healthz() -> dict[str, str]:
@@ -154,10 +170,12 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get(f"{api}/get_server_capabilities")
     async def capabilities() -> dict[str, Any]:
-        return {"supported_models": [
-            {"model_name": name, "trainable": True, "sampleable": True}
-            for name in config.base_models
-        ]}
+        return {
+            "supported_models": [
+                {"model_name": name, "trainable": True, "sampleable": True}
+                for name in config.base_models
+            ]
+        }
 
     @app.post(f"{api}/telemetry")
     async def telemetry() -> dict[str, str]:
@@ -245,8 +263,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         req = await body_of(request, tt.SaveWeightsRequest)
         served = backend.model(req.model_id)
         name = req.path or f"step-{served.engine.version}"
-        rid = ordered(served, req.seq_id,
-                      lambda: backend.run_save(served, "weights", name, req.overwrite))
+        rid = ordered(
+            served, req.seq_id, lambda: backend.run_save(served, "weights", name, req.overwrite)
+        )
         return future(rid, served.model_id)
 
     @app.post(f"{api}/save_weights_for_sampler")
@@ -277,8 +296,9 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise UserError("load_weights needs model_id, or session_id and model_seq_id")
         source, _, _ = backend.store.resolve(req.path)
         if req.base_model is not None and req.base_model != source.base_model:
-            raise UserError(f"{req.path!r} was trained on {source.base_model!r}, "
-                            f"not {req.base_model!r}")
+            raise UserError(
+                f"{req.path!r} was trained on {source.base_model!r}, not {req.base_model!r}"
+            )
         model_id = backend.reserve_model_id(req.session_id, req.model_seq_id)
         path, opt, meta = req.path, req.optimizer, req.user_metadata
 
@@ -286,7 +306,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             try:
                 record, state = backend.store.load(path)
                 new = backend.new_record(
-                    model_id, record.base_model,
+                    model_id,
+                    record.base_model,
                     {"rank": record.lora_rank, "seed": record.seed} if record.lora_rank else None,
                     meta if meta is not None else record.user_metadata,
                 )
@@ -327,13 +348,17 @@ def create_app(config: ServerConfig) -> FastAPI:
         if req.sampling_session_id is None:
             raise UserError("asample needs a sampling_session_id (create_sampling_session first)")
         sampler = backend.sampler(req.sampling_session_id)
-        unsupported = [name for name, on in (
-            ("topk_prompt_logprobs", req.topk_prompt_logprobs),
-            ("topk_sample_logprobs", req.topk_sample_logprobs),
-            ("target_prompt_logprobs", req.target_prompt_logprobs is not None),
-            ("prompt_alt_tokens_k", req.prompt_alt_tokens_k),
-            ("record_stability_info", req.record_stability_info),
-        ) if on]
+        unsupported = [
+            name
+            for name, on in (
+                ("topk_prompt_logprobs", req.topk_prompt_logprobs),
+                ("topk_sample_logprobs", req.topk_sample_logprobs),
+                ("target_prompt_logprobs", req.target_prompt_logprobs is not None),
+                ("prompt_alt_tokens_k", req.prompt_alt_tokens_k),
+                ("record_stability_info", req.record_stability_info),
+            )
+            if on
+        ]
         if unsupported:
             raise UserError(f"not supported by this server: {unsupported}")
         prompt: list[int] = []
@@ -346,21 +371,38 @@ def create_app(config: ServerConfig) -> FastAPI:
         if not 1 <= req.num_samples <= 1024:
             raise UserError(f"num_samples must be in [1, 1024], got {req.num_samples}")
         sp = req.sampling_params
-        stop = sp.stop if sp.stop is None or isinstance(sp.stop, str) else list(sp.stop)
+        # The SDK validated the union: a string, a list of strings or a list of token ids.
+        stop = cast(
+            "str | list[str] | list[int] | None",
+            sp.stop if sp.stop is None or isinstance(sp.stop, str) else list(sp.stop),
+        )
         try:
-            params = SamplingParams(max_tokens=sp.max_tokens, seed=sp.seed, stop=stop,
-                                    temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p)
+            params = SamplingParams(
+                max_tokens=sp.max_tokens,
+                seed=sp.seed,
+                stop=stop,
+                temperature=sp.temperature,
+                top_k=sp.top_k,
+                top_p=sp.top_p,
+            )
         except ValueError as error:
             raise UserError(f"bad sampling_params: {error}") from error
         last_n = req.prompt_logprobs_last_n
         if last_n is not None and not 1 <= last_n <= len(prompt) - 1:
             raise UserError(f"prompt_logprobs_last_n must be in [1, {len(prompt) - 1}]")
         request_id = backend.futures.create()
-        backend.enqueue_sample(_SampleJob(
-            request_id=request_id, sampler=sampler, prompt=prompt, num_samples=req.num_samples,
-            params=params, prompt_logprobs=bool(req.prompt_logprobs),
-            prompt_logprobs_last_n=last_n, loop=asyncio.get_running_loop(),
-        ))
+        backend.enqueue_sample(
+            _SampleJob(
+                request_id=request_id,
+                sampler=sampler,
+                prompt=prompt,
+                num_samples=req.num_samples,
+                params=params,
+                prompt_logprobs=bool(req.prompt_logprobs),
+                prompt_logprobs_last_n=last_n,
+                loop=asyncio.get_running_loop(),
+            )
+        )
         ids = [f"{request_id}:{i}" for i in range(req.num_samples)]
         return future(request_id, None, sample_sequence_ids=ids)
 
@@ -378,8 +420,10 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def training_runs(limit: int = 20, offset: int = 0) -> dict[str, Any]:
         runs = sorted(backend.store.runs.values(), key=lambda r: r.created, reverse=True)
         page = runs[offset : offset + limit]
-        return {"training_runs": [backend.store.training_run_json(r) for r in page],
-                "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)}}
+        return {
+            "training_runs": [backend.store.training_run_json(r) for r in page],
+            "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)},
+        }
 
     def run_record(run_id: str) -> Any:
         record = backend.store.runs.get(run_id)
@@ -396,4 +440,3 @@ def create_app(config: ServerConfig) -> FastAPI:
         return {"checkpoints": list(run_record(run_id).checkpoints)}
 
     return app
-

@@ -6,7 +6,8 @@ bytes, or `{"error", "category"}`. A poll waits up to `poll_timeout` seconds for
 otherwise answers `try_again` (the SDK's client timeout is 45 s).
 
 `ModelSequencer` enforces the SDK's ordering contract: a TrainingClient numbers its requests
-`seq_id = 1, 2, 3, ...`, may send chunks of one forward_backward concurrently (first chunk last), and
+`seq_id = 1, 2, 3, ...`, may send the chunks of one forward_backward concurrently (first chunk
+last), and
 expects the server to run them strictly in seq_id order. Requests that arrive early wait in a
 buffer; each model runs on its own single worker thread, so submission order is execution order.
 A repeated seq_id (a client retry after a lost response) gets the request id of the first one.
@@ -62,7 +63,9 @@ class FutureTable:
         category = "user" if isinstance(error, (UserError, ValueError, KeyError)) else "server"
         if category == "server":
             logger.exception("request %s failed", request_id, exc_info=error)
-        self.resolve(request_id, {"error": f"{type(error).__name__}: {error}", "category": category})
+        self.resolve(
+            request_id, {"error": f"{type(error).__name__}: {error}", "category": category}
+        )
 
     def run_on(
         self,
@@ -112,10 +115,8 @@ class ModelSequencer:
             max_workers=1, thread_name_prefix=f"cispo-model-{self.name}"
         )
 
-    def submit(
-        self, table: FutureTable, seq_id: int, work: Callable[[], Result]
-    ) -> str:
-        """Queue `work` at `seq_id`; returns its request id. Raises UserError for a reused seq_id."""
+    def submit(self, table: FutureTable, seq_id: int, work: Callable[[], Result]) -> str:
+        """Queue `work` at `seq_id`; returns its request id. UserError for a consumed seq_id."""
         if seq_id in self._by_seq_id:
             return self._by_seq_id[seq_id]  # the client resent a request we already have
         if seq_id < self.next_seq_id:

@@ -1,9 +1,10 @@
 """The server's state: sessions, trained models, sampling sessions; every operation the routes call.
 
-Each trained model is a `cispo.train.engine.Engine` (the same engine the in-process client drives: no
-second loss or sampler here) with its own `ModelSequencer`, so its requests run in seq_id order on
-its own thread. Sampling goes through `cispo.rollout.sampler.sample` on one sampling thread, which
-batches every queued request with the same (sampler, num_samples, params) into one KV-cached pass.
+Each trained model is a `cispo.train.engine.Engine` (the same engine the in-process client drives:
+no second loss or sampler here) with its own `ModelSequencer`, so its requests run in seq_id order
+on its own thread. Sampling goes through `cispo.rollout.sampler.sample` on one sampling thread,
+which batches every queued request with the same (sampler, num_samples, params) into one
+KV-cached pass.
 
 Validation happens on the event loop before anything is queued, so a bad request gets a 4xx and
 changes nothing: the loss config is built with `make_loss_config`, every datum's lengths, token ids
@@ -53,8 +54,14 @@ LORA_TARGETS = {
 }
 MAX_NUM_SAMPLES = 1024
 # loss_fn_inputs keys the engine reads, and the LossInputs field each feeds.
-_INPUT_KEYS = {"logprobs": "sampler_logprobs", "advantages": "advantages", "weights": "weights",
-               "old_logprobs": "old_logprobs", "ref_logprobs": "ref_logprobs", "mask": "mask"}
+_INPUT_KEYS = {
+    "logprobs": "sampler_logprobs",
+    "advantages": "advantages",
+    "weights": "weights",
+    "old_logprobs": "old_logprobs",
+    "ref_logprobs": "ref_logprobs",
+    "mask": "mask",
+}
 
 
 class NotFound(LookupError):
@@ -138,8 +145,16 @@ class _SampleJob:
     def group_key(self) -> tuple[Any, ...]:
         p = self.params
         stop = json.dumps(p.stop)
-        return (id(self.sampler), self.num_samples, p.max_tokens, p.seed, stop, p.temperature,
-                p.top_k, p.top_p)
+        return (
+            id(self.sampler),
+            self.num_samples,
+            p.max_tokens,
+            p.seed,
+            stop,
+            p.temperature,
+            p.top_k,
+            p.top_p,
+        )
 
 
 def _vocab_size(model: nn.Module) -> int:
@@ -189,22 +204,27 @@ class Backend:
     def check_base_model(self, base_model: str) -> None:
         if base_model not in self.config.base_models:
             raise UserError(
-                f"unknown base_model {base_model!r}; this server offers {list(self.config.base_models)}"
+                f"unknown base_model {base_model!r}; "
+                f"this server offers {list(self.config.base_models)}"
             )
 
     def _build(self, record: RunRecord) -> tuple[nn.Module, Any]:
-        bundle = load_bundle(record.base_model, lora_rank=0, seed=self.config.seed,
-                             overrides=record.model_overrides)
+        bundle = load_bundle(
+            record.base_model, lora_rank=0, seed=self.config.seed, overrides=record.model_overrides
+        )
         model = bundle.model
         if record.lora_rank > 0:
             present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
             targets = [t for t in record.lora_targets if t in present]
             if not targets:
-                raise UserError(f"none of the LoRA targets {record.lora_targets} exist in the model")
+                raise UserError(
+                    f"none of the LoRA targets {record.lora_targets} exist in the model"
+                )
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(record.seed)
-                model = apply_lora(model, r=record.lora_rank, alpha=2 * record.lora_rank,
-                                   target_modules=targets)
+                model = apply_lora(
+                    model, r=record.lora_rank, alpha=2 * record.lora_rank, target_modules=targets
+                )
         return model, bundle.tokenizer
 
     def new_record(
@@ -218,8 +238,9 @@ class Backend:
         rank = 0 if lora is None or self.config.full_finetune else int(lora["rank"])
         if rank < 0:
             raise UserError(f"lora_config.rank must be >= 0, got {rank}")
-        targets = [m for flag, mods in LORA_TARGETS.items() if (lora or {}).get(flag, True)
-                   for m in mods]
+        targets = [
+            m for flag, mods in LORA_TARGETS.items() if (lora or {}).get(flag, True) for m in mods
+        ]
         seed = lora.get("seed") if lora else None
         return RunRecord(
             training_run_id=model_id,
@@ -241,19 +262,29 @@ class Backend:
         self._reserved.add(model_id)
         return model_id
 
-    def create_model(self, record: RunRecord, state: Mapping[str, Any] | None = None,
-                     optimizer: bool = False) -> ServedModel:
+    def create_model(
+        self, record: RunRecord, state: Mapping[str, Any] | None = None, optimizer: bool = False
+    ) -> ServedModel:
         """Build the model (on the control thread) and register it. `state`: load_weights."""
         model, tokenizer = self._build(record)
-        engine = Engine(model, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=int(tokenizer.pad_token_id or 0),
-                        config=self.config.engine, seed=record.seed)
+        engine = Engine(
+            model,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=int(tokenizer.pad_token_id or 0),
+            config=self.config.engine,
+            seed=record.seed,
+        )
         if state is not None:
             self._load_into(engine, state, optimizer=optimizer)
         model_id = record.training_run_id
-        served = ServedModel(model_id=model_id, session_id=model_id.split(":train:")[0],
-                             record=record, engine=engine, tokenizer=tokenizer,
-                             sequencer=ModelSequencer(model_id))
+        served = ServedModel(
+            model_id=model_id,
+            session_id=model_id.split(":train:")[0],
+            record=record,
+            engine=engine,
+            tokenizer=tokenizer,
+            sequencer=ModelSequencer(model_id),
+        )
         self.store.add_run(record)
         self.models[model_id] = served
         self._reserved.discard(model_id)
@@ -282,8 +313,11 @@ class Backend:
         return {
             "type": "get_info",
             "model_id": model_id,
-            "model_data": {"arch": arch, "model_name": record.base_model,
-                           "tokenizer_id": self.tokenizer_id(record.base_model)},
+            "model_data": {
+                "arch": arch,
+                "model_name": record.base_model,
+                "tokenizer_id": self.tokenizer_id(record.base_model),
+            },
             "is_lora": record.lora_rank > 0,
             "lora_rank": record.lora_rank or None,
             "model_name": record.base_model,
@@ -312,21 +346,28 @@ class Backend:
                 raise UserError(f"datum {i}: loss_fn_inputs needs 'target_tokens'")
             targets = inputs["target_tokens"].data
             if len(targets) != n:
-                raise UserError(f"datum {i}: target_tokens has {len(targets)} entries, "
-                                f"model_input has {n}")
+                raise UserError(
+                    f"datum {i}: target_tokens has {len(targets)} entries, model_input has {n}"
+                )
             if min(tokens + list(targets)) < 0 or max(tokens + list(targets)) >= vocab:
                 raise UserError(f"datum {i}: token ids must be in [0, {vocab})")
             for key in inputs.keys() & _INPUT_KEYS.keys():
                 if len(inputs[key].data) != n:
-                    raise UserError(f"datum {i}: loss_fn_inputs[{key!r}] has "
-                                    f"{len(inputs[key].data)} entries, expected {n}")
+                    raise UserError(
+                        f"datum {i}: loss_fn_inputs[{key!r}] has "
+                        f"{len(inputs[key].data)} entries, expected {n}"
+                    )
             present = {_INPUT_KEYS[k] for k in inputs.keys() & _INPUT_KEYS.keys()}
             missing = [f"{name} ({why})" for name, why in need.items() if name not in present]
             if missing:
-                hint = " ('sampler_logprobs' is the 'logprobs' key)" if any(
-                    m.startswith("sampler_logprobs") for m in missing) else ""
-                raise UserError(f"datum {i}: loss_fn={call.loss_fn!r} needs loss_fn_inputs "
-                                f"{missing}{hint}")
+                hint = (
+                    " ('sampler_logprobs' is the 'logprobs' key)"
+                    if any(m.startswith("sampler_logprobs") for m in missing)
+                    else ""
+                )
+                raise UserError(
+                    f"datum {i}: loss_fn={call.loss_fn!r} needs loss_fn_inputs {missing}{hint}"
+                )
             keys = set(inputs.keys() & _INPUT_KEYS.keys())
             if keys0 is None:
                 keys0 = keys
@@ -335,58 +376,87 @@ class Backend:
 
     @staticmethod
     def run_forward_backward(served: ServedModel, call: ForwardBackwardCall) -> bytes:
-        out = served.engine.forward_backward(call.datums, call.loss_fn, call.loss_fn_config,
-                                             forward_only=call.forward_only)
-        return encode_forward_backward(ForwardBackwardOutput(
-            loss_fn_output_type=out.loss_fn_output_type,
-            loss_fn_outputs=out.loss_fn_outputs,
-            metrics=sdk_metrics(out.metrics),
-        ))
+        out = served.engine.forward_backward(
+            call.datums, call.loss_fn, call.loss_fn_config, forward_only=call.forward_only
+        )
+        return encode_forward_backward(
+            ForwardBackwardOutput(
+                loss_fn_output_type=out.loss_fn_output_type,
+                loss_fn_outputs=out.loss_fn_outputs,
+                metrics=sdk_metrics(out.metrics),
+            )
+        )
 
     @staticmethod
     def run_optim_step(served: ServedModel, adam: AdamParams) -> dict[str, Any]:
         return {"type": "optim_step", "metrics": served.engine.optim_step(adam)}
 
-    def run_save(self, served: ServedModel, kind: str, name: str, overwrite: bool) -> dict[str, Any]:
+    def run_save(
+        self, served: ServedModel, kind: str, name: str, overwrite: bool
+    ) -> dict[str, Any]:
         state = served.engine.state()
         if kind == "sampler_weights":
             state = {"model": state["model"], "version": state["version"]}
         path = self.store.save(served.model_id, kind, name, state, overwrite=overwrite)
-        return {"path": path, "type": "save_weights" if kind == "weights" else
-                "save_weights_for_sampler"}
+        return {
+            "path": path,
+            "type": "save_weights" if kind == "weights" else "save_weights_for_sampler",
+        }
 
     def run_ephemeral_sampler(self, served: ServedModel, sampling_session_seq_id: int) -> Result:
         snapshot = served.engine.sampler_model()
         sampler_id = f"{served.session_id}:sample:{sampling_session_seq_id}"
-        self.samplers[sampler_id] = self._sampler(sampler_id, served.record.base_model, None,
-                                                  snapshot, served.tokenizer,
-                                                  served.record.seed + 7919 * sampling_session_seq_id)
+        self.samplers[sampler_id] = self._sampler(
+            sampler_id,
+            served.record.base_model,
+            None,
+            snapshot,
+            served.tokenizer,
+            served.record.seed + 7919 * sampling_session_seq_id,
+        )
         return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
     def run_load(self, served: ServedModel, path: str, optimizer: bool) -> dict[str, Any]:
         record, state = self.store.load(path)
         mine = served.record
         if (record.base_model, record.lora_rank, record.lora_targets) != (
-            mine.base_model, mine.lora_rank, mine.lora_targets
+            mine.base_model,
+            mine.lora_rank,
+            mine.lora_targets,
         ):
-            raise UserError(f"{path!r} was trained on {record.base_model!r} with LoRA rank "
-                            f"{record.lora_rank}; this model is {mine.base_model!r}, rank "
-                            f"{mine.lora_rank}")
+            raise UserError(
+                f"{path!r} was trained on {record.base_model!r} with LoRA rank "
+                f"{record.lora_rank}; this model is {mine.base_model!r}, rank "
+                f"{mine.lora_rank}"
+            )
         self._load_into(served.engine, state, optimizer=optimizer)
         return {"path": path, "type": "load_weights"}
 
     # ------------------------------------------------------------------ sampling
-    def _sampler(self, sampler_id: str, base_model: str, model_path: str | None, model: nn.Module,
-                 tokenizer: Any, seed: int) -> SamplerSession:
+    def _sampler(
+        self,
+        sampler_id: str,
+        base_model: str,
+        model_path: str | None,
+        model: nn.Module,
+        tokenizer: Any,
+        seed: int,
+    ) -> SamplerSession:
         return SamplerSession(
-            sampler_id=sampler_id, base_model=base_model, model_path=model_path, model=model,
-            tokenizer=tokenizer, eos_token_id=tokenizer.eos_token_id,
+            sampler_id=sampler_id,
+            base_model=base_model,
+            model_path=model_path,
+            model=model,
+            tokenizer=tokenizer,
+            eos_token_id=tokenizer.eos_token_id,
             pad_token_id=int(tokenizer.pad_token_id or 0),
-            generator=torch.Generator().manual_seed(seed), vocab_size=_vocab_size(model),
+            generator=torch.Generator().manual_seed(seed),
+            vocab_size=_vocab_size(model),
         )
 
-    def create_sampler(self, sampler_id: str, base_model: str | None,
-                       model_path: str | None) -> dict[str, Any]:
+    def create_sampler(
+        self, sampler_id: str, base_model: str | None, model_path: str | None
+    ) -> dict[str, Any]:
         """Runs on the control thread: build the base model, load saved weights if given."""
         if model_path is not None:
             record, state = self.store.load(model_path)
@@ -403,8 +473,9 @@ class Backend:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        self.samplers[sampler_id] = self._sampler(sampler_id, record.base_model, model_path,
-                                                  model, tokenizer, record.seed)
+        self.samplers[sampler_id] = self._sampler(
+            sampler_id, record.base_model, model_path, model, tokenizer, record.seed
+        )
         return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
 
     def sampler(self, sampler_id: str) -> SamplerSession:
@@ -430,12 +501,20 @@ class Backend:
             first = group[0]
             s = first.sampler
             try:
-                results = sample(s.model, [j.prompt for j in group], first.num_samples,
-                                 first.params, eos_token_id=s.eos_token_id,
-                                 pad_token_id=s.pad_token_id, generator=s.generator,
-                                 tokenizer=s.tokenizer)
-                encoded = [encode_sample_response(seqs, self._prompt_logprobs(j))
-                           for j, seqs in zip(group, results, strict=True)]
+                results = sample(
+                    s.model,
+                    [j.prompt for j in group],
+                    first.num_samples,
+                    first.params,
+                    eos_token_id=s.eos_token_id,
+                    pad_token_id=s.pad_token_id,
+                    generator=s.generator,
+                    tokenizer=s.tokenizer,
+                )
+                encoded = [
+                    encode_sample_response(seqs, self._prompt_logprobs(j))
+                    for j, seqs in zip(group, results, strict=True)
+                ]
             except Exception as error:  # every waiter of the group gets the error
                 for j in group:
                     j.loop.call_soon_threadsafe(self.futures.fail, j.request_id, error)

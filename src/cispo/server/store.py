@@ -1,12 +1,13 @@
 """Where `tinker://` paths live on disk, and the training-run records that survive a restart.
 
-    <root>/runs/<run>/run.json                     training-run record (base model, LoRA, checkpoints)
-    <root>/runs/<run>/weights/<name>/state.pt      save_weights: model + optimizer + sampler RNG
+    <root>/runs/<run>/run.json                          run record (base model, LoRA, checkpoints)
+    <root>/runs/<run>/weights/<name>/state.pt           save_weights: model + optimizer + RNG
     <root>/runs/<run>/sampler_weights/<name>/state.pt   save_weights_for_sampler: model only
 
-`tinker://<training_run_id>/<weights|sampler_weights>/<name>` maps to the directory; the training run
-id is the model id (`<session>:train:<n>`), stored as `<session>_train_<n>` on disk. A checkpoint is
-written to a temporary directory and renamed into place, so a crash never leaves a half-written one.
+`tinker://<training_run_id>/<weights|sampler_weights>/<name>` maps to the directory; the training
+run id is the model id (`<session>:train:<n>`), stored as `<session>_train_<n>` on disk. A
+checkpoint is written to a temporary directory and renamed into place, so a crash never leaves a
+half-written one.
 Files are read with `torch.load(weights_only=True)`: only tensors and plain containers.
 """
 

@@ -1,8 +1,9 @@
-"""Protobuf codec: the SDK's `ForwardBackwardRequest` in, `ForwardBackwardOutput` / `SampleResponse` out.
+"""Protobuf codec: `ForwardBackwardRequest` in, `ForwardBackwardOutput` / `SampleResponse` out.
 
-The message classes come from the installed `tinker` SDK (`tinker.proto.tinker_public_pb2`, Apache-2.0)
-instead of a vendored copy: the schema must match the SDK that talks to us byte for byte, the server
-needs that SDK pinned anyway (`cispo[serve]`), and one copy cannot drift from the other.
+The message classes come from the installed `tinker` SDK (`tinker.proto.tinker_public_pb2`,
+Apache-2.0) instead of a vendored copy: the schema must match the SDK that talks to us byte for
+byte, the server needs that SDK pinned anyway (`cispo[serve]`), and one copy cannot drift from
+the other.
 
 Tensors on the wire: dense little-endian bytes with a dtype and shape, or sparse CSR (values + int64
 row/column indices), which is densified here. Token chunks are int32 bytes. Only encoded-text chunks
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -22,7 +24,7 @@ from tinker.proto import tinker_public_pb2 as pb
 from cispo.client.types import Datum, ForwardBackwardOutput, ModelInput, TensorData
 from cispo.rollout.sampler import SampledSequence
 
-_NUMPY_DTYPE = {
+_NUMPY_DTYPE: dict[Any, np.dtype[Any]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_INT64: np.dtype("<i8"),
     pb.DTYPE_INT32: np.dtype("<i4"),
@@ -75,7 +77,7 @@ def _tensor(name: str, msg: pb.Tensor) -> TensorData:
 def _tokens(raw: bytes, where: str) -> list[int]:
     if len(raw) % 4:
         raise WireError(f"{where}: token bytes are not int32 ({len(raw)} bytes)")
-    return np.frombuffer(raw, dtype="<i4").tolist()
+    return cast(list[int], np.frombuffer(raw, dtype="<i4").tolist())
 
 
 def decode_forward_backward(body: bytes) -> ForwardBackwardCall:
@@ -115,7 +117,7 @@ def decode_forward_backward(body: bytes) -> ForwardBackwardCall:
     )
 
 
-def _batched(arrays: Sequence[np.ndarray], dtype: int) -> pb.BatchedTensor:
+def _batched(arrays: Sequence[np.ndarray], dtype: Any) -> pb.BatchedTensor:
     """Concatenate per-datum 1-D arrays; offsets are byte offsets, num_datums + 1 of them."""
     np_dtype = _NUMPY_DTYPE[dtype]
     parts = [np.ascontiguousarray(a, dtype=np_dtype) for a in arrays]
@@ -127,8 +129,9 @@ def _batched(arrays: Sequence[np.ndarray], dtype: int) -> pb.BatchedTensor:
 
 def encode_forward_backward(output: ForwardBackwardOutput) -> bytes:
     """One `ArrayRecord` holding every per-datum output field, plus `name:reduction` metrics."""
-    record = pb.ArrayRecord(type_tag=output.loss_fn_output_type,
-                            num_datums=len(output.loss_fn_outputs))
+    record = pb.ArrayRecord(
+        type_tag=output.loss_fn_output_type, num_datums=len(output.loss_fn_outputs)
+    )
     names = sorted({k for out in output.loss_fn_outputs for k in out})
     for name in names:
         values = [out[name] for out in output.loss_fn_outputs]
@@ -138,7 +141,7 @@ def encode_forward_backward(output: ForwardBackwardOutput) -> bytes:
     msg.loss_fn_outputs.append(record)
     for key, value in output.metrics.items():
         msg.metrics[key] = float(value)
-    return msg.SerializeToString()
+    return cast(bytes, msg.SerializeToString())
 
 
 def sdk_metric_name(name: str) -> str:
@@ -168,10 +171,12 @@ def encode_sample_response(
     msg = pb.SampleResponse()
     for seq in sequences:
         out = msg.sequences.add()
-        out.stop_reason = pb.STOP_REASON_STOP if seq.stop_reason == "stop" else pb.STOP_REASON_LENGTH
+        out.stop_reason = (
+            pb.STOP_REASON_STOP if seq.stop_reason == "stop" else pb.STOP_REASON_LENGTH
+        )
         out.tokens = np.asarray(seq.tokens, dtype="<i4").tobytes()
         out.logprobs = np.asarray(seq.logprobs, dtype="<f4").tobytes()
     if prompt_logprobs is not None:
         values = [math.nan if v is None else v for v in prompt_logprobs]
         msg.prompt_logprobs = np.asarray(values, dtype="<f4").tobytes()
-    return msg.SerializeToString()
+    return cast(bytes, msg.SerializeToString())

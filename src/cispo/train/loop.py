@@ -92,31 +92,39 @@ def supervised_warm_start(training: TrainingClient, task: Task, config: TrainCon
     progress.close()
 
 
-def rl_step(
-    training: TrainingClient, task: Task, step: int, config: TrainConfig
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """One rollout batch and its optimizer steps; returns metrics and a few sample rows."""
-    rl, tok = config.rl, training.get_tokenizer()
-    timings: dict[str, float] = {}
+@dataclass
+class Rollout:
+    """One rollout batch: sampled groups, their rewards and advantages, and the datums built from them."""
+
+    step: int
+    problems: list[Problem]
+    texts: list[str]  # [P * G] decoded completions
+    rewards: torch.Tensor  # [P, G]
+    advantages: torch.Tensor  # [P, G]
+    datums: list[Any]
+    metrics: dict[str, float]
+    version: int = 0  # policy version (optimizer steps) of the weights that sampled it
+
+
+def collect_rollout(
+    sampler: SamplingClient, task: Task, step: int, config: TrainConfig
+) -> Rollout:
+    """Sample `rl.group_size` completions for `rl.prompts_per_step` prompts, score, build datums."""
+    rl, tok = config.rl, sampler.get_tokenizer()
     t0 = time.perf_counter()
     problems = task.problems("train", seed=_seed(config.run.seed, step, 2), n=rl.prompts_per_step)
-    sampler = training.save_weights_and_get_sampling_client()
     params = SamplingParams(max_tokens=config.sampling.max_tokens,
                             temperature=config.sampling.temperature, top_k=config.sampling.top_k,
                             top_p=config.sampling.top_p, seed=_seed(config.run.seed, step, 3))
     prompts = [encode_prompt(tok, p.prompt) for p in problems]
     futures = [sampler.sample(ModelInput.from_ints(p), rl.group_size, params) for p in prompts]
     groups = [f.result().sequences for f in futures]
-    timings["time/sample"] = time.perf_counter() - t0
-
     t1 = time.perf_counter()
     texts = [decode_completion(tok, s.tokens) for g in groups for s in g]
     flat_problems = [p for p in problems for _ in range(rl.group_size)]
     scored = score_all(task, flat_problems, texts, timeout_s=config.task.reward_timeout_s)
     rewards = torch.tensor(scored.rewards, dtype=torch.float32).reshape(len(problems), -1)
     adv = compute_advantages(rewards, rl.advantage)
-    timings["time/reward"] = time.perf_counter() - t1
-
     datums = []
     for i, group in enumerate(groups):
         if bool((adv.advantages[i] == 0).all()):
@@ -125,7 +133,26 @@ def rl_step(
             if seq.tokens:
                 datums.append(rl_datum(prompts[i], seq.tokens, seq.logprobs,
                                        float(adv.advantages[i, j]), old_logprobs=seq.logprobs))
-    t2 = time.perf_counter()
+    correct = [r == 1.0 for r in scored.rewards]
+    metrics = adv.metrics | {
+        "time/sample": t1 - t0,
+        "time/reward": time.perf_counter() - t1,
+        "reward/mean": float(torch.nanmean(rewards)),
+        "reward/accuracy": sum(correct) / len(correct),
+        "reward/errors": float(scored.num_errors + scored.num_timeouts),
+        "rl/datums": float(len(datums)),
+        "rl/tokens": float(sum(len(s.tokens) for g in groups for s in g)),
+    }
+    return Rollout(step, problems, texts, rewards, adv.advantages, datums, metrics,
+                   version=getattr(sampler, "version", 0))
+
+
+def train_on_rollout(
+    training: TrainingClient, rollout: Rollout, config: TrainConfig
+) -> dict[str, float]:
+    """`rl.epochs × rl.minibatches` optimizer steps on one rollout batch; returns metrics."""
+    rl, datums = config.rl, rollout.datums
+    t0 = time.perf_counter()
     metrics: dict[str, float] = {}
     if datums and rl.recompute_old_logprobs:
         old = training.forward(datums, "cross_entropy", temperature=config.sampling.temperature)
@@ -148,19 +175,15 @@ def rl_step(
                     metrics |= {k.replace(":sum", ""): v for k, v in out.metrics.items()}
                     metrics |= _sample_train_kl(datums[start : start + per], out.loss_fn_outputs)
                 metrics |= opt.result().metrics or {}
-    timings["time/train"] = time.perf_counter() - t2
-    correct = [r == 1.0 for r in scored.rewards]
-    metrics |= timings | adv.metrics | {
-        "reward/mean": float(torch.nanmean(rewards)),
-        "reward/accuracy": sum(correct) / len(correct),
-        "reward/errors": float(scored.num_errors + scored.num_timeouts),
-        "rl/datums": float(len(datums)),
-        "rl/tokens": float(sum(len(s.tokens) for g in groups for s in g)),
-    }
-    rows = [{"prompt": problems[i].prompt, "completion": texts[i * rl.group_size],
-             "reward": scored.rewards[i * rl.group_size],
-             "advantage": float(adv.advantages[i, 0])} for i in range(min(4, len(problems)))]
-    return metrics, rows
+    metrics["time/train"] = time.perf_counter() - t0
+    return metrics
+
+
+def sample_rows(rollout: Rollout, group_size: int, n: int = 4) -> list[dict[str, Any]]:
+    """A few (prompt, completion, reward, advantage) rows for the samples table."""
+    return [{"prompt": rollout.problems[i].prompt, "completion": rollout.texts[i * group_size],
+             "reward": float(rollout.rewards[i, 0]), "advantage": float(rollout.advantages[i, 0])}
+            for i in range(min(n, len(rollout.problems)))]
 
 
 def _with_old_logprobs(datum: Any, logprobs: list[float]) -> Any:
@@ -223,7 +246,10 @@ def train(
                         else config.loss.name)
     for step in range(start, rl.steps):
         t = time.perf_counter()
-        metrics, rows = rl_step(training, task, step, config)
+        rollout = collect_rollout(training.save_weights_and_get_sampling_client(), task, step,
+                                  config)
+        metrics = rollout.metrics | train_on_rollout(training, rollout, config)
+        rows = sample_rows(rollout, rl.group_size)
         metrics["time/step"] = time.perf_counter() - t
         done = step + 1
         if done % config.eval.every == 0 or done == rl.steps:

@@ -1,0 +1,59 @@
+"""Test harness: a live server (uvicorn in a background thread, loopback, free port)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tinker")
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from cispo.server.app import create_app  # noqa: E402
+from cispo.server.runtime import Backend, ServerConfig  # noqa: E402
+
+API_KEY = "tml-cispo-test-key"
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    backend: Backend
+    root: Path
+    _server: uvicorn.Server
+    _thread: threading.Thread
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(root: Path, **overrides: object) -> LiveServer:
+    config = ServerConfig(
+        root=root, api_key=API_KEY, model_overrides=TINY, poll_timeout=1.0, **overrides
+    )  # type: ignore[arg-type]
+    app = create_app(config)
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.02)
+    return LiveServer(f"http://127.0.0.1:{port}", app.state.backend, root, server, thread)
