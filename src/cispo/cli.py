@@ -4,7 +4,7 @@
     cispo train arithmetic_cispo --rl.steps=50   # a recipe by name, with dotted overrides
     cispo train path/to/recipe.py --resume --run.dir=runs/x
     cispo config [RECIPE] [overrides]            # print the resolved config and exit
-    cispo serve --api-key tml-... [--port 8000]  # HTTP server for the tinker SDK (see docs/server.md)
+    cispo serve --api-key tml-... [--port 8000]  # a server for the tinker SDK (docs/server.md)
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cispo.server import serve_main
 
         return serve_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="cispo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="cispo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run a training job")
     train.add_argument("recipe", nargs="?", help=f"recipe name or file (default {DEFAULT_RECIPE})")

@@ -2,14 +2,15 @@
 
 Layout (tinker-cookbook's, `rl/data_processing.py`): for a prompt `p` (length L) and a sampled
 completion `c`, `model_input = p + c[:-1]` and position i predicts `target_tokens[i]`, so
-`target_tokens = p[1:] + c`. The first L-1 positions are prompt: `mask` 0, `advantages` 0, `logprobs` 0.
+`target_tokens = p[1:] + c`. The first L-1 positions are prompt: `mask` 0, `advantages` 0,
+`logprobs` 0.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cispo.client.types import Datum, ModelInput
+from cispo.client.types import Datum, ModelInput, TensorData, as_tensor_data
 
 
 def rl_datum(
@@ -44,7 +45,7 @@ def rl_datum(
         inputs["old_logprobs"] = [0.0] * pad + [float(x) for x in old_logprobs]
     return Datum(
         model_input=ModelInput.from_ints([*prompt_tokens, *completion_tokens[:-1]]),
-        loss_fn_inputs=inputs,  # type: ignore[arg-type]  # lists are converted in Datum.__post_init__
+        loss_fn_inputs=_tensors(inputs),
     )
 
 
@@ -55,11 +56,17 @@ def sft_datum(prompt_tokens: Sequence[int], answer_tokens: Sequence[int]) -> Dat
     pad = len(prompt_tokens) - 1
     return Datum(
         model_input=ModelInput.from_ints([*prompt_tokens, *answer_tokens[:-1]]),
-        loss_fn_inputs={  # type: ignore[arg-type]  # lists are converted in Datum.__post_init__
-            "target_tokens": [*prompt_tokens[1:], *answer_tokens],
-            "weights": [0.0] * pad + [1.0] * len(answer_tokens),
-        },
+        loss_fn_inputs=_tensors(
+            {
+                "target_tokens": [*prompt_tokens[1:], *answer_tokens],
+                "weights": [0.0] * pad + [1.0] * len(answer_tokens),
+            }
+        ),
     )
+
+
+def _tensors(inputs: dict[str, list[float] | list[int]]) -> dict[str, TensorData]:
+    return {key: as_tensor_data(key, values) for key, values in inputs.items()}
 
 
 def completion_logprobs(datum: Datum, trainer_logprobs: Sequence[float]) -> list[float]:

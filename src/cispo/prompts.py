@@ -3,6 +3,7 @@ chat models (a chat template is applied when the tokenizer has one)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -12,7 +13,8 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
         rendered = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True
         )
-        ids = rendered["input_ids"] if isinstance(rendered, dict) else rendered
+        # transformers 5 returns a BatchEncoding (a Mapping, not a dict); 4.x a plain list.
+        ids = rendered["input_ids"] if isinstance(rendered, Mapping) else rendered
         return [int(t) for t in ids]
     ids = tokenizer.encode(text, add_special_tokens=False)
     bos = tokenizer.bos_token_id

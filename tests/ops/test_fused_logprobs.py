@@ -297,3 +297,29 @@ def test_invalid_settings_are_rejected(
     hidden, weight, targets = torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(2, dtype=torch.long)
     with pytest.raises(ValueError, match=match):
         fused_logprobs(hidden, weight, targets, chunk_size=chunk_size, temperature=temperature)
+
+
+def test_frozen_weight_gets_no_gradient_and_hidden_gradient_is_unchanged() -> None:
+    # A frozen lm_head (LoRA elsewhere): the backward skips dL/dW but dL/dh must not change.
+    x = _inputs(21, 30, 6, bias=False)
+    hidden, weight, targets = x["hidden"], x["weight"], x["targets"]
+    assert hidden is not None and weight is not None and targets is not None
+    grads = []
+    for fn in (naive_logprobs, fused_logprobs):
+        h = hidden.clone().requires_grad_()
+        out = fn(h, weight, targets, with_entropy=True)
+        assert out.entropy is not None
+        torch.autograd.backward((out.logprobs + 0.1 * out.entropy).sum())
+        grads.append(h.grad)
+    assert not weight.requires_grad and weight.grad is None
+    torch.testing.assert_close(grads[1], grads[0], rtol=FP32_RTOL, atol=FP32_ATOL)
+
+
+def test_zero_tokens_give_empty_outputs_and_zero_gradients() -> None:
+    hidden = torch.zeros(0, 4, requires_grad=True)
+    weight = torch.randn(9, 4, requires_grad=True)
+    out = fused_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long), with_entropy=True)
+    assert out.logprobs.shape == (0,)
+    assert out.entropy is not None
+    torch.autograd.backward(out.logprobs.sum() + out.entropy.sum())
+    assert weight.grad is not None and (weight.grad == 0).all()

@@ -1,20 +1,30 @@
-"""model_token_logprobs on a tiny Llama equals the model's own log_softmax(logits / T), with grads."""
+"""model_token_logprobs on a tiny Llama equals the model's own log_softmax(logits / T) and grads."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import cispo.ops.model_logprobs as model_logprobs_module
-from cispo.ops import FusedLogprobOutput, model_token_logprobs
+from cispo.ops import FusedLogprobOutput, fused_logprobs, model_token_logprobs, naive_logprobs
 
-TOL = {"rtol": 1e-5, "atol": 1e-5}
+TOL = 1e-5
 TEMPERATURE = 0.8
 
 
-def _tiny_llama(*, tie: bool = False) -> nn.Module:
+def _close(got: Tensor | None, want: Tensor | None, msg: str = "") -> None:
+    assert got is not None and want is not None
+    torch.testing.assert_close(got, want, rtol=TOL, atol=TOL, msg=msg or None)
+
+
+def _tiny_llama(*, tie: bool = False) -> LlamaForCausalLM:
+    """The brief's tiny config; LlamaForCausalLM(config) is what AutoModelForCausalLM.from_config
+    builds for it."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=97,
@@ -24,11 +34,11 @@ def _tiny_llama(*, tie: bool = False) -> nn.Module:
         intermediate_size=64,
         tie_word_embeddings=tie,
     )
-    return AutoModelForCausalLM.from_config(config)
+    return LlamaForCausalLM(config)
 
 
 def _batch() -> dict[str, Tensor]:
-    """B = 3 sequences of T = 9: the last one right-padded; loss mask on some completion tokens."""
+    """B = 3 sequences of T = 9, the last right-padded; loss mask on 6 + 5 + 3 = 14 tokens."""
     gen = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, 97, (3, 9), generator=gen)
     attention_mask = torch.ones(3, 9, dtype=torch.long)
@@ -74,7 +84,7 @@ def _values_and_grads(
             b["loss_mask"],
             temperature=TEMPERATURE,
             fused=fused,
-            chunk_size=4,  # N = 16 selected tokens: 4 chunks; see test below for N % chunk ≠ 0
+            chunk_size=4,  # N = 6 + 5 + 3 = 14 selected tokens: chunks of 4, 4, 4, 2
             with_entropy=True,
         )
     assert out.entropy is not None
@@ -91,28 +101,27 @@ def test_model_token_logprobs_equal_model_logits_with_parameter_gradients(
 ) -> None:
     model = _tiny_llama(tie=tie)
     if tie:
-        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        assert model.lm_head.weight is model.model.embed_tokens.weight
     b = _batch()
     want, want_grads = _values_and_grads(model, b, fused=None)
     got, got_grads = _values_and_grads(model, b, fused=fused)
-    torch.testing.assert_close(got.logprobs, want.logprobs, **TOL)
-    torch.testing.assert_close(got.entropy, want.entropy, **TOL)
+    _close(got.logprobs, want.logprobs)
+    _close(got.entropy, want.entropy)
     assert (got.logprobs[~b["loss_mask"]] == 0).all()
     assert got_grads.keys() == want_grads.keys()
     assert "lm_head.weight" in got_grads or tie
     for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, **TOL, msg=name)
+        _close(got_grads[name], grad, msg=name)
 
 
 def test_only_loss_mask_tokens_reach_the_vocabulary_projection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seen: list[int] = []
-    real = model_logprobs_module.fused_logprobs
 
-    def spy(hidden: Tensor, *args: object, **kwargs: object) -> FusedLogprobOutput:
+    def spy(hidden: Tensor, *args: Any, **kwargs: Any) -> FusedLogprobOutput:
         seen.append(hidden.shape[0])
-        return real(hidden, *args, **kwargs)  # type: ignore[arg-type]
+        return fused_logprobs(hidden, *args, **kwargs)
 
     monkeypatch.setattr(model_logprobs_module, "fused_logprobs", spy)
     b = _batch()
@@ -120,28 +129,31 @@ def test_only_loss_mask_tokens_reach_the_vocabulary_projection(
         _tiny_llama(), b["input_ids"], b["attention_mask"], b["targets"], b["loss_mask"],
         fused=True, chunk_size=5,
     )  # fmt: skip
-    assert seen == [int(b["loss_mask"].sum())] == [16]
+    assert seen == [int(b["loss_mask"].sum())] == [14]
 
 
-@pytest.mark.parametrize(("chunk_size", "expect_fused"), [(5, True), (16, False), (None, False)])
+@pytest.mark.parametrize(("chunk_size", "expect_fused"), [(5, True), (14, False), (None, False)])
 def test_auto_mode_fuses_only_when_tokens_exceed_one_chunk(
     monkeypatch: pytest.MonkeyPatch, chunk_size: int | None, expect_fused: bool
 ) -> None:
-    # N = 16 selected tokens; the default chunk at V = 97 holds 43,240 rows.
+    # N = 14 selected tokens; the default chunk at V = 97 holds 43,240 rows.
     calls: list[str] = []
-    for name in ("fused_logprobs", "naive_logprobs"):
-        real = getattr(model_logprobs_module, name)
-        monkeypatch.setattr(
-            model_logprobs_module,
-            name,
-            lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k),
-        )
+
+    def recording(name: str, fn: Callable[..., FusedLogprobOutput]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> FusedLogprobOutput:
+            calls.append(name)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(model_logprobs_module, "fused_logprobs", recording("fused", fused_logprobs))
+    monkeypatch.setattr(model_logprobs_module, "naive_logprobs", recording("naive", naive_logprobs))
     b = _batch()
     model_token_logprobs(
         _tiny_llama(), b["input_ids"], b["attention_mask"], b["targets"], b["loss_mask"],
         chunk_size=chunk_size,
     )  # fmt: skip
-    assert calls == ["fused_logprobs" if expect_fused else "naive_logprobs"]
+    assert calls == ["fused" if expect_fused else "naive"]
 
 
 def test_lora_lm_head_gradients_equal_the_peft_model_forward() -> None:
@@ -159,9 +171,9 @@ def test_lora_lm_head_gradients_equal_the_peft_model_forward() -> None:
     got, got_grads = _values_and_grads(model, b, fused=True)
     assert any("lm_head.lora_A" in name for name in want_grads)
     assert got_grads.keys() == want_grads.keys()
-    torch.testing.assert_close(got.logprobs, want.logprobs, **TOL)
+    _close(got.logprobs, want.logprobs)
     for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, **TOL, msg=name)
+        _close(got_grads[name], grad, msg=name)
 
 
 def test_lora_dropout_on_the_head_in_training_mode_is_refused() -> None:

@@ -1,7 +1,7 @@
 """Futures that support both `.result()` and `await`, like the tinker SDK's `APIFuture`.
 
-Work submitted to a client runs on that client's single worker thread, so requests execute strictly in
-submission order (Tinker's per-model `seq_id` ordering contract) while the caller goes on.
+Work submitted to a client runs on that client's single worker thread, so requests execute strictly
+in submission order (Tinker's per-model `seq_id` ordering contract) while the caller goes on.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ T = TypeVar("T")
 
 
 class APIFuture(Generic[T]):
-    """A handle to a result that is computed in order on a worker (or lazily, on first `result()`)."""
+    """A handle to a result computed in order on a worker (or lazily, on first `result()`)."""
 
     def __init__(
         self,

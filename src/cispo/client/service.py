@@ -1,4 +1,6 @@
-"""An in-process client with Tinker's programming model: ServiceClient → TrainingClient / SamplingClient.
+"""An in-process client with Tinker's programming model.
+
+ServiceClient → TrainingClient / SamplingClient:
 
     service = ServiceClient()
     training = service.create_lora_training_client("tiny", rank=0)
@@ -8,15 +10,15 @@
     opt = training.optim_step(AdamParams(learning_rate=1e-3))
     fwd.result(); opt.result()
 
-Every call returns an `APIFuture` (`.result()` or `await`). Training calls run in submission order on
-one worker thread per TrainingClient. Sampling requests are deferred and batched: the first `.result()`
-runs every pending request of that SamplingClient as one KV-cached batch, which is what makes
-one-prompt-per-call code (the tinker-cookbook style) fast in process.
+Every call returns an `APIFuture` (`.result()` or `await`). Training calls run in submission order
+on one worker thread per TrainingClient. Sampling requests are deferred and batched: the first
+`.result()` runs every pending request of that SamplingClient as one KV-cached batch, which is what
+makes one-prompt-per-call code (the tinker-cookbook style) fast in process.
 
 Differences from the hosted service, on purpose: paths are local directories, not `tinker://` URIs
-(`cispo serve` maps them); `forward_backward` also takes `temperature` / `num_tokens` / `num_sequences`
-keywords; `save_state` takes a JSON `metadata` dict stored beside the weights (the RL loop keeps its
-data position there so that one checkpoint is one consistent state).
+(`cispo serve` maps them); `forward_backward` also takes `temperature` / `num_tokens` /
+`num_sequences` keywords; `save_state` takes a JSON `metadata` dict stored beside the weights (the
+RL loop keeps its data position there so that one checkpoint is one consistent state).
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ from cispo.client.types import (
     SamplingParams,
     SaveWeightsResponse,
 )
-from cispo.train.bundle import ModelBundle, load_bundle
 from cispo.rollout.sampler import compute_logprobs
+from cispo.train.bundle import ModelBundle, load_bundle
 from cispo.train.engine import Engine, EngineConfig
 
 __all__ = ["SamplingClient", "ServiceClient", "TrainingClient"]
@@ -67,10 +69,13 @@ class ServiceClient:
     ) -> TrainingClient:
         """A training client on `base_model` (a local HF directory, "smollm2-135m" or "tiny").
 
-        `rank=0` trains every parameter (full fine-tuning); `rank>0` attaches LoRA adapters via PEFT.
+        `rank=0` trains every parameter (full fine-tuning); `rank>0` attaches LoRA adapters via
+        PEFT.
         """
         bundle = load_bundle(
-            base_model, lora_rank=rank, seed=self.seed if seed is None else seed,
+            base_model,
+            lora_rank=rank,
+            seed=self.seed if seed is None else seed,
             overrides=model_overrides,
         )
         return self.create_training_client(bundle, engine_config=engine_config, name=base_model)
@@ -93,12 +98,18 @@ class ServiceClient:
         )
         return TrainingClient(engine, bundle, self.checkpoint_root / name.replace("/", "_"))
 
-    def create_sampling_client(self, model_path: str, base_model: str | None = None) -> SamplingClient:
+    def create_sampling_client(
+        self, model_path: str, base_model: str | None = None
+    ) -> SamplingClient:
         """A sampling client on saved weights (`model_path` from `save_weights_for_sampler`)."""
         checkpoint = load_checkpoint(Path(model_path))
         spec = base_model or str(checkpoint.trainer_state.get("base_model", "tiny"))
-        bundle = load_bundle(spec, lora_rank=0, seed=self.seed,
-                            overrides=checkpoint.trainer_state.get("model_overrides"))
+        bundle = load_bundle(
+            spec,
+            lora_rank=0,
+            seed=self.seed,
+            overrides=checkpoint.trainer_state.get("model_overrides"),
+        )
         bundle.model.load_state_dict(checkpoint.model_state, strict=False)
         engine = Engine(
             bundle.model,

@@ -1,10 +1,10 @@
 """Data types of the Tinker-style client API, with the same fields and meanings as `tinker.types`.
 
-Mirrors tinker 0.38 (see `docs/architecture.md`): `ModelInput`, `EncodedTextChunk`, `TensorData`, `Datum`,
-`AdamParams`, `SamplingParams`, and the response types. Only encoded-text chunks are supported (no images).
-`loss_fn_inputs` keys we read beyond Tinker's (`target_tokens`, `logprobs`, `advantages`, `weights`):
-`mask` (bool/0-1, True counts in the loss; the cookbook strips it, so it is optional), `old_logprobs` and
-`ref_logprobs` (the three-policy accounting of `cispo.losses`).
+Mirrors tinker 0.38 (see `docs/architecture.md`): `ModelInput`, `EncodedTextChunk`, `TensorData`,
+`Datum`, `AdamParams`, `SamplingParams`, and the response types. Only encoded-text chunks are
+supported (no images). `loss_fn_inputs` keys we read beyond Tinker's (`target_tokens`, `logprobs`,
+`advantages`, `weights`): `mask` (bool/0-1, True counts in the loss; the cookbook strips it, so it
+is optional), `old_logprobs` and `ref_logprobs` (the three-policy accounting of `cispo.losses`).
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ class TensorData:
         return list(self.data)
 
 
-def _as_tensor_data(key: str, value: object) -> TensorData:
+def as_tensor_data(key: str, value: object) -> TensorData:
+    """`value` (TensorData, tensor or list) as TensorData; list dtypes follow Tinker's per-key rule."""
     if isinstance(value, TensorData):
         return value
     if isinstance(value, torch.Tensor):
@@ -111,13 +112,13 @@ def _as_tensor_data(key: str, value: object) -> TensorData:
 
 @dataclass(frozen=True)
 class Datum:
-    """One training sequence: position i of `model_input` predicts `loss_fn_inputs['target_tokens'][i]`."""
+    """One training sequence: position i of `model_input` predicts `target_tokens[i]`."""
 
     model_input: ModelInput
     loss_fn_inputs: dict[str, TensorData] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        converted = {k: _as_tensor_data(k, v) for k, v in self.loss_fn_inputs.items()}
+        converted = {k: as_tensor_data(k, v) for k, v in self.loss_fn_inputs.items()}
         object.__setattr__(self, "loss_fn_inputs", converted)
 
 
@@ -149,8 +150,8 @@ class AdamParams:
 class ForwardBackwardOutput:
     """Per-datum outputs (`logprobs` of the targets under the trainer) and merged metrics.
 
-    Metric keys follow Tinker's `name:reduction` form (`loss:sum`) where Tinker defines them, and our
-    `namespace/name` form otherwise.
+    Metric keys follow Tinker's `name:reduction` form (`loss:sum`) where Tinker defines them, and
+    our `namespace/name` form otherwise.
     """
 
     loss_fn_output_type: str

@@ -7,10 +7,11 @@ It takes a model as an argument and owns none: no optimizer, no I/O.
 
 The output projection is read from `model.get_output_embeddings()`: a plain `nn.Linear` (its weight
 may be tied to the input embeddings; gradients then reach the embedding through the same tensor) or
-a peft LoRA `Linear`, which becomes the differentiable expression W + Σ_adapters s·B·A. Left out:
-LoRA variants (DoRA and friends), LoRA dropout in training mode on the head (the fused path cannot
-drop per token), and models whose logits are post-processed (soft-capping, logit scales) — those
-raise rather than silently giving a different distribution from the sampler's.
+a peft LoRA `Linear`, which becomes the differentiable expression W + Σ_adapters s·B·A (one extra
+[V, H] tensor while it lives, as a merge would need). Left out: LoRA variants (DoRA and friends),
+LoRA dropout in training mode on the head (the fused path cannot drop per token), and models whose
+logits are post-processed (soft-capping, logit scales); those raise rather than silently giving a
+different distribution from the sampler's.
 """
 
 from __future__ import annotations

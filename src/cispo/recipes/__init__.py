@@ -1,1 +1,1 @@
-"""Recipes: Python functions `recipe() -> TrainConfig`. `cispo train NAME` loads `cispo.recipes.NAME`."""
+"""Recipes: functions `recipe() -> TrainConfig`; `cispo train NAME` loads `cispo.recipes.NAME`."""

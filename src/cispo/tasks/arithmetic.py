@@ -10,16 +10,24 @@ Operands are drawn uniformly from [0, 10**digits), operators uniformly from `ope
 
     task = ArithmeticTask(num_terms=3, operators="+-*")
     problems = task.problems("train", seed=0, n=64)
+
+`instruction=True` phrases the same problems for a chat model: "What is 37+45? Answer with the
+number only." A small instruct model rarely obeys the "only" (it writes "37 + 45 = 82" or "The
+answer is 82."), so the verifier then reads the last integer of the completion's first line.
+Which split a problem is in is decided by the bare expression, so it does not depend on `instruction`.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 from cispo.tasks.base import Problem, check_split, extract_answer, split_of
 
-__all__ = ["ArithmeticTask", "evaluate"]
+__all__ = ["ArithmeticTask", "evaluate", "last_integer"]
+
+_INTEGER = re.compile(r"-?\d+")
 
 
 def evaluate(operands: list[int], operators: list[str]) -> int:
@@ -43,7 +51,10 @@ class ArithmeticTask:
     operators: str = "+-"
     """The operators to draw from, a non-empty subset of "+-*"."""
     test_fraction: float = 0.1
-    """Share of all possible prompts that belong to the test split (hash of the prompt text)."""
+    """Share of all possible prompts that belong to the test split (hash of the expression text)."""
+    instruction: bool = False
+    """Chat-style prompt ("What is 37+45? Answer with the number only.") and a verifier that reads
+    the last integer of the first line, for instruct models; False: "37+45=" and an exact match."""
     name: str = field(default="arithmetic", init=False)
 
     def __post_init__(self) -> None:
@@ -70,8 +81,8 @@ class ArithmeticTask:
         for _ in range(max_draws):
             if len(out) == n:
                 break
-            problem = self._draw(rng)
-            if split_of(problem.prompt, self.test_fraction) == split:
+            expression, problem = self._draw(rng)
+            if split_of(expression, self.test_fraction) == split:
                 out.append(problem)
         if len(out) < n:
             raise ValueError(
@@ -80,17 +91,33 @@ class ArithmeticTask:
             )
         return out
 
-    def _draw(self, rng: random.Random) -> Problem:
+    def _draw(self, rng: random.Random) -> tuple[str, Problem]:
+        """The bare expression ("37+45=", which decides the split) and the problem."""
         operands = [rng.randrange(10**self.digits) for _ in range(self.num_terms)]
         operators = [rng.choice(self.operators) for _ in range(self.num_terms - 1)]
-        prompt = str(operands[0])
+        text = str(operands[0])
         for op, x in zip(operators, operands[1:], strict=True):
-            prompt += f"{op}{x}"
-        return Problem(
-            prompt=prompt + "=",
+            text += f"{op}{x}"
+        prompt = f"What is {text}? Answer with the number only." if self.instruction else text + "="
+        problem = Problem(
+            prompt=prompt,
             answer=str(evaluate(operands, operators)),
             metadata={"operands": operands, "operators": operators},
         )
+        return text + "=", problem
 
     def score(self, problem: Problem, completion: str) -> float:
-        return 1.0 if extract_answer(completion) == problem.answer else 0.0
+        answer = extract_answer(completion)
+        if self.instruction:
+            answer = last_integer(answer) or ""
+        return 1.0 if answer == problem.answer else 0.0
+
+
+def last_integer(text: str) -> str | None:
+    """The last integer written in `text` (a leading minus included), or None.
+
+    >>> last_integer("37 + 45 = 82.")
+    '82'
+    """
+    found = _INTEGER.findall(text)
+    return found[-1] if found else None

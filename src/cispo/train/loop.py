@@ -3,10 +3,10 @@
 Written only against the Tinker-style client API (`cispo.client`), like tinker-cookbook's
 `recipes/rl_loop.py`, so the same loop can drive a remote server. One run = an optional supervised
 warm start (cross_entropy on the task's answers, so that a random model gets some reward), then
-`rl.steps` rollout batches. Each batch is sampled from the current weights; `rl.epochs × rl.minibatches`
-optimizer steps follow, and every step after the first of a batch is off-policy: the ratio is anchored on
-`old_logprobs`, which equal the sampler's logprobs (the sampler is numerically the trainer here; set
-`rl.recompute_old_logprobs` when it is not).
+`rl.steps` rollout batches. Each batch is sampled from the current weights; `rl.epochs ×
+rl.minibatches` optimizer steps follow, and every step after the first of a batch is off-policy: the
+ratio is anchored on `old_logprobs`, which equal the sampler's logprobs (the sampler is numerically
+the trainer here; set `rl.recompute_old_logprobs` when it is not).
 
 Deliberately left out: multi-turn environments, a value function (GAE), async generation (see
 `cispo.train.async_loop` when present).
@@ -27,7 +27,7 @@ from cispo.advantages import compute_advantages
 from cispo.checkpoint import latest_named_state
 from cispo.client import AdamParams, ModelInput, SamplingClient, SamplingParams, ServiceClient
 from cispo.client.service import TrainingClient
-from cispo.configs import config_to_dict, format_config
+from cispo.configs import config_to_dict
 from cispo.datums import rl_datum, sft_datum
 from cispo.logging import Progress, RunLogger
 from cispo.prompts import decode_completion, encode_answer, encode_prompt
@@ -55,17 +55,22 @@ def evaluate(
     """Greedy accuracy on held-out problems (+ pass@k at the sampling temperature if asked)."""
     tok = sampler.get_tokenizer()
     greedy = SamplingParams(max_tokens=config.sampling.max_tokens, temperature=0.0, seed=0)
-    futures = [sampler.sample(ModelInput.from_ints(encode_prompt(tok, p.prompt)), 1, greedy)
-               for p in problems]
+    futures = [
+        sampler.sample(ModelInput.from_ints(encode_prompt(tok, p.prompt)), 1, greedy)
+        for p in problems
+    ]
     texts = [decode_completion(tok, f.result().sequences[0].tokens) for f in futures]
     scores = score_all(task, list(problems), texts, timeout_s=config.task.reward_timeout_s)
     metrics = {"eval/accuracy": sum(r == 1.0 for r in scores.rewards) / len(problems)}
     k = config.eval.pass_k
     if k > 0:
-        params = SamplingParams(max_tokens=config.sampling.max_tokens,
-                                temperature=config.sampling.temperature, seed=1)
-        futures = [sampler.sample(ModelInput.from_ints(encode_prompt(tok, p.prompt)), k, params)
-                   for p in problems]
+        params = SamplingParams(
+            max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=1
+        )
+        futures = [
+            sampler.sample(ModelInput.from_ints(encode_prompt(tok, p.prompt)), k, params)
+            for p in problems
+        ]
         hits = 0
         for problem, future in zip(problems, futures, strict=True):
             texts = [decode_completion(tok, s.tokens) for s in future.result().sequences]
@@ -78,14 +83,24 @@ def evaluate(
 def supervised_warm_start(training: TrainingClient, task: Task, config: TrainConfig) -> None:
     """`sft.steps` cross_entropy steps on the task's training answers."""
     tok = training.get_tokenizer()
-    adam = AdamParams(learning_rate=config.sft.learning_rate, beta1=config.optim.beta1,
-                      beta2=config.optim.beta2, eps=config.optim.eps,
-                      grad_clip_norm=config.optim.grad_clip_norm)
-    progress = Progress(config.sft.steps, desc="warm start (SFT)")
-    for step in range(config.sft.steps):
-        problems = task.problems("train", seed=_seed(config.run.seed, step, 1), n=config.sft.batch_size)
-        datums = [sft_datum(encode_prompt(tok, p.prompt), encode_answer(tok, p.answer))
-                  for p in problems]
+    sft = config.sft
+    progress = Progress(sft.steps, desc="warm start (SFT)")
+    for step in range(sft.steps):
+        warm = min(1.0, (step + 1) / max(1, sft.warmup_steps))
+        decay = 0.55 + 0.45 * math.cos(math.pi * step / max(1, sft.steps))  # 1 → 0.1
+        adam = AdamParams(
+            learning_rate=sft.learning_rate * warm * decay,
+            beta1=config.optim.beta1,
+            beta2=config.optim.beta2,
+            eps=config.optim.eps,
+            grad_clip_norm=config.optim.grad_clip_norm,
+        )
+        problems = task.problems(
+            "train", seed=_seed(config.run.seed, step, 1), n=config.sft.batch_size
+        )
+        datums = [
+            sft_datum(encode_prompt(tok, p.prompt), encode_answer(tok, p.answer)) for p in problems
+        ]
         fwd = training.forward_backward(datums, "cross_entropy", {"reduction": "token_mean"})
         training.optim_step(adam).result()
         progress.update({"nll": fwd.result().metrics["loss:sum"]})
@@ -94,7 +109,7 @@ def supervised_warm_start(training: TrainingClient, task: Task, config: TrainCon
 
 @dataclass
 class Rollout:
-    """One rollout batch: sampled groups, their rewards and advantages, and the datums built from them."""
+    """One rollout batch: sampled groups, rewards, advantages and the datums built from them."""
 
     step: int
     problems: list[Problem]
@@ -106,16 +121,18 @@ class Rollout:
     version: int = 0  # policy version (optimizer steps) of the weights that sampled it
 
 
-def collect_rollout(
-    sampler: SamplingClient, task: Task, step: int, config: TrainConfig
-) -> Rollout:
+def collect_rollout(sampler: SamplingClient, task: Task, step: int, config: TrainConfig) -> Rollout:
     """Sample `rl.group_size` completions for `rl.prompts_per_step` prompts, score, build datums."""
     rl, tok = config.rl, sampler.get_tokenizer()
     t0 = time.perf_counter()
     problems = task.problems("train", seed=_seed(config.run.seed, step, 2), n=rl.prompts_per_step)
-    params = SamplingParams(max_tokens=config.sampling.max_tokens,
-                            temperature=config.sampling.temperature, top_k=config.sampling.top_k,
-                            top_p=config.sampling.top_p, seed=_seed(config.run.seed, step, 3))
+    params = SamplingParams(
+        max_tokens=config.sampling.max_tokens,
+        temperature=config.sampling.temperature,
+        top_k=config.sampling.top_k,
+        top_p=config.sampling.top_p,
+        seed=_seed(config.run.seed, step, 3),
+    )
     prompts = [encode_prompt(tok, p.prompt) for p in problems]
     futures = [sampler.sample(ModelInput.from_ints(p), rl.group_size, params) for p in prompts]
     groups = [f.result().sequences for f in futures]
@@ -131,8 +148,15 @@ def collect_rollout(
             continue  # a group with no signal adds no gradient, only normaliser mass
         for j, seq in enumerate(group):
             if seq.tokens:
-                datums.append(rl_datum(prompts[i], seq.tokens, seq.logprobs,
-                                       float(adv.advantages[i, j]), old_logprobs=seq.logprobs))
+                datums.append(
+                    rl_datum(
+                        prompts[i],
+                        seq.tokens,
+                        seq.logprobs,
+                        float(adv.advantages[i, j]),
+                        old_logprobs=seq.logprobs,
+                    )
+                )
     correct = [r == 1.0 for r in scored.rewards]
     metrics = adv.metrics | {
         "time/sample": t1 - t0,
@@ -143,32 +167,58 @@ def collect_rollout(
         "rl/datums": float(len(datums)),
         "rl/tokens": float(sum(len(s.tokens) for g in groups for s in g)),
     }
-    return Rollout(step, problems, texts, rewards, adv.advantages, datums, metrics,
-                   version=getattr(sampler, "version", 0))
+    return Rollout(
+        step,
+        problems,
+        texts,
+        rewards,
+        adv.advantages,
+        datums,
+        metrics,
+        version=getattr(sampler, "version", 0),
+    )
 
 
 def train_on_rollout(
-    training: TrainingClient, rollout: Rollout, config: TrainConfig
+    training: TrainingClient,
+    rollout: Rollout,
+    config: TrainConfig,
+    *,
+    loss_fn_config: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """`rl.epochs × rl.minibatches` optimizer steps on one rollout batch; returns metrics."""
+    """`rl.epochs × rl.minibatches` optimizer steps on one rollout batch; returns metrics.
+
+    `loss_fn_config` replaces `config.loss.loss_fn_config()` (the async loop adds corrections).
+    """
     rl, datums = config.rl, rollout.datums
+    if loss_fn_config is None:
+        loss_fn_config = config.loss.loss_fn_config()
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
     if datums and rl.recompute_old_logprobs:
         old = training.forward(datums, "cross_entropy", temperature=config.sampling.temperature)
-        datums = [_with_old_logprobs(d, out["logprobs"].tolist())
-                  for d, out in zip(datums, old.result().loss_fn_outputs, strict=True)]
+        datums = [
+            _with_old_logprobs(d, out["logprobs"].tolist())
+            for d, out in zip(datums, old.result().loss_fn_outputs, strict=True)
+        ]
     if datums:
-        adam = AdamParams(learning_rate=config.optim.learning_rate, beta1=config.optim.beta1,
-                          beta2=config.optim.beta2, eps=config.optim.eps,
-                          weight_decay=config.optim.weight_decay,
-                          grad_clip_norm=config.optim.grad_clip_norm)
+        adam = AdamParams(
+            learning_rate=config.optim.learning_rate,
+            beta1=config.optim.beta1,
+            beta2=config.optim.beta2,
+            eps=config.optim.eps,
+            weight_decay=config.optim.weight_decay,
+            grad_clip_norm=config.optim.grad_clip_norm,
+        )
         per = math.ceil(len(datums) / rl.minibatches)
         for epoch in range(rl.epochs):
             for start in range(0, len(datums), per):
                 fwd = training.forward_backward(
-                    datums[start : start + per], config.loss.name,
-                    config.loss.loss_fn_config(), temperature=config.sampling.temperature)
+                    datums[start : start + per],
+                    config.loss.name,
+                    loss_fn_config,
+                    temperature=config.sampling.temperature,
+                )
                 opt = training.optim_step(adam)
                 out = fwd.result()
                 if epoch == 0 and start == 0:
@@ -181,19 +231,25 @@ def train_on_rollout(
 
 def sample_rows(rollout: Rollout, group_size: int, n: int = 4) -> list[dict[str, Any]]:
     """A few (prompt, completion, reward, advantage) rows for the samples table."""
-    return [{"prompt": rollout.problems[i].prompt, "completion": rollout.texts[i * group_size],
-             "reward": float(rollout.rewards[i, 0]), "advantage": float(rollout.advantages[i, 0])}
-            for i in range(min(n, len(rollout.problems)))]
+    return [
+        {
+            "prompt": rollout.problems[i].prompt,
+            "completion": rollout.texts[i * group_size],
+            "reward": float(rollout.rewards[i, 0]),
+            "advantage": float(rollout.advantages[i, 0]),
+        }
+        for i in range(min(n, len(rollout.problems)))
+    ]
 
 
-def _with_old_logprobs(datum: Any, logprobs: list[float]) -> Any:
+def _with_old_logprobs(datum: Any, logprobs: list[float] | list[int]) -> Any:
     inputs = dict(datum.loss_fn_inputs)
     inputs["old_logprobs"] = logprobs
     return type(datum)(model_input=datum.model_input, loss_fn_inputs=inputs)
 
 
 def _sample_train_kl(datums: Sequence[Any], outputs: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Sampler-vs-trainer KL on the sampled tokens: k1 = mean(q - p), k3-free diff stats (cookbook v1)."""
+    """Sampler-vs-trainer mismatch on the sampled tokens: k1 = mean(q - p) (cookbook's v1)."""
     diffs = []
     for datum, out in zip(datums, outputs, strict=True):
         mask = datum.loss_fn_inputs["mask"].to_torch() > 0
@@ -201,14 +257,20 @@ def _sample_train_kl(datums: Sequence[Any], outputs: Sequence[dict[str, Any]]) -
         p = out["logprobs"].to_torch()[mask]
         diffs.append(q - p)
     d = torch.cat(diffs)
-    return {"mismatch/kl_sample_train_k1": float(d.mean()),
-            "mismatch/max_abs_logprob_diff": float(d.abs().max())}
+    return {
+        "mismatch/kl_sample_train_k1": float(d.mean()),
+        "mismatch/max_abs_logprob_diff": float(d.abs().max()),
+    }
 
 
 def train(
     config: TrainConfig, *, resume: bool = False, echo: Callable[[str], None] = print
 ) -> RunSummary:
     """Run (or resume) the whole job described by `config`."""
+    if config.asynchronous.enabled:
+        from cispo.train.async_loop import train_async  # it imports this module
+
+        return train_async(config, resume=resume, echo=echo)
     started = time.perf_counter()
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
@@ -218,11 +280,15 @@ def train(
     task = make_task(config.task.name, **config.task.kwargs())
     service = ServiceClient(checkpoint_root=run_dir / "checkpoints", seed=config.run.seed)
     training = service.create_lora_training_client(
-        config.model.base_model, rank=config.model.lora_rank, seed=config.run.seed,
+        config.model.base_model,
+        rank=config.model.lora_rank,
+        seed=config.run.seed,
         engine_config=EngineConfig(micro_batch_size=config.rl.micro_batch_size),
-        model_overrides=config.model.overrides())
-    logger = RunLogger(run_dir, tensorboard=config.run.tensorboard,
-                       wandb_project=config.run.wandb_project)
+        model_overrides=config.model.overrides(),
+    )
+    logger = RunLogger(
+        run_dir, tensorboard=config.run.tensorboard, wandb_project=config.run.wandb_project
+    )
     start, state = 0, {}
     latest = latest_named_state(training.checkpoint_dir) if resume else None
     if latest is not None:
@@ -242,12 +308,14 @@ def train(
     if start == 0:
         logger.log(0, first)
     echo(f"held-out greedy accuracy before RL: {first['eval/accuracy']:.1%}")
-    progress = Progress(rl.steps, initial=start, desc="CISPO" if config.loss.name == "cispo"
-                        else config.loss.name)
+    progress = Progress(
+        rl.steps, initial=start, desc="CISPO" if config.loss.name == "cispo" else config.loss.name
+    )
     for step in range(start, rl.steps):
         t = time.perf_counter()
-        rollout = collect_rollout(training.save_weights_and_get_sampling_client(), task, step,
-                                  config)
+        rollout = collect_rollout(
+            training.save_weights_and_get_sampling_client(), task, step, config
+        )
         metrics = rollout.metrics | train_on_rollout(training, rollout, config)
         rows = sample_rows(rollout, rl.group_size)
         metrics["time/step"] = time.perf_counter() - t
@@ -260,18 +328,29 @@ def train(
         if (config.run.checkpoint_every and done % config.run.checkpoint_every == 0) or (
             done == rl.steps
         ):
-            training.save_state(f"step_{done:06d}", metadata={"step": done, "warm_started": True},
-                                keep_last=config.run.keep_last).result()
-        progress.update({"reward": metrics["reward/mean"], "acc": metrics["reward/accuracy"],
-                         "s/step": metrics["time/step"]})
+            training.save_state(
+                f"step_{done:06d}",
+                metadata={"step": done, "warm_started": True},
+                keep_last=config.run.keep_last,
+            ).result()
+        progress.update(
+            {
+                "reward": metrics["reward/mean"],
+                "acc": metrics["reward/accuracy"],
+                "s/step": metrics["time/step"],
+            }
+        )
     progress.close()
     logger.plot()
     logger.close()
     training.close()
-    summary = RunSummary(rl.steps, first["eval/accuracy"], last["eval/accuracy"],
-                         time.perf_counter() - started)
-    echo(f"held-out greedy accuracy: {summary.accuracy_start:.1%} -> {summary.accuracy_end:.1%} "
-         f"in {summary.seconds:.0f} s; run directory: {run_dir}")
+    summary = RunSummary(
+        rl.steps, first["eval/accuracy"], last["eval/accuracy"], time.perf_counter() - started
+    )
+    echo(
+        f"held-out greedy accuracy: {summary.accuracy_start:.1%} -> {summary.accuracy_end:.1%} "
+        f"in {summary.seconds:.0f} s; run directory: {run_dir}"
+    )
     return summary
 
 
@@ -279,18 +358,21 @@ def _plan(config: TrainConfig, training: TrainingClient) -> str:
     rl = config.rl
     params = sum(p.numel() for p in training.engine.model.parameters())
     trainable = sum(p.numel() for p in training.engine.model.parameters() if p.requires_grad)
-    return "\n".join([
-        f"model: {config.model.base_model} ({params / 1e6:.2f}M parameters, "
-        f"{trainable / 1e6:.2f}M trainable); task: {config.task.name}",
-        f"warm start: {config.sft.steps} supervised steps × {config.sft.batch_size} problems",
-        f"RL: {rl.steps} steps × {rl.prompts_per_step} prompts × {rl.group_size} samples = "
-        f"{rl.prompts_per_step * rl.group_size} samples/step, "
-        f"{rl.epochs * rl.minibatches} optimizer step(s) per rollout batch, "
-        f"≤ {rl.prompts_per_step * rl.group_size * config.sampling.max_tokens} completion tokens/step",
-        f"loss: {config.loss.describe()}; reduction {config.loss.reduction}; "
-        f"advantages {rl.advantage}",
-        f"run directory: {config.run.dir}",
-    ])
+    return "\n".join(
+        [
+            f"model: {config.model.base_model} ({params / 1e6:.2f}M parameters, "
+            f"{trainable / 1e6:.2f}M trainable); task: {config.task.name}",
+            f"warm start: {config.sft.steps} supervised steps × {config.sft.batch_size} problems",
+            f"RL: {rl.steps} steps × {rl.prompts_per_step} prompts × {rl.group_size} samples = "
+            f"{rl.prompts_per_step * rl.group_size} samples/step, "
+            f"{rl.epochs * rl.minibatches} optimizer step(s) per rollout batch, "
+            f"≤ {rl.prompts_per_step * rl.group_size * config.sampling.max_tokens} "
+            "completion tokens/step",
+            f"loss: {config.loss.describe()}; reduction {config.loss.reduction}; "
+            f"advantages {rl.advantage}",
+            f"run directory: {config.run.dir}",
+        ]
+    )
 
 
 def _json(data: dict[str, Any]) -> str:

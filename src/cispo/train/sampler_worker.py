@@ -1,0 +1,352 @@
+"""The sampler worker: a separate process with its own copy of the weights, producing batches.
+
+The trainer publishes weights into shared-memory buffers (`WeightChannel`) with a version (trainer
+steps done); the worker copies the newest into its model before each batch, scores a fixed probe
+batch, reports that (`SyncReport`), and samples the batch with `cispo.train.loop.collect_rollout`
+(same data stream and sampling seeds as the synchronous loop).
+`cispo.rollout.staleness.StalenessGate` paces it. Messages go back on one queue, in order: a
+batch's `SyncReport` always precedes it.
+
+Why shared memory and not a queue for weights: one in-place copy per sync on each side, no
+pickling, and the worker reads the newest weights only when it starts a batch (a version it never
+read costs nothing). A `torch.multiprocessing` "spawn" context: forking after torch has started
+threads is unsafe.
+Shutdown: the worker ignores SIGINT (Ctrl-C reaches the whole process group; the trainer owns
+shutdown), stops when asked or when its parent dies, and `SamplerWorker.close` joins it, then
+terminates and kills it if it does not exit.
+
+Left out: partial rollouts (weights change only between batches), several workers, a remote sampler.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import queue
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.multiprocessing
+from torch import Tensor, nn
+
+from cispo.client.service import SamplingClient
+from cispo.rollout.sampler import compute_logprobs
+from cispo.rollout.staleness import NO_WEIGHTS, StalenessGate
+from cispo.tasks import make_task
+from cispo.train.bundle import load_bundle
+from cispo.train.config import TrainConfig
+from cispo.train.engine import Engine
+from cispo.train.loop import Rollout, collect_rollout
+
+SPAWN = torch.multiprocessing.get_context("spawn")
+_POLL_S = 0.5  # how often a waiting side re-checks for stop requests and dead peers
+
+
+class WorkerError(RuntimeError):
+    """The sampler worker failed or vanished."""
+
+
+class WeightSyncError(RuntimeError):
+    """The weight-sync canary fired: the sampler's weights are not the trainer's."""
+
+
+def weight_fingerprint(state: Mapping[str, Tensor]) -> float:
+    """Sum of every entry in float64, in state_dict order: equal on both sides of an exact copy."""
+    return float(sum(float(t.detach().double().sum()) for t in state.values()))
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What the worker saw right after loading weights `version`."""
+
+    version: int
+    fingerprint: float
+    probe_logprobs: list[list[float]]  # [N][T_i - 1], `compute_logprobs` of the probe sequences
+    seconds: float  # time to copy the weights in
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    traceback: str
+
+
+def _shared_copy(tensor: Tensor) -> Tensor:
+    copy = tensor.detach().clone()
+    copy.share_memory_()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+    return copy
+
+
+class WeightChannel:
+    """Shared-memory weights + published version + consumed count, under one condition variable."""
+
+    def __init__(self, weights: Mapping[str, Tensor], *, consumed: int = 0) -> None:
+        self._buffers = {k: _shared_copy(v) for k, v in weights.items()}
+        self._cond = SPAWN.Condition()
+        self._published = SPAWN.RawValue("q", NO_WEIGHTS)
+        self._consumed = SPAWN.RawValue("q", consumed)
+        self._stopped = SPAWN.RawValue("b", 0)
+
+    # ---------------------------------------------------------------- trainer side
+    def publish(self, weights: Mapping[str, Tensor], version: int) -> None:
+        with self._cond, torch.no_grad():
+            for name, buffer in self._buffers.items():
+                buffer.copy_(weights[name])
+            self._published.value = version
+            self._cond.notify_all()
+
+    def mark_consumed(self, count: int) -> None:
+        with self._cond:
+            self._consumed.value = count
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped.value = 1
+            self._cond.notify_all()
+
+    # ---------------------------------------------------------------- worker side
+    def wait_to_start(self, gate: StalenessGate, step: int) -> bool:
+        """Block until `gate` lets batch `step` start (True) or the run stops (False)."""
+        parent = SPAWN.parent_process()
+        with self._cond:
+            while True:
+                if self._stopped.value or (parent is not None and not parent.is_alive()):
+                    return False
+                if gate.may_start(step, self._published.value, self._consumed.value):
+                    return True
+                self._cond.wait(timeout=_POLL_S)
+
+    def published(self) -> int:
+        with self._cond:
+            return int(self._published.value)
+
+    def load_into(self, model: nn.Module) -> int:
+        """Copy the newest published weights into `model`; returns their version."""
+        with self._cond, torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                tensor.copy_(self._buffers[name])
+            return int(self._published.value)
+
+
+def max_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    """Largest |a − b| over ragged rows (NaN if any entry is NaN)."""
+    out = 0.0
+    for row_a, row_b in zip(a, b, strict=True):
+        for x, y in zip(row_a, row_b, strict=True):
+            d = abs(x - y)
+            if math.isnan(d):
+                return math.nan
+            out = max(out, d)
+    return out
+
+
+class SyncCanary:
+    """Checks each `SyncReport` against what the trainer published; raises `WeightSyncError`.
+
+    Two failures: the probe logprobs differ by more than `threshold` (max |sampler − trainer| over
+    the probe tokens), or the trainer's weights changed since the sampler's previous sync but the
+    sampler's did not (a silent no-op sync, which a small update could hide from the first check).
+    """
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self._expected: dict[int, tuple[float, list[list[float]]]] = {}
+        self._last: tuple[int, float] | None = None  # (version, sampler fingerprint)
+
+    def expect(self, version: int, fingerprint: float, probe_logprobs: list[list[float]]) -> None:
+        self._expected[version] = (fingerprint, probe_logprobs)
+
+    def check(self, report: SyncReport) -> dict[str, float]:
+        if report.version not in self._expected:
+            raise WeightSyncError(
+                f"the sampler loaded weights version {report.version}, which the "
+                f"trainer never published (published: {sorted(self._expected)})"
+            )
+        trainer_fp, trainer_lps = self._expected[report.version]
+        if self._last is not None:
+            last_version, last_sampler_fp = self._last
+            if (
+                trainer_fp != self._expected[last_version][0]
+                and report.fingerprint == last_sampler_fp
+            ):
+                raise WeightSyncError(
+                    f"weight sync to version {report.version} did not change the sampler's weights "
+                    f"(fingerprint {report.fingerprint!r}, as at version {last_version}) although "
+                    f"the trainer's changed: the sampler would silently sample from stale weights"
+                )
+        diff = max_abs_diff(report.probe_logprobs, trainer_lps)
+        if not diff <= self.threshold:
+            raise WeightSyncError(
+                f"after weight sync to version {report.version}, sampler and trainer disagree on "
+                f"the probe batch: max |logprob difference| = {diff:.3g} > "
+                f"asynchronous.canary_threshold = {self.threshold:g}"
+            )
+        self._expected = {v: e for v, e in self._expected.items() if v >= report.version}
+        self._last = (report.version, report.fingerprint)
+        return {"canary/max_abs_logprob_diff": diff, "time/weight_load": report.seconds}
+
+
+@dataclass(frozen=True)
+class _WorkerSpec:
+    config: TrainConfig
+    start: int
+    probe_tokens: list[list[int]]
+
+
+class SamplerWorker:
+    """Trainer-side handle: starts the worker, publishes weights, returns its messages, stops it."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        start: int,
+        probe_tokens: list[list[int]],
+        weights: Mapping[str, Tensor],
+    ) -> None:
+        self.channel = WeightChannel(weights, consumed=start)
+        self.messages: Any = SPAWN.Queue()
+        self.timeout_s = config.asynchronous.worker_timeout_s
+        self.process = SPAWN.Process(
+            target=_worker_main,
+            name="cispo-sampler",
+            daemon=True,
+            args=(_WorkerSpec(config, start, probe_tokens), self.channel, self.messages),
+        )
+        self.pid: int | None = None
+
+    def start(self) -> None:
+        # An ignored SIGINT survives exec, so a Ctrl-C during the worker's imports cannot kill it
+        # either; the worker then keeps ignoring it (`_worker_main`).
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            self.process.start()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+        self.pid = self.process.pid
+
+    def publish(self, weights: Mapping[str, Tensor], version: int) -> None:
+        self.channel.publish(weights, version)
+
+    def mark_consumed(self, count: int) -> None:
+        self.channel.mark_consumed(count)
+
+    def next_message(self) -> SyncReport | Rollout:
+        """The worker's next message; raises `WorkerError` if it failed, died or went silent."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                payload = self.messages.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self.process.is_alive():
+                    raise WorkerError(
+                        f"the sampler worker (pid {self.pid}) exited with code "
+                        f"{self.process.exitcode} without reporting an error"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise WorkerError(
+                        f"the sampler worker sent nothing for {self.timeout_s:g} s "
+                        "(asynchronous.worker_timeout_s)"
+                    ) from None
+                continue
+            message: SyncReport | Rollout | WorkerFailure = pickle.loads(payload)
+            if isinstance(message, WorkerFailure):
+                raise WorkerError(f"the sampler worker failed:\n{message.traceback}")
+            return message
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop and join the worker (terminate, then kill, if it does not exit in `timeout_s`)."""
+        if self.pid is None:
+            return
+        self.channel.stop()
+        deadline = time.monotonic() + timeout_s
+        while self.process.is_alive() and time.monotonic() < deadline:
+            self._drain()  # a child blocked on a full pipe cannot exit
+            self.process.join(timeout=0.05)
+        for end in (self.process.terminate, self.process.kill):
+            if self.process.is_alive():
+                end()
+                self.process.join(timeout=2.0)
+        self._drain()
+        self.messages.close()
+        self.messages.cancel_join_thread()
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                self.messages.get_nowait()
+        except (queue.Empty, OSError, ValueError):
+            pass
+
+    def __enter__(self) -> SamplerWorker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _worker_main(spec: _WorkerSpec, channel: WeightChannel, messages: Any) -> None:
+    signal.signal(
+        signal.SIGINT, signal.SIG_IGN
+    )  # Ctrl-C hits the whole group; the trainer stops us
+    try:
+        _produce(spec, channel, messages)
+    except BaseException:  # everything goes back to the trainer, which raises it
+        _send(messages, WorkerFailure(traceback.format_exc()))
+
+
+def _produce(spec: _WorkerSpec, channel: WeightChannel, messages: Any) -> None:
+    config, run = spec.config, spec.config.asynchronous
+    torch.set_num_threads(run.worker_threads)
+    bundle = load_bundle(
+        config.model.base_model,
+        lora_rank=config.model.lora_rank,
+        seed=config.run.seed,
+        overrides=config.model.overrides(),
+    )
+    engine = Engine(
+        bundle.model,
+        eos_token_id=bundle.tokenizer.eos_token_id,
+        pad_token_id=int(bundle.tokenizer.pad_token_id or 0),
+        tokenizer=bundle.tokenizer,
+        seed=config.run.seed,
+    )
+    model = bundle.model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    task = make_task(config.task.name, **config.task.kwargs())
+    gate = StalenessGate(run.max_staleness, run.queue_size)
+    loaded = NO_WEIGHTS
+    for step in range(spec.start, config.rl.steps):
+        t0 = time.perf_counter()
+        if not channel.wait_to_start(gate, step):
+            return
+        waited = time.perf_counter() - t0
+        if channel.published() != loaded:
+            t1 = time.perf_counter()
+            loaded = channel.load_into(model)
+            seconds = time.perf_counter() - t1
+            probe = compute_logprobs(
+                model, spec.probe_tokens, temperature=config.sampling.temperature
+            )
+            fingerprint = weight_fingerprint(model.state_dict())
+            _send(messages, SyncReport(loaded, fingerprint, probe, seconds))
+        engine.version = loaded  # SamplingClient stamps its rollouts with the engine's version
+        rollout = collect_rollout(SamplingClient(engine, model, bundle), task, step, config)
+        rollout.metrics["time/generator_wait"] = waited
+        _send(messages, rollout)
+
+
+def _send(messages: Any, message: SyncReport | Rollout | WorkerFailure) -> None:
+    # Pickled by value here: a queue would share tensors through file descriptors that vanish
+    # when this process exits before the trainer reads its last batch.
+    messages.put(pickle.dumps(message))

@@ -1,0 +1,333 @@
+"""Claims about asynchronous training: the staleness bound, parity with the synchronous loop at
+max_staleness=0, the weight-sync canary, and clean shutdown of the sampler worker.
+
+The end-to-end tests start a real worker process (spawn: ~2-5 s each on a busy 2-core machine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from cispo.configs import apply_overrides
+from cispo.rollout.staleness import NO_WEIGHTS, LagStats, StalenessGate
+from cispo.train import async_loop
+from cispo.train.config import TrainConfig
+from cispo.train.loop import train
+from cispo.train.sampler_worker import SamplerWorker, WeightChannel, WeightSyncError
+
+# A tiny run whose warm start gets some reward (so RL steps really update the weights).
+FAST = [
+    "--model.hidden_size=32",
+    "--model.num_layers=1",
+    "--model.num_heads=2",
+    "--task.digits=1",
+    "--sft.steps=80",
+    "--sft.warmup_steps=5",
+    "--sft.learning_rate=2e-2",
+    "--sft.batch_size=32",
+    "--rl.prompts_per_step=16",
+    "--rl.group_size=4",
+    "--eval.num_problems=16",
+    "--eval.every=2",
+    "--run.tensorboard=false",
+    "--run.threads=1",
+    "--run.checkpoint_every=0",
+    "--sampling.max_tokens=5",
+    "--optim.learning_rate=1e-2",
+]
+
+
+def _config(run_dir: Path, *extra: str) -> TrainConfig:
+    base = apply_overrides(TrainConfig(), [*FAST, *extra])
+    return dataclasses.replace(base, run=dataclasses.replace(base.run, dir=str(run_dir)))
+
+
+def _metrics(run_dir: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(sorted((run_dir / "checkpoints").rglob("model.safetensors"))[-1]))
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------- pacing (no model, no process)
+def _simulate(
+    gate: StalenessGate, gen_s: list[float], train_s: list[float], sync_s: list[float]
+) -> tuple[list[int], int, float]:
+    """Event simulation of one generator and one trainer driven by `gate`.
+
+    Returns the lag of every batch at training time, the most batches ever waiting, the makespan.
+    The trainer takes batches in order, trains, then publishes version step+1 (taking sync_s).
+    """
+    n = len(gen_s)
+    published, consumed, waiting = 0, 0, list[tuple[int, int]]()  # (step, version) finished
+    gen_step, gen_busy, trainer_busy, trained = 0, False, False, 0
+    lags, most_waiting, now = [], 0, 0.0
+    events: list[tuple[float, int, str, int, int]] = []  # (time, tie, kind, step, version)
+    tie = 0
+    while trained < n:
+        while True:  # every action enabled at `now`
+            acted = False
+            if not gen_busy and gen_step < n and gate.may_start(gen_step, published, consumed):
+                heapq.heappush(events, (now + gen_s[gen_step], tie, "gen", gen_step, published))
+                gen_busy, tie, acted = True, tie + 1, True
+            if not trainer_busy and waiting:
+                step, version = waiting.pop(0)
+                assert step == trained and gate.admits(step, version)
+                lags.append(step - version)
+                consumed += 1
+                heapq.heappush(events, (now + train_s[step] + sync_s[step], tie, "pub", step, 0))
+                trainer_busy, tie, acted = True, tie + 1, True
+            if not acted:
+                break
+        assert events, "deadlock: nothing can happen and the run is not finished"
+        now, _, kind, step, version = heapq.heappop(events)
+        if kind == "gen":
+            waiting.append((step, version))
+            most_waiting = max(most_waiting, len(waiting))
+            gen_busy, gen_step = False, gen_step + 1
+        else:
+            published, trainer_busy, trained = step + 1, False, trained + 1
+    return lags, most_waiting, now
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    max_staleness=st.integers(0, 3),
+    queue_size=st.integers(1, 3),
+    seed=st.integers(0, 2**32 - 1),
+    gen_scale=st.floats(0.01, 10.0),
+    sync_scale=st.floats(0.0, 2.0),
+)
+def test_staleness_bound_is_never_exceeded_over_a_long_run_with_random_timings(
+    max_staleness: int, queue_size: int, seed: int, gen_scale: float, sync_scale: float
+) -> None:
+    rng = random.Random(seed)
+    n = 300
+    # Heavy-tailed durations: most steps are quick, a few stall (a slow verifier, a long sample).
+    gen = [gen_scale * rng.paretovariate(1.5) for _ in range(n)]
+    tr = [rng.expovariate(1.0) for _ in range(n)]
+    sync = [sync_scale * rng.random() for _ in range(n)]
+    gate = StalenessGate(max_staleness, queue_size)
+    lags, most_waiting, _ = _simulate(gate, gen, tr, sync)
+    assert len(lags) == n  # every batch trained on, none discarded
+    assert max(lags) <= max_staleness
+    assert min(lags) >= 0
+    assert most_waiting <= queue_size
+
+
+def test_lag_1_overlaps_generation_with_training_and_lag_0_does_not() -> None:
+    # Generation and training 1 s each: serial takes 2 s/step, lag 1 hides one behind the other.
+    n = 50
+    ones, zeros = [1.0] * n, [0.0] * n
+    lags0, _, t0 = _simulate(StalenessGate(0), ones, ones, zeros)
+    lags1, _, t1 = _simulate(StalenessGate(1), ones, ones, zeros)
+    assert t0 == pytest.approx(2 * n) and set(lags0) == {0}
+    assert t1 == pytest.approx(n + 1) and set(lags1[1:]) == {1}
+
+
+def test_gate_waits_for_weights_and_for_queue_room() -> None:
+    gate = StalenessGate(max_staleness=1, queue_size=1)
+    assert not gate.may_start(0, NO_WEIGHTS, 0)  # nothing published yet
+    assert gate.may_start(1, published=0, consumed=1)  # batch 1 may use version 0
+    assert not gate.may_start(2, published=0, consumed=2)  # would be 2 behind
+    assert not gate.may_start(1, published=0, consumed=0)  # batch 0 still waits: no room
+    assert gate.admits(3, 2) and not gate.admits(3, 1)
+
+
+def test_lag_stats_are_token_weighted_over_the_run() -> None:
+    stats = LagStats(max_staleness=1)
+    step0 = stats.add(0, [(0, 30)])
+    step1 = stats.add(1, [(0, 10)])
+    assert step0["staleness/lag_0_frac"] == 1.0 and step1["staleness/lag_1_frac"] == 1.0
+    assert stats.mean == pytest.approx(10 / 40) and stats.max == 1
+
+
+# ---------------------------------------------------------------- end to end (real worker)
+def test_async_with_max_staleness_0_reproduces_the_synchronous_run(tmp_path: Path) -> None:
+    sync_dir, async_dir = tmp_path / "sync", tmp_path / "async"
+    sync = train(_config(sync_dir, "--rl.steps=3"), echo=_quiet)
+    run = train(
+        _config(
+            async_dir,
+            "--rl.steps=3",
+            "--asynchronous.enabled=true",
+            "--asynchronous.max_staleness=0",
+        ),
+        echo=_quiet,
+    )
+    rows_sync, rows_async = _metrics(sync_dir), _metrics(async_dir)
+    assert any(r.get("loss") for r in rows_sync), "vacuous: no RL step had a loss"
+    skip = ("time", "staleness/", "canary/")
+    for a, b in zip(rows_sync, rows_async, strict=True):
+        kept = {k: v for k, v in a.items() if not k.startswith(skip)}
+        assert kept == {k: b[k] for k in kept}
+    wa, wb = _weights(sync_dir), _weights(async_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert run.accuracy_end == sync.accuracy_end
+    assert isinstance(run, async_loop.AsyncRunSummary) and run.lag_max == 0
+
+
+def test_async_lag_1_trains_stale_batches_within_the_bound_and_reports_the_lag(
+    tmp_path: Path,
+) -> None:
+    run = train(
+        _config(
+            tmp_path,
+            "--rl.steps=4",
+            "--rl.minibatches=2",
+            "--asynchronous.enabled=true",
+            "--asynchronous.correction=tis",
+        ),
+        echo=_quiet,
+    )
+    rows = _metrics(tmp_path)[1:]
+    assert isinstance(run, async_loop.AsyncRunSummary)
+    assert run.lag_max == 1 and 0 < run.lag_mean <= 1 and run.discarded == 0
+    assert rows[0]["staleness/lag_max"] == 0.0  # the first batch is sampled with version 0
+    assert {r["staleness/lag_max"] for r in rows} <= {0.0, 1.0}
+    assert all(r["staleness/lag_0_frac"] + r["staleness/lag_1_frac"] == 1.0 for r in rows)
+    assert rows[-1]["staleness/run_lag_max"] == 1.0
+    diffs = [r["canary/max_abs_logprob_diff"] for r in rows if "canary/max_abs_logprob_diff" in r]
+    assert diffs and max(diffs) <= 1e-3
+
+
+def _sabotage(monkeypatch: pytest.MonkeyPatch, corrupt: bool) -> None:
+    real = WeightChannel.publish
+    first: dict[str, torch.Tensor] = {}
+
+    def publish(self: WeightChannel, weights: Mapping[str, torch.Tensor], version: int) -> None:
+        if corrupt:  # every sync delivers slightly wrong weights
+            g = torch.Generator().manual_seed(version)
+            real(
+                self,
+                {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in weights.items()},
+                version,
+            )
+            return
+        if not first:  # every sync after the first silently re-sends the first weights
+            first.update({k: v.clone() for k, v in weights.items()})
+        real(self, first, version)
+
+    monkeypatch.setattr(WeightChannel, "publish", publish)
+
+
+@pytest.fixture
+def worker_pids(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Pids of the sampler workers started during the test; asserts they are all gone after."""
+    pids: list[int] = []
+    real = SamplerWorker.start
+
+    def start(self: SamplerWorker) -> None:
+        real(self)
+        assert self.pid is not None
+        pids.append(self.pid)
+
+    monkeypatch.setattr(SamplerWorker, "start", start)
+    yield pids
+    assert pids, "no worker was started"
+    for pid in pids:
+        assert not psutil.pid_exists(pid), f"orphan sampler worker {pid}"
+
+
+def test_canary_fires_when_a_sync_leaves_the_sampler_weights_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, worker_pids: list[int]
+) -> None:
+    _sabotage(monkeypatch, corrupt=False)
+    with pytest.raises(WeightSyncError, match="did not change the sampler's weights"):
+        train(_config(tmp_path, "--rl.steps=4", "--asynchronous.enabled=true"), echo=_quiet)
+
+
+def test_canary_fires_when_the_sampler_weights_diverge_from_the_trainer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, worker_pids: list[int]
+) -> None:
+    _sabotage(monkeypatch, corrupt=True)
+    with pytest.raises(WeightSyncError, match="disagree on the probe batch"):
+        train(_config(tmp_path, "--rl.steps=2", "--asynchronous.enabled=true"), echo=_quiet)
+
+
+def test_the_worker_is_gone_after_a_successful_run(tmp_path: Path, worker_pids: list[int]) -> None:
+    train(
+        _config(tmp_path, "--rl.steps=2", "--sft.steps=0", "--asynchronous.enabled=true"),
+        echo=_quiet,
+    )
+
+
+@pytest.mark.parametrize("error", [RuntimeError("trainer failed"), KeyboardInterrupt()])
+def test_the_worker_is_gone_after_the_trainer_raises(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    worker_pids: list[int],
+    error: BaseException,
+) -> None:
+    def fail(*args: object, **kwargs: object) -> dict[str, float]:
+        raise error
+
+    monkeypatch.setattr(async_loop, "train_on_rollout", fail)
+    with pytest.raises(type(error)):
+        train(
+            _config(tmp_path, "--rl.steps=3", "--sft.steps=0", "--asynchronous.enabled=true"),
+            echo=_quiet,
+        )
+
+
+_CTRL_C_RUN = """
+import dataclasses, sys
+from cispo.configs import apply_overrides
+from cispo.train.config import TrainConfig
+from cispo.train.loop import train
+if __name__ == "__main__":
+    config = apply_overrides(TrainConfig(), sys.argv[2:])
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=sys.argv[1]))
+    train(config, echo=lambda line: print(line, flush=True))
+"""
+
+
+def test_ctrl_c_stops_the_run_and_its_worker(tmp_path: Path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(_CTRL_C_RUN)
+    args = [*FAST, "--sft.steps=0", "--rl.steps=100000", "--asynchronous.enabled=true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "run"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=env,
+        cwd=Path(__file__).parents[2],
+    )
+    assert proc.stdout is not None
+    pid = None
+    for line in proc.stdout:
+        if "sampler worker pid" in line:
+            pid = int(line.split("sampler worker pid")[1].split()[0])
+        if "before RL" in line:
+            break
+    assert pid is not None and psutil.pid_exists(pid)
+    time.sleep(2.0)  # into the RL steps, with the worker generating
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode != 0 and "KeyboardInterrupt" in output
+    assert not psutil.pid_exists(pid), "orphan sampler worker after Ctrl-C"
