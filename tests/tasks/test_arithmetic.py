@@ -118,3 +118,35 @@ def test_too_small_problem_space_raises_instead_of_looping() -> None:
 def test_extract_answer_stops_at_first_marker() -> None:
     assert extract_answer("12</s>\n34") == "12"
     assert extract_answer("  7  ") == "7"
+
+
+def test_instruction_prompt_keeps_problems_and_splits_of_the_bare_task() -> None:
+    bare, chat = ArithmeticTask(), ArithmeticTask(instruction=True)
+    for split in ("train", "test"):
+        for b, c in zip(bare.problems(split, 3, 50), chat.problems(split, 3, 50), strict=True):
+            assert c.prompt == f"What is {b.prompt[:-1]}? Answer with the number only."
+            assert (c.answer, c.metadata) == (b.answer, b.metadata)
+
+
+@pytest.mark.parametrize(
+    ("completion", "reward"),
+    [
+        ("82", 1.0),
+        ("37 + 45 = 82", 1.0),
+        ("The answer is 82.\n37", 1.0),  # only the first line counts
+        ("37+45=82<|im_end|>", 1.0),
+        ("82 is wrong, it is 83", 0.0),  # the last integer is the answer
+        ("823", 0.0),
+        ("The answer is", 0.0),
+        ("", 0.0),
+    ],
+)
+def test_instruction_score_reads_last_integer_of_first_line(completion: str, reward: float) -> None:
+    problem = Problem(prompt="What is 37+45? Answer with the number only.", answer="82")
+    assert ArithmeticTask(instruction=True).score(problem, completion) == reward
+
+
+def test_instruction_score_reads_negative_answers() -> None:
+    problem = Problem(prompt="What is 12-45? Answer with the number only.", answer="-33")
+    assert ArithmeticTask(instruction=True).score(problem, "12 - 45 = -33") == 1.0
+    assert ArithmeticTask(instruction=True).score(problem, "33") == 0.0

@@ -14,7 +14,7 @@ Operands are drawn uniformly from [0, 10**digits), operators uniformly from `ope
 `instruction=True` phrases the same problems for a chat model: "What is 37+45? Answer with the
 number only." A small instruct model rarely obeys the "only" (it writes "37 + 45 = 82" or "The
 answer is 82."), so the verifier then reads the last integer of the completion's first line.
-Which split a problem is in is decided by the bare expression, so it does not depend on `instruction`.
+The bare expression decides a problem's split, so the split does not depend on `instruction`.
 """
 
 from __future__ import annotations
