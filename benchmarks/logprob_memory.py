@@ -1,12 +1,13 @@
 """Peak memory and time of naive vs fused logprobs, forward + backward, on CPU.
 
 Each (shape, method) runs in its own subprocess, so its peak resident memory is clean: the worker
-builds the inputs (hidden [N, H], weight [V, H], targets [N], upstream gradients), records its peak
-RSS as the baseline, runs forward + backward `--repeats` times and reports the peak RSS minus the
-baseline ("extra" memory: logits, autograd buffers and the gradients of hidden and weight, which
-both methods allocate). Times are the fastest repeat, wall clock and process CPU time; on a shared
-machine the CPU time is the steadier of the two. The loss is Σ g_lp·logprob (+ Σ g_ent·entropy
-with --entropy), with fixed random g, so both outputs are differentiated.
+builds the inputs in place (hidden [N, H], weight [V, H], targets [N], upstream gradients), resets
+the kernel's peak-RSS counter (VmHWM) and records the RSS as the baseline, runs forward + backward
+`--repeats` times and reports the peak RSS minus the baseline ("extra" memory: logits, autograd
+buffers and the gradients of hidden and weight, which both methods allocate). Times are the
+fastest repeat, wall clock and process CPU time; on a shared machine the CPU time is the steadier
+of the two. The loss is Σ g_lp·logprob (+ Σ g_ent·entropy with --entropy), with fixed random g, so
+both outputs are differentiated.
 
     python benchmarks/logprob_memory.py                      # the issue's two shapes (~25 GB naive)
     python benchmarks/logprob_memory.py --shapes 4096x32768x512 --threads 1
@@ -29,8 +30,23 @@ import time
 DEFAULT_SHAPES = "4096x32768x512,16384x151936x1024"
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def _status_mb(field: str) -> float:
+    """VmRSS (current) or VmHWM (peak since the last reset) of this process, in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -43,12 +59,17 @@ def _worker(args: argparse.Namespace) -> None:
     n, v, h = (int(x) for x in args.shape.split("x"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(n, h, generator=gen).to(dtype).requires_grad_()
-    weight = (torch.randn(v, h, generator=gen) / h**0.5).to(dtype).requires_grad_()
+    # Filled in place: a temporary the size of the weight would otherwise sit in the peak.
+    hidden = torch.empty(n, h, dtype=dtype).normal_(generator=gen).requires_grad_()
+    weight = torch.empty(v, h, dtype=dtype).normal_(std=h**-0.5, generator=gen)
+    weight.requires_grad_()
     targets = torch.randint(0, v, (n,), generator=gen)
     g_lp = torch.randn(n, generator=gen)
     g_ent = torch.randn(n, generator=gen)
-    baseline = _peak_rss_mb()
+    reset = _reset_peak_rss()
+    baseline = (
+        _status_mb("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
 
     def step() -> None:
         if args.method == "naive":
@@ -62,6 +83,7 @@ def _worker(args: argparse.Namespace) -> None:
                 targets,
                 temperature=args.temperature,
                 chunk_size=args.chunk_size,
+                vocab_chunk_size=args.vocab_chunk_size,
                 with_entropy=args.entropy,
             )
         loss = (out.logprobs * g_lp).sum()
@@ -76,10 +98,16 @@ def _worker(args: argparse.Namespace) -> None:
         step()
         wall.append(time.perf_counter() - start_wall)
         cpu.append(time.process_time() - start_cpu)
-    extra_mb = _peak_rss_mb() - baseline
+    extra_mb = _status_mb("VmHWM") - baseline
     print(
         json.dumps(
-            {"extra_mb": extra_mb, "inputs_mb": baseline, "wall_s": min(wall), "cpu_s": min(cpu)}
+            {
+                "extra_mb": extra_mb,
+                "inputs_mb": baseline,
+                "peak_reset": reset,
+                "wall_s": min(wall),
+                "cpu_s": min(cpu),
+            }
         )
     )
 
@@ -90,7 +118,13 @@ def main() -> None:
     parser.add_argument("--methods", default="naive,fused")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--chunk-size", type=int, default=None, help="default: memory budget")
+    parser.add_argument("--chunk-size", type=int, default=None, help="tokens per tile (1024)")
+    parser.add_argument(
+        "--vocab-chunk-size",
+        type=int,
+        default=None,
+        help="vocab entries per tile (default: budget)",
+    )
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--entropy", action="store_true", help="also differentiate the entropy")
@@ -105,7 +139,8 @@ def main() -> None:
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
         f"threads={args.threads}, dtype={args.dtype}, entropy={args.entropy}, "
-        f"chunk_size={args.chunk_size or 'auto'}, repeats={args.repeats}"
+        f"chunk_size={args.chunk_size}, vocab_chunk_size={args.vocab_chunk_size or 'auto'}, "
+        f"repeats={args.repeats}"
     )
     print(f"{'N x V x H':>22} {'method':>6} {'extra MB':>10} {'wall s':>8} {'cpu s':>8}")
     for shape in args.shapes.split(","):
@@ -130,6 +165,8 @@ def main() -> None:
             ]
             if args.chunk_size is not None:
                 cmd += ["--chunk-size", str(args.chunk_size)]
+            if args.vocab_chunk_size is not None:
+                cmd += ["--vocab-chunk-size", str(args.vocab_chunk_size)]
             if args.entropy:
                 cmd.append("--entropy")
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))

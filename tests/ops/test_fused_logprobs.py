@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from cispo.ops import default_chunk_rows, fused_logprobs, naive_logprobs
+from cispo.ops import fused_logprobs, naive_logprobs, vocab_block_size
 
 FP32_RTOL = FP32_ATOL = 1e-5
 BF16_UNIT_ROUNDOFF = 2.0**-8  # 8 significand bits, round to nearest
@@ -79,15 +79,24 @@ def _assert_all_close(got: dict[str, Tensor | None], want: dict[str, Tensor | No
             torch.testing.assert_close(got_value, value, rtol=FP32_RTOL, atol=FP32_ATOL, msg=key)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 16, 50, 64, None])
+@pytest.mark.parametrize(
+    ("chunk_size", "vocab_chunk_size"),
+    [(1, 1), (7, 10), (16, 32), (50, None), (64, 103), (1024, None), (7, 200)],
+)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_fused_equals_naive_in_fp32_for_every_chunk_size(
-    chunk_size: int | None, temperature: float
+def test_fused_equals_naive_in_fp32_for_every_tile_shape(
+    chunk_size: int, vocab_chunk_size: int | None, temperature: float
 ) -> None:
-    # N = 50 is not a multiple of 7 or 16; V = 103 is prime, so no block size divides it.
+    # N = 50 is not a multiple of 7 or 16; V = 103 is prime, so no vocab block divides it.
     x = _inputs(50, 103, 24)
     want = _run("naive", x, temperature=temperature)
-    got = _run("fused", x, temperature=temperature, chunk_size=chunk_size)
+    got = _run(
+        "fused",
+        x,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+    )
     _assert_all_close(got, want)
 
 
@@ -96,7 +105,10 @@ def test_fused_gradient_from_one_output_alone_equals_naive(use_lp: bool, use_ent
     # (False, True) is a pure entropy bonus: the backward gets grad_logprobs = None.
     x = _inputs(33, 61, 8)
     want = _run("naive", x, use_lp=use_lp, use_ent=use_ent, temperature=1.3)
-    got = _run("fused", x, use_lp=use_lp, use_ent=use_ent, temperature=1.3, chunk_size=10)
+    got = _run(
+        "fused", x, use_lp=use_lp, use_ent=use_ent, temperature=1.3, chunk_size=10,
+        vocab_chunk_size=16,
+    )  # fmt: skip
     _assert_all_close(got, want)
 
 
@@ -114,16 +126,30 @@ def test_fused_without_entropy_returns_none_and_naive_gradients() -> None:
     v=st.integers(2, 70),
     h=st.integers(1, 12),
     chunk_size=st.integers(1, 45),
+    vocab_chunk_size=st.integers(1, 80),
     temperature=st.floats(0.3, 2.0),
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_fused_equals_naive_for_random_shapes(
-    n: int, v: int, h: int, chunk_size: int, temperature: float, bias: bool, seed: int
+    n: int,
+    v: int,
+    h: int,
+    chunk_size: int,
+    vocab_chunk_size: int,
+    temperature: float,
+    bias: bool,
+    seed: int,
 ) -> None:
     x = _inputs(n, v, h, seed=seed, bias=bias)
     want = _run("naive", x, temperature=temperature)
-    got = _run("fused", x, temperature=temperature, chunk_size=chunk_size)
+    got = _run(
+        "fused",
+        x,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+    )
     _assert_all_close(got, want)
 
 
@@ -136,7 +162,14 @@ def test_fused_backward_passes_gradcheck_in_float64() -> None:
 
     def f(hid: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         out = fused_logprobs(
-            hid, w, targets, bias=b, temperature=0.8, chunk_size=2, with_entropy=True
+            hid,
+            w,
+            targets,
+            bias=b,
+            temperature=0.8,
+            chunk_size=2,
+            vocab_chunk_size=3,
+            with_entropy=True,
         )
         assert out.entropy is not None
         return out.logprobs, out.entropy
@@ -166,11 +199,13 @@ def test_minus_inf_bias_gives_finite_values_and_naive_gradients() -> None:
     bias = x["bias"]
     assert bias is not None
     bias[banned] = -math.inf
+    bias[:3] = -math.inf  # the whole first vocab block: the online max starts at −inf
     targets = x["targets"]
     assert targets is not None
-    targets[torch.isin(targets, banned)] = 1  # 1 is not banned
+    targets[torch.isin(targets, banned) | (targets < 3)] = 4  # 4 is not banned
+    banned = torch.cat([banned, torch.tensor([1, 2])])
     want = _run("naive", x, temperature=0.9)
-    got = _run("fused", x, temperature=0.9, chunk_size=8)
+    got = _run("fused", x, temperature=0.9, chunk_size=8, vocab_chunk_size=7)
     for key in ("logprobs", "entropy", "hidden", "weight"):
         assert torch.isfinite(got[key]).all(), key  # type: ignore[arg-type]
     bias_grad = got["bias"]
@@ -187,7 +222,7 @@ def test_target_on_a_banned_entry_gives_minus_inf_logprob_and_finite_gradients()
     bias[5] = -math.inf
     x["targets"] = torch.tensor([5, 0, 5, 2, 3, 4])
     want = _run("naive", x)
-    got = _run("fused", x, chunk_size=4)
+    got = _run("fused", x, chunk_size=4, vocab_chunk_size=4)
     assert torch.equal(got["logprobs"][[0, 2]], torch.full((2,), -math.inf))  # type: ignore[index]
     for key in ("hidden", "weight"):
         assert torch.isfinite(got[key]).all(), key  # type: ignore[arg-type]
@@ -199,7 +234,7 @@ def test_huge_logits_stay_finite_and_match_naive() -> None:
     # matmuls of that size give (absolute ulp of 1e3 is 6e-5).
     x = _inputs(25, 40, 8, scale=2000.0, bias=False)
     want = _run("naive", x)
-    got = _run("fused", x, chunk_size=6)
+    got = _run("fused", x, chunk_size=6, vocab_chunk_size=9)
     for key, value in want.items():
         if value is None:  # no bias
             continue
@@ -217,7 +252,9 @@ def test_bf16_logprobs_within_documented_bound_of_fp32_reference() -> None:
     targets = x["targets"]
     assert targets is not None
     ref = naive_logprobs(hidden.float(), weight.float(), targets, with_entropy=True)
-    got = fused_logprobs(hidden, weight, targets, chunk_size=37, with_entropy=True)
+    got = fused_logprobs(
+        hidden, weight, targets, chunk_size=37, vocab_chunk_size=300, with_entropy=True
+    )
     assert got.logprobs.dtype == torch.float32
     z_max = (hidden.float() @ weight.float().t()).abs().amax(1)
     assert (got.logprobs - ref.logprobs).abs().max() > 0  # bf16 really differs from fp32
@@ -237,7 +274,7 @@ def test_bf16_gradients_within_two_percent_of_fp32_and_match_naive_bf16() -> Non
         for k, v in x.items()
     }
     ref = _run("naive", x_b)
-    got = _run("fused", x_b, dtype=torch.bfloat16, chunk_size=50)
+    got = _run("fused", x_b, dtype=torch.bfloat16, chunk_size=50, vocab_chunk_size=128)
     naive_b = _run("naive", x_b, dtype=torch.bfloat16)
     for key in ("hidden", "weight", "bias"):
         g, r, nb = got[key], ref[key], naive_b[key]
@@ -261,7 +298,7 @@ def test_fused_saves_no_tensor_of_tokens_times_vocab_size() -> None:
 
         x = _inputs(n, v, h)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            _run(fn, x, chunk_size=32) if fn == "fused" else _run(fn, x)
+            _run(fn, x, chunk_size=32, vocab_chunk_size=64) if fn == "fused" else _run(fn, x)
         return max(sizes)
 
     assert largest_saved("naive") >= n * v  # the check can see [N, V]...
@@ -280,23 +317,35 @@ def test_no_grad_forward_equals_grad_forward() -> None:
     assert torch.equal(cold.entropy, warm.entropy.detach())
 
 
-def test_default_chunk_rows_follows_the_memory_budget() -> None:
-    # 16 MiB / (4 bytes · V): 128 rows at V = 32,768 and 27 at Qwen's 151,936.
-    assert default_chunk_rows(32_768) == 128
-    assert default_chunk_rows(151_936) == 27
-    assert default_chunk_rows(10**9) == 1
+def test_default_vocab_block_fills_a_16_mib_tile() -> None:
+    # 16 MiB / (4 bytes · rows): 4096 at the default 1024 rows, never more than V, at least 1.
+    assert vocab_block_size(1024, 151_936) == 4096
+    assert vocab_block_size(14, 97) == 97
+    assert vocab_block_size(10**9, 50) == 1
 
 
 @pytest.mark.parametrize(
-    ("chunk_size", "temperature", "match"),
-    [(0, 1.0, "chunk_size"), (None, 0.0, "temperature"), (None, -1.0, "temperature")],
+    ("chunk_size", "vocab_chunk_size", "temperature", "match"),
+    [
+        (0, None, 1.0, "chunk_size"),
+        (8, 0, 1.0, "vocab_chunk_size"),
+        (8, None, 0.0, "temperature"),
+        (8, None, -1.0, "temperature"),
+    ],
 )
 def test_invalid_settings_are_rejected(
-    chunk_size: int | None, temperature: float, match: str
+    chunk_size: int, vocab_chunk_size: int | None, temperature: float, match: str
 ) -> None:
     hidden, weight, targets = torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(2, dtype=torch.long)
     with pytest.raises(ValueError, match=match):
-        fused_logprobs(hidden, weight, targets, chunk_size=chunk_size, temperature=temperature)
+        fused_logprobs(
+            hidden,
+            weight,
+            targets,
+            chunk_size=chunk_size,
+            vocab_chunk_size=vocab_chunk_size,
+            temperature=temperature,
+        )
 
 
 def test_frozen_weight_gets_no_gradient_and_hidden_gradient_is_unchanged() -> None:
@@ -307,7 +356,7 @@ def test_frozen_weight_gets_no_gradient_and_hidden_gradient_is_unchanged() -> No
     grads = []
     for fn in (naive_logprobs, fused_logprobs):
         h = hidden.clone().requires_grad_()
-        out = fn(h, weight, targets, with_entropy=True)
+        out = fn(h, weight, targets, with_entropy=True)  # fused: one [21, 30] tile
         assert out.entropy is not None
         torch.autograd.backward((out.logprobs + 0.1 * out.entropy).sum())
         grads.append(h.grad)

@@ -132,11 +132,12 @@ def test_only_loss_mask_tokens_reach_the_vocabulary_projection(
     assert seen == [int(b["loss_mask"].sum())] == [14]
 
 
-@pytest.mark.parametrize(("chunk_size", "expect_fused"), [(5, True), (14, False), (None, False)])
-def test_auto_mode_fuses_only_when_tokens_exceed_one_chunk(
-    monkeypatch: pytest.MonkeyPatch, chunk_size: int | None, expect_fused: bool
+@pytest.mark.parametrize(("budget", "expect_fused"), [(2**24, False), (4 * 14 * 97 - 1, True)])
+def test_auto_mode_fuses_only_when_naive_logits_exceed_one_tile(
+    monkeypatch: pytest.MonkeyPatch, budget: int, expect_fused: bool
 ) -> None:
-    # N = 14 selected tokens; the default chunk at V = 97 holds 43,240 rows.
+    # N = 14 selected tokens × V = 97 × 4 bytes = 5,432 bytes of naive logits.
+    monkeypatch.setattr(model_logprobs_module, "TILE_BUDGET_BYTES", budget)
     calls: list[str] = []
 
     def recording(name: str, fn: Callable[..., FusedLogprobOutput]) -> Callable[..., Any]:
@@ -150,9 +151,8 @@ def test_auto_mode_fuses_only_when_tokens_exceed_one_chunk(
     monkeypatch.setattr(model_logprobs_module, "naive_logprobs", recording("naive", naive_logprobs))
     b = _batch()
     model_token_logprobs(
-        _tiny_llama(), b["input_ids"], b["attention_mask"], b["targets"], b["loss_mask"],
-        chunk_size=chunk_size,
-    )  # fmt: skip
+        _tiny_llama(), b["input_ids"], b["attention_mask"], b["targets"], b["loss_mask"]
+    )
     assert calls == ["fused" if expect_fused else "naive"]
 
 

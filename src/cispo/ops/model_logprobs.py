@@ -2,7 +2,7 @@
 
 `model_token_logprobs` runs the decoder (the model without its lm_head) to get final hidden states
 [B, T, H], keeps the loss-mask rows [N, H], and sends only those through the vocabulary projection,
-fused (`fused_logprobs`, memory O(chunk × V)) or naive (`naive_logprobs`, full [N, V] logits).
+fused (`fused_logprobs`, memory O(tile)) or naive (`naive_logprobs`, full [N, V] logits).
 It takes a model as an argument and owns none: no optimizer, no I/O.
 
 The output projection is read from `model.get_output_embeddings()`: a plain `nn.Linear` (its weight
@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from cispo.ops.fused_logprobs import (
+    TILE_BUDGET_BYTES,
     FusedLogprobOutput,
-    default_chunk_rows,
     fused_logprobs,
     naive_logprobs,
 )
@@ -92,9 +92,10 @@ def model_token_logprobs(
 
     Args:
         model: a transformers causal LM (or a peft model wrapping one).
-        fused: True for `fused_logprobs`, False for the naive reference; None (default) fuses when N
-            is larger than one chunk, i.e. when fusing bounds memory the naive path would not.
-        chunk_size: tokens per chunk for the fused path; None picks one from a memory budget.
+        fused: True for `fused_logprobs`, False for the naive reference; None (default) fuses when
+            the naive [N, V] fp32 logits would be larger than one fused tile (TILE_BUDGET_BYTES),
+            i.e. when fusing bounds memory that the naive path would not.
+        chunk_size: tokens per tile for the fused path; None means the kernel's default (1024).
     """
     config = getattr(model, "config", None)
     for field in _LOGIT_TRANSFORMS:
@@ -113,9 +114,8 @@ def model_token_logprobs(
     selected_targets = targets[loss_mask]  # [N]
     weight, bias = output_projection(head)
     num_tokens, vocab_size = selected.shape[0], weight.shape[0]
-    chunk_rows = default_chunk_rows(vocab_size) if chunk_size is None else chunk_size
     if fused is None:
-        fused = num_tokens > chunk_rows
+        fused = 4 * num_tokens * vocab_size > TILE_BUDGET_BYTES
     if fused:
         out = fused_logprobs(
             selected,
@@ -123,7 +123,7 @@ def model_token_logprobs(
             selected_targets,
             bias=bias,
             temperature=temperature,
-            chunk_size=chunk_rows,
+            chunk_size=chunk_size,
             with_entropy=with_entropy,
         )
     else:

@@ -42,11 +42,11 @@ class EngineConfig:
     micro_batch_size: int = 64
     """Sequences per forward/backward pass; gradients accumulate across micro-batches."""
     fused_logprobs: bool | None = None
-    """Compute logprobs chunk by chunk from hidden states (`cispo.ops`), never materialising
-    [tokens, vocab] logits. None: fuse when the scored tokens exceed one chunk; False: the naive
-    reference path."""
+    """Compute logprobs tile by tile from hidden states (`cispo.ops`), never materialising
+    [tokens, vocab] logits. None: fuse when the naive logits would exceed one tile; False: the
+    naive reference path."""
     logprob_chunk_size: int | None = None
-    """Tokens per chunk of the fused path; None picks it from a memory budget."""
+    """Tokens per tile of the fused path (None: `cispo.ops` default)."""
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:
