@@ -66,47 +66,56 @@ class _Batch:
 
 
 def _collate(datums: Sequence[Datum]) -> _Batch:
-    """Right-pad datums into [B, T] tensors."""
+    """Right-pad datums into [B, T] tensors (one tensor build per key, not per datum)."""
     lengths = [d.model_input.length for d in datums]
     width = max(lengths)
-    batch = len(datums)
-    input_ids = torch.zeros(batch, width, dtype=torch.long)
-    targets = torch.zeros(batch, width, dtype=torch.long)
-    attention = torch.zeros(batch, width, dtype=torch.bool)
-    loss_mask = torch.zeros(batch, width, dtype=torch.bool)
-    fields: dict[str, Tensor] = {}
+    valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]  # [B, T]
+    keys = set(datums[0].loss_fn_inputs)
     for i, datum in enumerate(datums):
-        n = lengths[i]
-        inputs = datum.loss_fn_inputs
-        if "target_tokens" not in inputs:
+        if set(datum.loss_fn_inputs) != keys:
+            raise ValueError("all datums in one call must carry the same loss_fn_inputs keys")
+        if "target_tokens" not in keys:
             raise ValueError(f"datum {i}: loss_fn_inputs needs 'target_tokens'")
-        tokens = inputs["target_tokens"].to_torch().reshape(-1)
-        if tokens.numel() != n:
-            raise ValueError(
-                f"datum {i}: target_tokens has {tokens.numel()} entries, model_input has {n}"
-            )
-        input_ids[i, :n] = torch.tensor(datum.model_input.to_ints(), dtype=torch.long)
-        targets[i, :n] = tokens
-        attention[i, :n] = True
-        if "mask" in inputs:
-            loss_mask[i, :n] = inputs["mask"].to_torch().reshape(-1) > 0
-        elif "weights" in inputs:
-            loss_mask[i, :n] = inputs["weights"].to_torch().reshape(-1) > 0
-        else:
-            loss_mask[i, :n] = True
-        for key in _FLOAT_KEYS:
-            if key in inputs:
-                values = inputs[key].to_torch().reshape(-1).float()
-                if values.numel() != n:
-                    raise ValueError(
-                        f"datum {i}: loss_fn_inputs[{key!r}] has {values.numel()} entries, "
-                        f"expected {n} (one per model_input position)"
-                    )
-                fields.setdefault(key, torch.zeros(batch, width))[i, :n] = values
-    present = [set(d.loss_fn_inputs) & set(_FLOAT_KEYS) for d in datums]
-    if any(p != present[0] for p in present):
-        raise ValueError("all datums in one call must carry the same loss_fn_inputs keys")
-    return _Batch(input_ids, attention, targets, loss_mask, fields, lengths)
+        for key, values in datum.loss_fn_inputs.items():
+            if len(values.data) != lengths[i]:
+                raise ValueError(
+                    f"datum {i}: loss_fn_inputs[{key!r}] has {len(values.data)} entries, "
+                    f"expected {lengths[i]} (one per model_input position)"
+                )
+
+    def padded(rows: list[list[int]] | list[list[float]], dtype: torch.dtype) -> Tensor:
+        out = torch.zeros(len(datums), width, dtype=dtype)
+        out[valid] = torch.tensor([x for row in rows for x in row], dtype=dtype)
+        return out
+
+    input_ids = padded([d.model_input.to_ints() for d in datums], torch.long)
+    targets = padded([d.loss_fn_inputs["target_tokens"].data for d in datums], torch.long)
+    mask_key = "mask" if "mask" in keys else "weights" if "weights" in keys else None
+    if mask_key is None:
+        loss_mask = valid.clone()
+    else:
+        loss_mask = padded([d.loss_fn_inputs[mask_key].data for d in datums], torch.float32) > 0
+    fields = {
+        key: padded([d.loss_fn_inputs[key].data for d in datums], torch.float32)
+        for key in _FLOAT_KEYS
+        if key in keys
+    }
+    return _Batch(input_ids, valid, targets, loss_mask, fields, lengths)
+
+
+def _rows(batch: _Batch, start: int, stop: int) -> _Batch:
+    """Sequences [start, stop) of a collated batch, trimmed to their own longest length."""
+    lengths = batch.lengths[start:stop]
+    width = max(lengths)
+    cut = slice(start, stop)
+    return _Batch(
+        batch.input_ids[cut, :width],
+        batch.attention_mask[cut, :width],
+        batch.targets[cut, :width],
+        batch.loss_mask[cut, :width],
+        {k: v[cut, :width] for k, v in batch.fields.items()},
+        lengths,
+    )
 
 
 def merge_metrics(parts: Sequence[tuple[float, Mapping[str, float]]]) -> dict[str, float]:
@@ -190,7 +199,7 @@ class Engine:
         parts: list[tuple[float, Mapping[str, float]]] = []
         loss_sum = 0.0
         for start in range(0, len(datums), size):
-            part = _collate(datums[start : start + size])
+            part = _rows(full, start, start + size)
             with torch.set_grad_enabled(not forward_only):
                 scored = model_token_logprobs(
                     self.model,
