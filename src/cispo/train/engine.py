@@ -83,7 +83,7 @@ def _collate(datums: Sequence[Datum]) -> _Batch:
                     f"expected {lengths[i]} (one per model_input position)"
                 )
 
-    def padded(rows: list[list[int]] | list[list[float]], dtype: torch.dtype) -> Tensor:
+    def padded(rows: Sequence[Sequence[float]], dtype: torch.dtype) -> Tensor:
         out = torch.zeros(len(datums), width, dtype=dtype)
         out[valid] = torch.tensor([x for row in rows for x in row], dtype=dtype)
         return out
