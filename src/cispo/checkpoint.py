@@ -215,14 +215,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def _write_text_atomic(path: Path, text: str, *, durable: bool = True) -> None:
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def _discard(path: Path) -> None:
@@ -302,11 +304,15 @@ def save_named_state(
     rng_state: Mapping[str, Any],
     trainer_state: Mapping[str, Any],
     keep_last: int | None = 0,
+    durable: bool = True,
 ) -> Path:
     """`save_checkpoint` for a Tinker-style named state: writes `root/name/` the same way.
 
     The checkpoint's step is `trainer_state["step"]` if given, else the N of a `step_N` name,
-    else 0. Only `step_N` directories are pruned (None or 0 keeps all).
+    else 0. Only `step_N` directories are pruned (None or 0 keeps all). `durable=False` skips the
+    fsyncs: the rename still makes the checkpoint appear whole or not at all if the *process* is
+    killed (the page cache survives), but a machine crash may lose it. The RL loop uses it for
+    its per-step checkpoints, where the fsyncs cost as much as half a tiny-model step.
     """
     if not name or "/" in name or name.startswith(".") or name == "latest":
         raise ValueError(f"bad checkpoint name {name!r}: one path component, not hidden")
@@ -325,6 +331,7 @@ def save_named_state(
         rng_state=rng_state,
         trainer_state=trainer_state,
         keep_last=keep_last if match else None,
+        durable=durable,
     )
 
 
@@ -338,6 +345,7 @@ def _save(
     rng_state: Mapping[str, Any],
     trainer_state: Mapping[str, Any],
     keep_last: int | None,
+    durable: bool = True,
 ) -> Path:
     if keep_last is not None and keep_last < 0:
         raise ValueError(f"keep_last must be >= 0 (0 or None keeps all), got {keep_last}")
@@ -355,17 +363,19 @@ def _save(
         torch.save(dict(optimizer_state), tmp / "optimizer.pt")
         torch.save(dict(rng_state), tmp / "rng.pt")
         (tmp / "state.json").write_text(state_json)
-        for file_name in _FILES:
-            _fsync_file(tmp / file_name)
-        _fsync_dir(tmp)
+        if durable:
+            for file_name in _FILES:
+                _fsync_file(tmp / file_name)
+            _fsync_dir(tmp)
         if final.exists():
             _discard(final)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(root)
-    _write_text_atomic(root / "latest", final.name + "\n")
+    if durable:
+        _fsync_dir(root)
+    _write_text_atomic(root / "latest", final.name + "\n", durable=durable)
     if keep_last:
         older = [path for s, path in _step_dirs(root) if s < step]
         for path in older[: max(0, len(older) - (keep_last - 1))]:

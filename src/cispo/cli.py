@@ -1,10 +1,10 @@
 """The `cispo` command line.
 
-    cispo train                                  # the embedded default recipe
-    cispo train arithmetic_cispo --rl.steps=50   # a recipe by name, with dotted overrides
-    cispo train path/to/recipe.py --resume --run.dir=runs/x
-    cispo config [RECIPE] [overrides]            # print the resolved config and exit
-    cispo serve --api-key tml-... [--port 8000]  # a server for the tinker SDK (docs/server.md)
+cispo train                                  # the embedded default recipe
+cispo train arithmetic_cispo --rl.steps=50   # a recipe by name, with dotted overrides
+cispo train path/to/recipe.py --resume --run.dir=runs/x
+cispo config [RECIPE] [overrides]            # print the resolved config and exit
+cispo serve --api-key tml-... [--port 8000]  # a server for the tinker SDK (docs/server.md)
 """
 
 from __future__ import annotations

@@ -176,9 +176,16 @@ class TrainingClient:
         )
 
     def save_state(
-        self, name: str, *, metadata: Mapping[str, Any] | None = None, keep_last: int = 0
+        self,
+        name: str,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        keep_last: int = 0,
+        durable: bool = True,
     ) -> APIFuture[SaveWeightsResponse]:
-        """Weights + optimizer + sampler RNG (+ `metadata`), atomically, under `checkpoint_dir`."""
+        """Weights + optimizer + sampler RNG (+ `metadata`), atomically, under `checkpoint_dir`.
+
+        `durable=False` skips fsync (still atomic if the process dies; see `cispo.checkpoint`)."""
 
         def run() -> SaveWeightsResponse:
             state = self.engine.state()
@@ -196,6 +203,7 @@ class TrainingClient:
                 rng_state={"sample_generator": state["sample_generator"]},
                 trainer_state=trainer_state,
                 keep_last=keep_last,
+                durable=durable,
             )
             return SaveWeightsResponse(path=str(path))
 

@@ -96,7 +96,7 @@ class TensorData:
 
 
 def as_tensor_data(key: str, value: object) -> TensorData:
-    """`value` (TensorData, tensor or list) as TensorData; list dtypes follow Tinker's per-key rule."""
+    """`value` (TensorData, tensor or list) as TensorData; list dtypes follow Tinker's key rule."""
     if isinstance(value, TensorData):
         return value
     if isinstance(value, torch.Tensor):

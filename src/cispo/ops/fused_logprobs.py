@@ -56,7 +56,8 @@ __all__ = [
 # 1024-row chunk the vocab block is 4096. Why tiles over V too, not only over rows: with a row
 # chunk alone the backward adds each chunk's dL/dW into the full [V, H] gradient, streaming
 # 8·V·H bytes per chunk; at V = 151,936 with a 16 MiB [27, V] chunk that made it 2.3× slower than
-# naive (docs/LOG_logprobs.md). A [C, Vb] tile streams only [Vb, H] and [C, H] accumulators.
+# naive (docs/LOG.md, fused logprobs entry). A [C, Vb] tile streams only [Vb, H] and [C, H]
+# accumulators.
 TILE_BUDGET_BYTES = 16 * 2**20
 DEFAULT_CHUNK_SIZE = 1024
 

@@ -55,9 +55,16 @@ class ArithmeticTask:
     instruction: bool = False
     """Chat-style prompt ("What is 37+45? Answer with the number only.") and a verifier that reads
     the last integer of the first line, for instruct models; False: "37+45=" and an exact match."""
+    reverse_digits: bool = False
+    """Write the answer's digits least-significant first, sign first ("37+45=" → "28", "12-45=" →
+    "-33"): each digit then depends on two operand digits and a carry already written, which a
+    small model learns far faster than most-significant-first (the "reversed output" of
+    arithmetic-transformer studies, e.g. Lee et al., arXiv:2307.03381)."""
     name: str = field(default="arithmetic", init=False)
 
     def __post_init__(self) -> None:
+        if self.instruction and self.reverse_digits:
+            raise ValueError("instruction=True and reverse_digits=True do not combine")
         if self.num_terms < 2:
             raise ValueError(f"num_terms must be >= 2, got {self.num_terms}")
         if self.digits < 1:
@@ -99,9 +106,13 @@ class ArithmeticTask:
         for op, x in zip(operators, operands[1:], strict=True):
             text += f"{op}{x}"
         prompt = f"What is {text}? Answer with the number only." if self.instruction else text + "="
+        value = evaluate(operands, operators)
+        answer = str(value)
+        if self.reverse_digits:
+            answer = ("-" if value < 0 else "") + str(abs(value))[::-1]
         problem = Problem(
             prompt=prompt,
-            answer=str(evaluate(operands, operators)),
+            answer=answer,
             metadata={"operands": operands, "operators": operators},
         )
         return text + "=", problem

@@ -9,6 +9,7 @@ docstring under it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -79,8 +80,12 @@ class TaskConfig:
 
     def kwargs(self) -> dict[str, Any]:
         if self.name == "arithmetic":
-            return {"digits": self.digits, "num_terms": self.terms, "operators": self.ops,
-                    "instruction": self.instruction}
+            return {
+                "digits": self.digits,
+                "num_terms": self.terms,
+                "operators": self.ops,
+                "instruction": self.instruction,
+            }
         if self.name == "jsonl":
             return {"path": self.path, "verifier": self.verifier}
         if self.name == "reasoning_gym":
@@ -164,6 +169,21 @@ class OptimConfig:
     """Decoupled weight decay."""
     grad_clip_norm: float = 1.0
     """Global gradient-norm clip; 0 = off."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up over the first RL steps (rollout batches)."""
+    decay: Literal["constant", "cosine"] = "constant"
+    """RL learning-rate schedule after warm-up: constant, or cosine down to `final_lr_ratio`."""
+    final_lr_ratio: float = 0.1
+    """cosine: the last step's learning rate as a fraction of `learning_rate`."""
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Learning rate of RL step `step` (0-based) of `total`."""
+        scale = min(1.0, (step + 1) / max(1, self.warmup_steps))
+        if self.decay == "cosine":
+            progress = min(1.0, step / max(1, total - 1))
+            floor = self.final_lr_ratio
+            scale *= floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.learning_rate * scale
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -237,8 +257,9 @@ class RunConfig:
     """Run directory: config, metrics, curves, samples, checkpoints."""
     seed: int = 0
     """Seeds the model init, the data stream and sampling."""
-    checkpoint_every: int = 25
-    """Save a checkpoint every this many steps (0 = only at the end)."""
+    checkpoint_every: int = 1
+    """Save a checkpoint every this many steps (0 = only at the end). 1 means a killed run loses
+    at most the step in progress."""
     keep_last: int = 2
     """Checkpoints kept on disk."""
     threads: int = 0
@@ -278,18 +299,32 @@ class AsyncConfig:
     """The trainer stops with an error when the worker sends nothing for this long."""
 
     def __post_init__(self) -> None:
-        _check(self.max_staleness >= 0, "asynchronous.max_staleness",
-               f"must be >= 0, got {self.max_staleness}")
-        _check(self.queue_size >= 1, "asynchronous.queue_size",
-               f"must be >= 1, got {self.queue_size}")
-        _check(self.canary_threshold > 0, "asynchronous.canary_threshold",
-               f"must be > 0, got {self.canary_threshold}")
-        _check(self.probe_size >= 1, "asynchronous.probe_size",
-               f"must be >= 1, got {self.probe_size}")
-        _check(self.worker_threads >= 1, "asynchronous.worker_threads",
-               f"must be >= 1, got {self.worker_threads}")
-        _check(self.correction_ratio_max > 0, "asynchronous.correction_ratio_max",
-               f"must be > 0, got {self.correction_ratio_max}")
+        _check(
+            self.max_staleness >= 0,
+            "asynchronous.max_staleness",
+            f"must be >= 0, got {self.max_staleness}",
+        )
+        _check(
+            self.queue_size >= 1, "asynchronous.queue_size", f"must be >= 1, got {self.queue_size}"
+        )
+        _check(
+            self.canary_threshold > 0,
+            "asynchronous.canary_threshold",
+            f"must be > 0, got {self.canary_threshold}",
+        )
+        _check(
+            self.probe_size >= 1, "asynchronous.probe_size", f"must be >= 1, got {self.probe_size}"
+        )
+        _check(
+            self.worker_threads >= 1,
+            "asynchronous.worker_threads",
+            f"must be >= 1, got {self.worker_threads}",
+        )
+        _check(
+            self.correction_ratio_max > 0,
+            "asynchronous.correction_ratio_max",
+            f"must be > 0, got {self.correction_ratio_max}",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -304,4 +339,3 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
-

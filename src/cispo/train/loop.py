@@ -203,7 +203,7 @@ def train_on_rollout(
         ]
     if datums:
         adam = AdamParams(
-            learning_rate=config.optim.learning_rate,
+            learning_rate=config.optim.lr_at(rollout.step, rl.steps),
             beta1=config.optim.beta1,
             beta2=config.optim.beta2,
             eps=config.optim.eps,
@@ -332,6 +332,7 @@ def train(
                 f"step_{done:06d}",
                 metadata={"step": done, "warm_started": True},
                 keep_last=config.run.keep_last,
+                durable=done == rl.steps,  # atomic either way; fsync only the final one
             ).result()
         progress.update(
             {

@@ -326,6 +326,7 @@ def _produce(spec: _WorkerSpec, channel: WeightChannel, messages: Any) -> None:
     task = make_task(config.task.name, **config.task.kwargs())
     gate = StalenessGate(run.max_staleness, run.queue_size)
     loaded = NO_WEIGHTS
+    cpu0 = time.process_time()
     for step in range(spec.start, config.rl.steps):
         t0 = time.perf_counter()
         if not channel.wait_to_start(gate, step):
@@ -343,6 +344,7 @@ def _produce(spec: _WorkerSpec, channel: WeightChannel, messages: Any) -> None:
         engine.version = loaded  # SamplingClient stamps its rollouts with the engine's version
         rollout = collect_rollout(SamplingClient(engine, model, bundle), task, step, config)
         rollout.metrics["time/generator_wait"] = waited
+        rollout.metrics["time/worker_cpu_total"] = time.process_time() - cpu0  # since the 1st batch
         _send(messages, rollout)
 
 
