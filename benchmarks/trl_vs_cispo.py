@@ -48,7 +48,8 @@ from cispo.tasks import ArithmeticTask, Problem
 from cispo.train import engine as engine_module
 from cispo.train.config import OptimConfig, RLConfig, SamplingConfig, TrainConfig
 from cispo.train.engine import EngineConfig
-from cispo.train.loop import collect_rollout, supervised_warm_start, train_on_rollout
+from cispo.train.rollouts import collect_rollout, train_on_rollout
+from cispo.train.warm_start import supervised_warm_start
 
 
 class Timers:

@@ -95,7 +95,8 @@ def test_an_rl_update_raises_logprobs_of_positive_advantage_completions(tmp_path
     completions with A > 0 goes up and that of completions with A < 0 goes down."""
     from cispo.client import ServiceClient
     from cispo.tasks import make_task
-    from cispo.train.loop import collect_rollout, supervised_warm_start, train_on_rollout
+    from cispo.train.rollouts import collect_rollout, train_on_rollout
+    from cispo.train.warm_start import supervised_warm_start
 
     config = _config(
         tmp_path,

@@ -40,23 +40,16 @@ from cispo.rollout.staleness import LagStats, StalenessGate
 from cispo.tasks import Task, make_task
 from cispo.train.config import TrainConfig
 from cispo.train.engine import EngineConfig
-from cispo.train.loop import (
-    Rollout,
-    RunSummary,
-    _json,
-    _plan,
-    collect_rollout,
-    evaluate,
-    sample_rows,
-    supervised_warm_start,
-    train_on_rollout,
-)
+from cispo.train.evaluate import evaluate
+from cispo.train.loop import RunSummary, config_json, describe_plan
+from cispo.train.rollouts import Rollout, collect_rollout, sample_rows, train_on_rollout
 from cispo.train.sampler_worker import (
     SamplerWorker,
     SyncCanary,
     SyncReport,
     weight_fingerprint,
 )
+from cispo.train.warm_start import supervised_warm_start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +135,9 @@ def train_async(
         logger.resume(start)
         echo(f"resumed from {latest} at step {start}")
     else:
-        (run_dir / "config.json").write_text(_json(config_to_dict(config)))
+        (run_dir / "config.json").write_text(config_json(config_to_dict(config)))
     rl, test = config.rl, task.problems("test", seed=config.run.seed, n=config.eval.num_problems)
-    echo(_plan(config, training))
+    echo(describe_plan(config, training))
     probe = probe_batch(task, training.get_tokenizer(), config)
     model = training.engine.model
     # Started before the warm start so that its imports and model build overlap with it.

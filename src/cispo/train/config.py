@@ -193,9 +193,11 @@ class SFTConfig:
     batch_size: int = 64
     """Problems per supervised step."""
     learning_rate: float = 3e-3
-    """Peak AdamW learning rate of the warm start (linear warm-up, then cosine decay to 10%)."""
+    """Peak AdamW learning rate of the warm start (linear warm-up, then cosine decay)."""
     warmup_steps: int = 50
     """Linear learning-rate warm-up steps of the warm start."""
+    final_lr_ratio: float = 0.1
+    """The warm start's learning rate decays (cosine) to this fraction of its peak; 1 = constant."""
 
 
 @dataclass(frozen=True, kw_only=True)

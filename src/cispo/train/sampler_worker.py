@@ -42,7 +42,7 @@ from cispo.tasks import make_task
 from cispo.train.bundle import load_bundle
 from cispo.train.config import TrainConfig
 from cispo.train.engine import Engine
-from cispo.train.loop import Rollout, collect_rollout
+from cispo.train.rollouts import Rollout, collect_rollout
 
 SPAWN = torch.multiprocessing.get_context("spawn")
 _POLL_S = 0.5  # how often a waiting side re-checks for stop requests and dead peers

@@ -1,0 +1,42 @@
+"""Held-out evaluation: greedy accuracy, and pass@k at the sampling temperature."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cispo.client import ModelInput, SamplingClient, SamplingParams
+from cispo.prompts import decode_completion, encode_prompt
+from cispo.rewards import score_all
+from cispo.tasks import Problem, Task
+from cispo.train.config import TrainConfig
+
+
+def evaluate(
+    sampler: SamplingClient, task: Task, problems: Sequence[Problem], config: TrainConfig
+) -> dict[str, float]:
+    """Greedy accuracy on held-out problems (+ pass@k at the sampling temperature if asked)."""
+    tok = sampler.get_tokenizer()
+    greedy = SamplingParams(max_tokens=config.sampling.max_tokens, temperature=0.0, seed=0)
+    futures = [
+        sampler.sample(ModelInput.from_ints(encode_prompt(tok, p.prompt)), 1, greedy)
+        for p in problems
+    ]
+    texts = [decode_completion(tok, f.result().sequences[0].tokens) for f in futures]
+    scores = score_all(task, list(problems), texts, timeout_s=config.task.reward_timeout_s)
+    metrics = {"eval/accuracy": sum(r == 1.0 for r in scores.rewards) / len(problems)}
+    k = config.eval.pass_k
+    if k > 0:
+        params = SamplingParams(
+            max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=1
+        )
+        futures = [
+            sampler.sample(ModelInput.from_ints(encode_prompt(tok, p.prompt)), k, params)
+            for p in problems
+        ]
+        hits = 0
+        for problem, future in zip(problems, futures, strict=True):
+            texts = [decode_completion(tok, s.tokens) for s in future.result().sequences]
+            rewards = score_all(task, [problem] * k, texts, timeout_s=config.task.reward_timeout_s)
+            hits += any(r == 1.0 for r in rewards.rewards)
+        metrics[f"eval/pass@{k}"] = hits / len(problems)
+    return metrics

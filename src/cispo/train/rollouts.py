@@ -1,0 +1,189 @@
+"""One rollout batch and the optimizer steps on it: the two stages of an RL step.
+
+`collect_rollout` samples `rl.group_size` completions for `rl.prompts_per_step` prompts from a
+sampling client, scores them, computes advantages and builds datums; `train_on_rollout` runs
+`rl.epochs × rl.minibatches` optimizer steps on them through a training client. The synchronous
+loop (`cispo.train.loop`) and the async one (`cispo.train.async_loop`) both use them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cispo.advantages import compute_advantages
+from cispo.client import AdamParams, ModelInput, SamplingClient, SamplingParams
+from cispo.client.service import TrainingClient
+from cispo.datums import rl_datum
+from cispo.prompts import decode_completion, encode_prompt
+from cispo.rewards import score_all
+from cispo.tasks import Problem, Task
+from cispo.train.config import TrainConfig
+
+
+def step_seed(base: int, step: int, salt: int) -> int:
+    """A distinct, reproducible seed per (run seed, step, use): a resumed step redraws its data."""
+    return (base * 1_000_003 + step * 7919 + salt) % (2**31 - 1)
+
+
+@dataclass
+class Rollout:
+    """One rollout batch: sampled groups, rewards, advantages and the datums built from them."""
+
+    step: int
+    problems: list[Problem]
+    texts: list[str]  # [P * G] decoded completions
+    rewards: torch.Tensor  # [P, G]
+    advantages: torch.Tensor  # [P, G]
+    datums: list[Any]
+    metrics: dict[str, float]
+    version: int = 0  # policy version (optimizer steps) of the weights that sampled it
+
+
+def collect_rollout(sampler: SamplingClient, task: Task, step: int, config: TrainConfig) -> Rollout:
+    """Sample `rl.group_size` completions for `rl.prompts_per_step` prompts, score, build datums."""
+    rl, tok = config.rl, sampler.get_tokenizer()
+    t0 = time.perf_counter()
+    problems = task.problems(
+        "train", seed=step_seed(config.run.seed, step, 2), n=rl.prompts_per_step
+    )
+    params = SamplingParams(
+        max_tokens=config.sampling.max_tokens,
+        temperature=config.sampling.temperature,
+        top_k=config.sampling.top_k,
+        top_p=config.sampling.top_p,
+        seed=step_seed(config.run.seed, step, 3),
+    )
+    prompts = [encode_prompt(tok, p.prompt) for p in problems]
+    futures = [sampler.sample(ModelInput.from_ints(p), rl.group_size, params) for p in prompts]
+    groups = [f.result().sequences for f in futures]
+    t1 = time.perf_counter()
+    texts = [decode_completion(tok, s.tokens) for g in groups for s in g]
+    flat_problems = [p for p in problems for _ in range(rl.group_size)]
+    scored = score_all(task, flat_problems, texts, timeout_s=config.task.reward_timeout_s)
+    rewards = torch.tensor(scored.rewards, dtype=torch.float32).reshape(len(problems), -1)
+    adv = compute_advantages(rewards, rl.advantage)
+    datums = []
+    for i, group in enumerate(groups):
+        if bool((adv.advantages[i] == 0).all()):
+            continue  # a group with no signal adds no gradient, only normaliser mass
+        for j, seq in enumerate(group):
+            if seq.tokens:
+                datums.append(
+                    rl_datum(
+                        prompts[i],
+                        seq.tokens,
+                        seq.logprobs,
+                        float(adv.advantages[i, j]),
+                        old_logprobs=seq.logprobs,
+                    )
+                )
+    correct = [r == 1.0 for r in scored.rewards]
+    metrics = adv.metrics | {
+        "time/sample": t1 - t0,
+        "time/reward": time.perf_counter() - t1,
+        "reward/mean": float(torch.nanmean(rewards)),
+        "reward/accuracy": sum(correct) / len(correct),
+        "reward/errors": float(scored.num_errors + scored.num_timeouts),
+        "rl/datums": float(len(datums)),
+        "rl/tokens": float(sum(len(s.tokens) for g in groups for s in g)),
+    }
+    return Rollout(
+        step,
+        problems,
+        texts,
+        rewards,
+        adv.advantages,
+        datums,
+        metrics,
+        version=getattr(sampler, "version", 0),
+    )
+
+
+def train_on_rollout(
+    training: TrainingClient,
+    rollout: Rollout,
+    config: TrainConfig,
+    *,
+    loss_fn_config: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """`rl.epochs × rl.minibatches` optimizer steps on one rollout batch; returns metrics.
+
+    `loss_fn_config` replaces `config.loss.loss_fn_config()` (the async loop adds corrections).
+    """
+    rl, datums = config.rl, rollout.datums
+    if loss_fn_config is None:
+        loss_fn_config = config.loss.loss_fn_config()
+    t0 = time.perf_counter()
+    metrics: dict[str, float] = {}
+    if datums and rl.recompute_old_logprobs:
+        old = training.forward(datums, "cross_entropy", temperature=config.sampling.temperature)
+        datums = [
+            _with_old_logprobs(d, out["logprobs"].tolist())
+            for d, out in zip(datums, old.result().loss_fn_outputs, strict=True)
+        ]
+    if datums:
+        adam = AdamParams(
+            learning_rate=config.optim.lr_at(rollout.step, rl.steps),
+            beta1=config.optim.beta1,
+            beta2=config.optim.beta2,
+            eps=config.optim.eps,
+            weight_decay=config.optim.weight_decay,
+            grad_clip_norm=config.optim.grad_clip_norm,
+        )
+        per = math.ceil(len(datums) / rl.minibatches)
+        for epoch in range(rl.epochs):
+            for start in range(0, len(datums), per):
+                fwd = training.forward_backward(
+                    datums[start : start + per],
+                    config.loss.name,
+                    loss_fn_config,
+                    temperature=config.sampling.temperature,
+                )
+                opt = training.optim_step(adam)
+                out = fwd.result()
+                if epoch == 0 and start == 0:
+                    metrics |= {k.replace(":sum", ""): v for k, v in out.metrics.items()}
+                    metrics |= _sample_train_kl(datums[start : start + per], out.loss_fn_outputs)
+                metrics |= opt.result().metrics or {}
+    metrics["time/train"] = time.perf_counter() - t0
+    return metrics
+
+
+def sample_rows(rollout: Rollout, group_size: int, n: int = 4) -> list[dict[str, Any]]:
+    """A few (prompt, completion, reward, advantage) rows for the samples table."""
+    return [
+        {
+            "prompt": rollout.problems[i].prompt,
+            "completion": rollout.texts[i * group_size],
+            "reward": float(rollout.rewards[i, 0]),
+            "advantage": float(rollout.advantages[i, 0]),
+        }
+        for i in range(min(n, len(rollout.problems)))
+    ]
+
+
+def _with_old_logprobs(datum: Any, logprobs: list[float] | list[int]) -> Any:
+    inputs = dict(datum.loss_fn_inputs)
+    inputs["old_logprobs"] = logprobs
+    return type(datum)(model_input=datum.model_input, loss_fn_inputs=inputs)
+
+
+def _sample_train_kl(datums: Sequence[Any], outputs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Sampler-vs-trainer mismatch on the sampled tokens: k1 = mean(q - p) (cookbook's v1)."""
+    diffs = []
+    for datum, out in zip(datums, outputs, strict=True):
+        mask = datum.loss_fn_inputs["mask"].to_torch() > 0
+        q = datum.loss_fn_inputs["logprobs"].to_torch()[mask]
+        p = out["logprobs"].to_torch()[mask]
+        diffs.append(q - p)
+    d = torch.cat(diffs)
+    return {
+        "mismatch/kl_sample_train_k1": float(d.mean()),
+        "mismatch/max_abs_logprob_diff": float(d.abs().max()),
+    }
