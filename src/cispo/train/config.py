@@ -157,8 +157,8 @@ class LossSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    learning_rate: float = 2e-3
-    """AdamW learning rate of the RL phase."""
+    learning_rate: float = 5e-4
+    """Peak AdamW learning rate of the RL phase (docs/LOG.md, 2026-11-22 calibration)."""
     beta1: float = 0.9
     """AdamW first-moment decay."""
     beta2: float = 0.95
@@ -171,9 +171,9 @@ class OptimConfig:
     """Global gradient-norm clip; 0 = off."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up over the first RL steps (rollout batches)."""
-    decay: Literal["constant", "cosine"] = "constant"
+    decay: Literal["constant", "cosine"] = "cosine"
     """RL learning-rate schedule after warm-up: constant, or cosine down to `final_lr_ratio`."""
-    final_lr_ratio: float = 0.1
+    final_lr_ratio: float = 0.05
     """cosine: the last step's learning rate as a fraction of `learning_rate`."""
 
     def lr_at(self, step: int, total: int) -> float:
@@ -188,21 +188,23 @@ class OptimConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SFTConfig:
-    steps: int = 300
+    steps: int = 800
     """Supervised warm-start steps before RL (0 = none)."""
     batch_size: int = 64
     """Problems per supervised step."""
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     """Peak AdamW learning rate of the warm start (linear warm-up, then cosine decay)."""
     warmup_steps: int = 50
     """Linear learning-rate warm-up steps of the warm start."""
-    final_lr_ratio: float = 0.1
-    """The warm start's learning rate decays (cosine) to this fraction of its peak; 1 = constant."""
+    final_lr_ratio: float = 1.0
+    """The warm start's learning rate decays (cosine) to this fraction of its peak; 1 = constant.
+    Constant on purpose: an annealed warm start sits in a sharp minimum that RL updates knock it
+    out of (docs/LOG.md, 2026-11-22)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class RLConfig:
-    steps: int = 200
+    steps: int = 600
     """Rollout batches (one or more optimizer steps each)."""
     prompts_per_step: int = 64
     """Prompts per rollout batch."""
@@ -245,7 +247,7 @@ class RLConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
-    every: int = 25
+    every: int = 50
     """Evaluate on the held-out split every this many RL steps (and at start and end)."""
     num_problems: int = 256
     """Held-out problems per evaluation."""
