@@ -11,7 +11,6 @@ room RL has to improve the reward.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,11 +109,11 @@ def build_warm_model(
     directory: Path,
     *,
     target_accuracy: float = 0.3,
-    max_steps: int = 450,
-    check_from: int = 200,
+    max_steps: int = 1200,
+    check_from: int = 300,
     check_every: int = 25,
     batch_size: int = 64,
-    learning_rate: float = 3e-3,
+    learning_rate: float = 1e-3,
     seed: int = 0,
 ) -> WarmStart:
     """Build, warm-start and save (model + tokenizer) a ~0.5M-parameter Llama into `directory`.
@@ -146,10 +145,9 @@ def build_warm_model(
         while step < max_steps:
             problems = rng.randint(0, 101, size=(batch_size, 2))
             data = [_datum(renderer, tokenizer, int(x), int(y)) for x, y in problems]
-            # Linear warm-up, then cosine decay towards 10% over max_steps.
-            scale = min(1.0, (step + 1) / warmup) * (
-                0.1 + 0.45 * (1 + math.cos(math.pi * step / max_steps))
-            )
+            # Linear warm-up, then constant: an annealed warm start sits in a sharp minimum
+            # that RL updates knock it out of (docs/LOG.md, 2026-11-22 calibration).
+            scale = min(1.0, (step + 1) / warmup)
             fwd = training.forward_backward(data, "cross_entropy")
             opt = training.optim_step(
                 AdamParams(learning_rate=learning_rate * scale, grad_clip_norm=1.0)

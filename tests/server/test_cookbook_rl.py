@@ -26,13 +26,14 @@ for _dep in ("chz", "termcolor", "blobfile", "datasets"):
 from cookbook_warm_start import MAX_TOKENS, RENDERER, build_warm_model  # noqa: E402
 from server_harness import start_server  # noqa: E402
 
-STEPS = 12
-GROUPS_PER_STEP = 8
+STEPS = 40
+GROUPS_PER_STEP = 32
 GROUP_SIZE = 8
-LEARNING_RATE = 2e-3
-FIRST, LAST = slice(0, 4), slice(-4, None)
-MIN_GAIN = 0.1
-"""Mean reward of the last 4 steps minus the first 4; a model that does not learn fails this."""
+LEARNING_RATE = 1e-4
+FIRST, LAST = slice(0, 8), slice(-8, None)
+MIN_GAIN = 0.05
+"""Mean reward of the last 8 steps minus the first 8 (each mean has a standard error of ~0.02 here):
+a model that does not learn fails this."""
 
 
 def _run_cookbook(base_url: str, model_dir: Path, log_path: Path) -> None:
