@@ -13,7 +13,9 @@ from matplotlib.figure import Figure
 from cispo.logging.jsonl import read_jsonl
 
 # Spread statistics clutter a curve panel; the mean (or the bare metric) is what is plotted.
-_SKIP_SUFFIXES = ("/std", "/min", "/max", "/var")
+_SKIP_SUFFIXES = ("/std", "/min", "/max", "/var", "errors", "_frac")
+# Namespaces whose names merely mention a panel word (`time/reward`, `advantage/nan_reward_frac`).
+_SKIP_PREFIXES = ("time/", "advantage/", "optim/", "staleness/")
 
 
 def _series(records: list[dict[str, object]], key: str) -> tuple[list[int], list[float]]:
@@ -43,7 +45,13 @@ def plot_curves(
     for record in records:
         keys += [k for k in record if k not in keys and k not in ("step", "time")]
     chosen = {
-        word: [k for k in keys if word in k.lower() and not k.endswith(_SKIP_SUFFIXES)]
+        word: [
+            k
+            for k in keys
+            if word in k.lower()
+            and not k.endswith(_SKIP_SUFFIXES)
+            and not k.startswith(_SKIP_PREFIXES)
+        ]
         for word in panels
     }
     chosen = {word: ks for word, ks in chosen.items() if any(_series(records, k)[0] for k in ks)}
