@@ -24,24 +24,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from cispo.checkpoint import latest_named_state
-from cispo.client import ServiceClient
 from cispo.client.service import TrainingClient
 from cispo.client.types import Datum, ModelInput
-from cispo.configs import config_to_dict
-from cispo.logging import Progress, RunLogger
+from cispo.logging import Progress
 from cispo.prompts import encode_answer, encode_prompt
 from cispo.rollout.staleness import LagStats, StalenessGate
-from cispo.tasks import Task, make_task
+from cispo.tasks import Task
 from cispo.train.config import TrainConfig
-from cispo.train.engine import EngineConfig
 from cispo.train.evaluate import evaluate
-from cispo.train.loop import RunSummary, config_json, describe_plan
+from cispo.train.loop import RunSummary, describe_plan, open_run
 from cispo.train.rollouts import Rollout, collect_rollout, sample_rows, train_on_rollout
 from cispo.train.sampler_worker import (
     SamplerWorker,
@@ -110,33 +105,9 @@ def train_async(
         )
     loss_cfg = loss_fn_config(config)
     started = time.perf_counter()
-    if config.run.threads:
-        torch.set_num_threads(config.run.threads)
-    torch.manual_seed(config.run.seed)
-    run_dir = Path(config.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    task = make_task(config.task.name, **config.task.kwargs())
-    service = ServiceClient(checkpoint_root=run_dir / "checkpoints", seed=config.run.seed)
-    training = service.create_lora_training_client(
-        config.model.base_model,
-        rank=config.model.lora_rank,
-        seed=config.run.seed,
-        engine_config=EngineConfig(micro_batch_size=config.rl.micro_batch_size),
-        model_overrides=config.model.overrides(),
-    )
-    logger = RunLogger(
-        run_dir, tensorboard=config.run.tensorboard, wandb_project=config.run.wandb_project
-    )
-    start, state = 0, {}
-    latest = latest_named_state(training.checkpoint_dir) if resume else None
-    if latest is not None:
-        state = training.load_state(str(latest)).result()
-        start = int(state["step"])
-        logger.resume(start)
-        echo(f"resumed from {latest} at step {start}")
-    else:
-        (run_dir / "config.json").write_text(config_json(config_to_dict(config)))
-    rl, test = config.rl, task.problems("test", seed=config.run.seed, n=config.eval.num_problems)
+    opened = open_run(config, resume=resume, echo=echo)
+    run_dir, task, training, logger = opened.run_dir, opened.task, opened.training, opened.logger
+    start, state, rl, test = opened.start, opened.state, config.rl, opened.test
     echo(describe_plan(config, training))
     probe = probe_batch(task, training.get_tokenizer(), config)
     model = training.engine.model
@@ -154,7 +125,7 @@ def train_async(
             training.save_state("step_000000", metadata={"step": 0, "warm_started": True}).result()
         first = evaluate(training.save_weights_and_get_sampling_client(), task, test, config)
         last = first
-        if start == 0:
+        if not state:  # a fresh run; a resumed one logged step 0 already
             logger.log(0, first)
         echo(f"held-out greedy accuracy before RL: {first['eval/accuracy']:.1%}")
         canary = SyncCanary(run.canary_threshold)

@@ -27,7 +27,7 @@ from cispo.client import ServiceClient
 from cispo.client.service import TrainingClient
 from cispo.configs import config_to_dict
 from cispo.logging import Progress, RunLogger
-from cispo.tasks import make_task
+from cispo.tasks import Problem, Task, make_task
 from cispo.train.config import TrainConfig
 from cispo.train.engine import EngineConfig
 from cispo.train.evaluate import evaluate
@@ -43,15 +43,23 @@ class RunSummary:
     seconds: float
 
 
-def train(
-    config: TrainConfig, *, resume: bool = False, echo: Callable[[str], None] = print
-) -> RunSummary:
-    """Run (or resume) the whole job described by `config`."""
-    if config.asynchronous.enabled:
-        from cispo.train.async_loop import train_async  # it imports this module
+@dataclass
+class OpenRun:
+    """What a loop needs once a run is set up (or resumed): the task, the clients, the logger and
+    where to start."""
 
-        return train_async(config, resume=resume, echo=echo)
-    started = time.perf_counter()
+    run_dir: Path
+    task: Task
+    training: TrainingClient
+    logger: RunLogger
+    start: int
+    state: dict[str, Any]
+    test: list[Problem]
+
+
+def open_run(config: TrainConfig, *, resume: bool, echo: Callable[[str], None]) -> OpenRun:
+    """Threads and seeds, the task, a training client on the model, the logger; on `resume`, the
+    latest checkpoint's weights, optimizer and step, else a fresh `config.json`."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     torch.manual_seed(config.run.seed)
@@ -78,14 +86,29 @@ def train(
         echo(f"resumed from {latest} at step {start}")
     else:
         (run_dir / "config.json").write_text(config_json(config_to_dict(config)))
-    rl, test = config.rl, task.problems("test", seed=config.run.seed, n=config.eval.num_problems)
+    test = task.problems("test", seed=config.run.seed, n=config.eval.num_problems)
+    return OpenRun(run_dir, task, training, logger, start, state, test)
+
+
+def train(
+    config: TrainConfig, *, resume: bool = False, echo: Callable[[str], None] = print
+) -> RunSummary:
+    """Run (or resume) the whole job described by `config`."""
+    if config.asynchronous.enabled:
+        from cispo.train.async_loop import train_async  # it imports this module
+
+        return train_async(config, resume=resume, echo=echo)
+    started = time.perf_counter()
+    run = open_run(config, resume=resume, echo=echo)
+    run_dir, task, training, logger = run.run_dir, run.task, run.training, run.logger
+    start, state, rl, test = run.start, run.state, config.rl, run.test
     echo(describe_plan(config, training))
     if not state.get("warm_started"):
         supervised_warm_start(training, task, config)
         training.save_state("step_000000", metadata={"step": 0, "warm_started": True}).result()
     first = evaluate(training.save_weights_and_get_sampling_client(), task, test, config)
     last = first
-    if start == 0:
+    if not state:  # a fresh run; a resumed one logged step 0 already
         logger.log(0, first)
     echo(f"held-out greedy accuracy before RL: {first['eval/accuracy']:.1%}")
     progress = Progress(
