@@ -82,6 +82,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", default="arithmetic_cispo_async_lag1")
     parser.add_argument("--sync-threads", type=int, default=2)
+    parser.add_argument(
+        "--async-threads", type=int, default=1, help="trainer threads of the async run"
+    )
     parser.add_argument("--quick", action="store_true", help="30 RL steps × 32 prompts")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for both runs")
@@ -99,7 +102,10 @@ def main() -> None:
             asynchronous=dataclasses.replace(base.asynchronous, enabled=False),
         )
         train(warm, echo=lambda _: None)
-        for name, enabled, threads in (("sync", False, args.sync_threads), ("async", True, 1)):
+        for name, enabled, threads in (
+            ("sync", False, args.sync_threads),
+            ("async", True, args.async_threads),
+        ):
             config = dataclasses.replace(
                 base,
                 run=dataclasses.replace(base.run, dir=f"{tmp}/{name}", threads=threads),
@@ -113,7 +119,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, threads, r in (
         ("sync", str(args.sync_threads), sync),
-        ("async lag 1", "1 trainer + 1 worker", lag1),
+        ("async lag 1", f"{args.async_threads} trainer + 1 worker", lag1),
     ):
         r["cpu_bound_steps_per_s"] = cpu_bound_steps_per_s(r, steps)
         print(
