@@ -44,7 +44,6 @@ from cispo.train.sampler_worker import (
     SyncReport,
     weight_fingerprint,
 )
-from cispo.train.warm_start import supervised_warm_start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +106,7 @@ def train_async(
     started = time.perf_counter()
     opened = open_run(config, resume=resume, echo=echo)
     run_dir, task, training, logger = opened.run_dir, opened.task, opened.training, opened.logger
-    start, state, rl, test = opened.start, opened.state, config.rl, opened.test
+    start, rl, test = opened.start, config.rl, opened.test
     echo(describe_plan(config, training))
     probe = probe_batch(task, training.get_tokenizer(), config)
     model = training.engine.model
@@ -120,14 +119,8 @@ def train_async(
             f"worker pid {worker.pid} with {run.worker_threads} thread(s), trainer with "
             f"{torch.get_num_threads()}"
         )
-        if not state.get("warm_started"):
-            supervised_warm_start(training, task, config)
-            training.save_state("step_000000", metadata={"step": 0, "warm_started": True}).result()
-        first = evaluate(training.save_weights_and_get_sampling_client(), task, test, config)
+        first = opened.warm_start_and_evaluate(config, echo)
         last = first
-        if not state:  # a fresh run; a resumed one logged step 0 already
-            logger.log(0, first)
-        echo(f"held-out greedy accuracy before RL: {first['eval/accuracy']:.1%}")
         canary = SyncCanary(run.canary_threshold)
         gate, lags = StalenessGate(run.max_staleness, run.queue_size), LagStats(run.max_staleness)
 

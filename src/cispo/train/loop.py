@@ -56,6 +56,23 @@ class OpenRun:
     state: dict[str, Any]
     test: list[Problem]
 
+    def warm_start_and_evaluate(
+        self, config: TrainConfig, echo: Callable[[str], None]
+    ) -> dict[str, float]:
+        """The supervised warm start unless the checkpoint already has it, then the held-out
+        evaluation before RL (logged as step 0 on a fresh run)."""
+        if not self.state.get("warm_started"):
+            supervised_warm_start(self.training, self.task, config)
+            self.training.save_state(
+                "step_000000", metadata={"step": 0, "warm_started": True}
+            ).result()
+        sampler = self.training.save_weights_and_get_sampling_client()
+        first = evaluate(sampler, self.task, self.test, config)
+        if not self.state:  # a fresh run; a resumed one logged step 0 already
+            self.logger.log(0, first)
+        echo(f"held-out greedy accuracy before RL: {first['eval/accuracy']:.1%}")
+        return first
+
 
 def open_run(config: TrainConfig, *, resume: bool, echo: Callable[[str], None]) -> OpenRun:
     """Threads and seeds, the task, a training client on the model, the logger; on `resume`, the
@@ -101,16 +118,10 @@ def train(
     started = time.perf_counter()
     run = open_run(config, resume=resume, echo=echo)
     run_dir, task, training, logger = run.run_dir, run.task, run.training, run.logger
-    start, state, rl, test = run.start, run.state, config.rl, run.test
+    start, rl, test = run.start, config.rl, run.test
     echo(describe_plan(config, training))
-    if not state.get("warm_started"):
-        supervised_warm_start(training, task, config)
-        training.save_state("step_000000", metadata={"step": 0, "warm_started": True}).result()
-    first = evaluate(training.save_weights_and_get_sampling_client(), task, test, config)
+    first = run.warm_start_and_evaluate(config, echo)
     last = first
-    if not state:  # a fresh run; a resumed one logged step 0 already
-        logger.log(0, first)
-    echo(f"held-out greedy accuracy before RL: {first['eval/accuracy']:.1%}")
     progress = Progress(
         rl.steps, initial=start, desc="CISPO" if config.loss.name == "cispo" else config.loss.name
     )
