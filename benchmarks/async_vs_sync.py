@@ -1,6 +1,6 @@
 """Throughput and final accuracy: the synchronous loop vs the async lag-1 loop, same seed budget.
 
-Both runs use one recipe (`arithmetic_cispo_async_lag1` by default: same model, data stream,
+Both runs use one recipe (`arithmetic_cispo_async` by default: same model, data stream,
 rollout batches, optimizer steps and evaluations); the synchronous run turns `asynchronous.enabled`
 off. Cores: the synchronous trainer gets every thread (`--sync-threads`, default 2), the async run
 one thread for the trainer and one for the sampler worker (the recipe's split). The supervised warm
@@ -80,7 +80,7 @@ def cpu_bound_steps_per_s(result: dict[str, float], steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipe", default="arithmetic_cispo_async_lag1")
+    parser.add_argument("--recipe", default="arithmetic_cispo_async")
     parser.add_argument("--sync-threads", type=int, default=2)
     parser.add_argument(
         "--async-threads", type=int, default=1, help="trainer threads of the async run"

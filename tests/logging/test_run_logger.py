@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cispo.logging import RunLogger, samples_markdown
+from cispo.logging import RunLogger, run_logger, samples_markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -27,7 +27,7 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 
 
 def test_each_log_call_is_one_flushed_json_line(tmp_path: Path) -> None:
-    logger = RunLogger(tmp_path, tensorboard=False, plot_every=0)
+    logger = RunLogger(tmp_path, tensorboard=False, plot_every_s=0)
     logger.log(1, {"reward/mean": 0.25, "loss/clip_frac": 0.0, "count": 3})
     # Flushed per line: readable before close.
     assert _lines(tmp_path / "metrics.jsonl")[0]["reward/mean"] == 0.25
@@ -43,7 +43,7 @@ def test_each_log_call_is_one_flushed_json_line(tmp_path: Path) -> None:
 
 
 def test_non_numeric_metric_and_reserved_names_are_errors(tmp_path: Path) -> None:
-    with RunLogger(tmp_path, tensorboard=False, plot_every=0) as logger:
+    with RunLogger(tmp_path, tensorboard=False, plot_every_s=0) as logger:
         with pytest.raises(TypeError, match="'text'"):
             logger.log(1, {"text": "abc"})  # type: ignore[dict-item]
         with pytest.raises(ValueError, match="reserved"):
@@ -51,7 +51,7 @@ def test_non_numeric_metric_and_reserved_names_are_errors(tmp_path: Path) -> Non
 
 
 def test_resume_drops_lines_after_the_resume_step(tmp_path: Path) -> None:
-    logger = RunLogger(tmp_path, tensorboard=False, plot_every=0)
+    logger = RunLogger(tmp_path, tensorboard=False, plot_every_s=0)
     for step in range(1, 8):
         logger.log(step, {"reward/mean": step / 10})
         logger.log_samples(step, [{"prompt": "p", "completion": str(step)}])
@@ -60,7 +60,7 @@ def test_resume_drops_lines_after_the_resume_step(tmp_path: Path) -> None:
         f.write('{"step": 8, "rew')  # torn line from a crash mid-write
 
     # The process restarts from a checkpoint at step 4 and re-runs steps 5..6.
-    logger = RunLogger(tmp_path, tensorboard=False, plot_every=0)
+    logger = RunLogger(tmp_path, tensorboard=False, plot_every_s=0)
     logger.resume(4)
     for step in (5, 6):
         logger.log(step, {"reward/mean": -step / 10})
@@ -75,7 +75,7 @@ def test_tensorboard_event_file_holds_the_scalars(tmp_path: Path) -> None:
     event_accumulator = pytest.importorskip(
         "tensorboard.backend.event_processing.event_accumulator"
     )
-    with RunLogger(tmp_path, plot_every=0) as logger:
+    with RunLogger(tmp_path, plot_every_s=0) as logger:
         for step in range(3):
             logger.log(step, {"reward/mean": 0.5 * step})
     event_files = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -91,10 +91,10 @@ def test_tensorboard_resume_purges_later_steps(tmp_path: Path) -> None:
     event_accumulator = pytest.importorskip(
         "tensorboard.backend.event_processing.event_accumulator"
     )
-    with RunLogger(tmp_path, plot_every=0) as logger:
+    with RunLogger(tmp_path, plot_every_s=0) as logger:
         for step in range(1, 6):
             logger.log(step, {"reward/mean": 1.0})
-    with RunLogger(tmp_path, plot_every=0) as logger:
+    with RunLogger(tmp_path, plot_every_s=0) as logger:
         logger.resume(3)
         logger.log(4, {"reward/mean": 2.0})
     acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
@@ -109,7 +109,7 @@ def test_missing_tensorboard_warns_once_and_logging_goes_on(
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now fails
     with (
         caplog.at_level(logging.WARNING, logger="cispo.logging"),
-        RunLogger(tmp_path, plot_every=0) as logger,
+        RunLogger(tmp_path, plot_every_s=0) as logger,
     ):
         logger.log(1, {"reward/mean": 1.0})
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -140,7 +140,9 @@ def test_installed_tracker_receives_init_metrics_and_finish(
     fake.finish = lambda: calls.append(("finish", None, None))  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, tracker, fake)
     kwargs: dict[str, Any] = {f"{tracker}_project": "demo"}
-    with RunLogger(tmp_path, tensorboard=False, plot_every=0, config={"lr": 1e-3}, **kwargs) as lg:
+    with RunLogger(
+        tmp_path, tensorboard=False, plot_every_s=0, config={"lr": 1e-3}, **kwargs
+    ) as lg:
         lg.log(3, {"reward/mean": 0.75})
     assert calls == [
         ("init", "demo", {"lr": 1e-3}),
@@ -157,16 +159,26 @@ def _png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
-def test_curves_png_is_written_every_plot_every_steps(tmp_path: Path) -> None:
-    logger = RunLogger(tmp_path, tensorboard=False, plot_every=5)
+def test_curves_png_is_redrawn_at_most_every_plot_every_s_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(run_logger.time, "monotonic", lambda: clock[0])
+    logger = RunLogger(tmp_path, tensorboard=False, plot_every_s=60.0)
     curves = tmp_path / "curves.png"
     for step in range(1, 5):
+        clock[0] += 14.0  # 56 s after the logger opened by step 4
         logger.log(step, {"reward/mean": math.sin(step), "reward/std": 0.1, "accuracy": step / 8})
-    assert not curves.exists()  # not yet a multiple of plot_every
+    assert not curves.exists()  # less than 60 s since the start
+    clock[0] += 4.0
     logger.log(5, {"reward/mean": 0.2, "accuracy": 0.6})
     assert curves.exists()
     first = curves.stat().st_size
-    logger.log(6, {"eval/accuracy": 0.7})
+    stamp = curves.stat().st_mtime_ns
+    clock[0] += 59.0
+    logger.log(6, {"reward/mean": 0.3})
+    assert curves.stat().st_mtime_ns == stamp  # 59 s since the last redraw
+    logger.log(7, {"eval/accuracy": 0.7})
     logger.close()  # redraws with the eval point
     width, height = _png_size(curves)
     assert (width, height) == (1100, 400)  # two panels (reward, accuracy), 5.5x4 in at 100 dpi
@@ -176,14 +188,14 @@ def test_curves_png_is_written_every_plot_every_steps(tmp_path: Path) -> None:
 
 
 def test_plot_without_plottable_metrics_writes_nothing(tmp_path: Path) -> None:
-    with RunLogger(tmp_path, tensorboard=False, plot_every=1) as logger:
+    with RunLogger(tmp_path, tensorboard=False, plot_every_s=0) as logger:
         logger.log(1, {"loss": 1.0})
         assert logger.plot() is None
     assert not (tmp_path / "curves.png").exists()
 
 
 def test_samples_md_is_a_table_of_the_latest_step(tmp_path: Path) -> None:
-    with RunLogger(tmp_path, tensorboard=False, plot_every=0) as logger:
+    with RunLogger(tmp_path, tensorboard=False, plot_every_s=0) as logger:
         logger.log_samples(1, [{"prompt": "old", "completion": "x", "reward": 0.0}])
         rows = [
             {"prompt": "2+3=", "completion": "5", "reward": 1.0, "advantage": 0.5, "len": 1},

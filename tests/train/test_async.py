@@ -207,6 +207,74 @@ def test_the_lag_1_recipe_trains_stale_batches_within_the_bound_and_reports_the_
     assert diffs and max(diffs) <= 1e-3
 
 
+def test_the_worker_gradient_share_gives_the_synchronous_update(tmp_path: Path) -> None:
+    """At max_staleness=0 the async run is the synchronous one; with the worker computing the
+    gradient of 40% of every batch, the weights still match it up to float summation order."""
+    sync_dir, shared_dir = tmp_path / "sync", tmp_path / "shared"
+    train(_config(sync_dir, "--rl.steps=3"), echo=_quiet)
+    run = train(
+        _config(
+            shared_dir,
+            "--rl.steps=3",
+            "--asynchronous.enabled=true",
+            "--asynchronous.max_staleness=0",
+            "--asynchronous.worker_grad_share=0.4",
+        ),
+        echo=_quiet,
+    )
+    rows_sync, rows_shared = _metrics(sync_dir)[1:], _metrics(shared_dir)[1:]
+    assert all(r["rl/datums"] >= 3 for r in rows_shared), "vacuous: the worker got no datum"
+    assert all(r["time/worker_grad"] > 0 for r in rows_shared)
+    for a, b in zip(rows_sync, rows_shared, strict=True):
+        assert b["train/num_tokens"] == a["train/num_tokens"]  # both halves counted once
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        assert b["optim/grad_norm"] == pytest.approx(a["optim/grad_norm"], rel=1e-4)
+    wa, wb = _weights(sync_dir), _weights(shared_dir)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+    assert any(not torch.equal(wa[k], _weights_at(sync_dir, 0)[k]) for k in wa), "no update"
+    assert isinstance(run, async_loop.AsyncRunSummary) and run.lag_max == 0
+
+
+def _weights_at(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    path = next((run_dir / "checkpoints").rglob(f"step_{step:06d}/model.safetensors"))
+    return load_file(str(path))
+
+
+def test_the_worker_gradient_share_at_lag_1_keeps_the_bound(tmp_path: Path) -> None:
+    run = train(
+        _config(
+            tmp_path,
+            "--rl.steps=4",
+            "--asynchronous.enabled=true",
+            "--asynchronous.max_staleness=1",
+            "--asynchronous.worker_grad_share=0.5",
+            "--loss.anchor=old",
+            "--asynchronous.correction=tis",
+        ),
+        echo=_quiet,
+    )
+    rows = _metrics(tmp_path)[1:]
+    assert isinstance(run, async_loop.AsyncRunSummary)
+    assert run.lag_max == 1 and run.discarded == 0
+    assert all(r["time/worker_grad"] > 0 and r["optim/grad_norm"] > 0 for r in rows)
+    assert rows[-1]["staleness/run_lag_max"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        (["--asynchronous.worker_grad_share=1.0"], "asynchronous.worker_grad_share"),
+        (["--asynchronous.worker_grad_share=0.3", "--rl.minibatches=2"], "rl.minibatches"),
+    ],
+)
+def test_a_bad_worker_gradient_share_is_refused_before_anything_starts(
+    tmp_path: Path, extra: list[str], field: str
+) -> None:
+    with pytest.raises(ValueError, match=field.replace(".", "\\.")):
+        train(_config(tmp_path, "--asynchronous.enabled=true", *extra), echo=_quiet)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def _sabotage(monkeypatch: pytest.MonkeyPatch, corrupt: bool) -> None:
     real = WeightChannel.publish
     first: dict[str, torch.Tensor] = {}

@@ -10,6 +10,7 @@ import torch
 from cispo.client.types import AdamParams
 from cispo.datums import rl_datum
 from cispo.rollout.sampler import SamplingParams
+from cispo.train.engine import loss_totals
 from tests.train.helpers import grads, random_datums, tiny_engine
 
 CISPO = {"reduction": "token_mean", "anchor": "old"}
@@ -37,6 +38,33 @@ def test_gradients_accumulate_across_calls_until_optim_step() -> None:
     split.forward_backward(datums[2:], "cispo", CISPO, num_tokens=total)
     for name, g in grads(whole).items():
         torch.testing.assert_close(grads(split)[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean_token_mean"])
+def test_a_batch_split_over_two_engines_with_loss_totals_gives_the_whole_gradient(
+    reduction: str,
+) -> None:
+    """The async worker's gradient share: two copies of the weights, each taking part of the
+    batch with the whole batch's `loss_totals`, add up to one engine's gradient."""
+    datums = random_datums(7, seed=2)  # mixed lengths
+    cfg = {**CISPO, "reduction": reduction}
+    tokens, sequences = loss_totals(datums)
+    assert tokens == sum(float(d.loss_fn_inputs["mask"].to_torch().sum()) for d in datums)
+    assert sequences == 7.0
+    whole, trainer, worker = tiny_engine(), tiny_engine(), tiny_engine()
+    whole.forward_backward(datums, "cispo", cfg)
+    for engine, part in ((trainer, datums[:4]), (worker, datums[4:])):
+        engine.forward_backward(part, "cispo", cfg, num_tokens=tokens, num_sequences=sequences)
+    summed = {name: g + grads(worker)[name] for name, g in grads(trainer).items()}
+    for name, g in grads(whole).items():
+        torch.testing.assert_close(summed[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_loss_totals_count_only_masked_tokens_and_non_empty_sequences() -> None:
+    empty = rl_datum([1, 2], [3], [-1.0], 1.0)
+    empty.loss_fn_inputs["mask"].data[:] = [0.0, 0.0]  # type: ignore[index]
+    full = rl_datum([1, 2, 3], [4, 5], [-1.0, -1.0], 1.0)
+    assert loss_totals([empty, full]) == (2.0, 1.0)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

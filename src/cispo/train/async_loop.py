@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -35,15 +35,31 @@ from cispo.prompts import encode_answer, encode_prompt
 from cispo.rollout.staleness import LagStats, StalenessGate
 from cispo.tasks import Task
 from cispo.train.config import TrainConfig
+from cispo.train.engine import loss_totals, merge_metrics
 from cispo.train.evaluate import evaluate
 from cispo.train.loop import RunSummary, describe_plan, open_run
-from cispo.train.rollouts import Rollout, collect_rollout, sample_rows, train_on_rollout
+from cispo.train.rollouts import (
+    Rollout,
+    adam_params,
+    collect_rollout,
+    sample_rows,
+    train_on_rollout,
+    with_old_logprobs,
+)
 from cispo.train.sampler_worker import (
+    GradChannel,
+    GradReport,
     SamplerWorker,
     SyncCanary,
     SyncReport,
+    WorkerError,
+    loss_fn_config,
+    recomputes_old_logprobs,
     weight_fingerprint,
+    worker_share_count,
 )
+
+_Message = TypeVar("_Message", Rollout, GradReport)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +74,6 @@ class AsyncRunSummary(RunSummary):
     """Time the trainer waited for batches (generation not hidden behind training)."""
     generator_wait_s: float
     """Time the generator was paused by the staleness gate."""
-
-
-def loss_fn_config(config: TrainConfig) -> dict[str, Any]:
-    """The loss config of the async loop: `config.loss`'s plus the train-vs-sampler correction."""
-    out = config.loss.loss_fn_config()
-    run = config.asynchronous
-    if run.correction != "none":
-        out |= {"correction": run.correction, "correction_ratio_max": run.correction_ratio_max}
-    return out
 
 
 def probe_batch(task: Task, tokenizer: Any, config: TrainConfig) -> list[list[int]]:
@@ -102,6 +109,13 @@ def train_async(
             f"asynchronous.correction={run.correction!r} needs loss.anchor='old': "
             "with the sampler anchor the ratio already contains exp(old − sampler)"
         )
+    share = run.worker_grad_share
+    if share > 0 and config.rl.epochs * config.rl.minibatches != 1:
+        raise ValueError(
+            f"asynchronous.worker_grad_share={share:g} needs one optimizer step per batch "
+            f"(rl.epochs=1, rl.minibatches=1; got {config.rl.epochs} and "
+            f"{config.rl.minibatches}): the worker holds only the weights a round starts from"
+        )
     loss_cfg = loss_fn_config(config)
     started = time.perf_counter()
     opened = open_run(config, resume=resume, echo=echo)
@@ -111,7 +125,10 @@ def train_async(
     probe = probe_batch(task, training.get_tokenizer(), config)
     model = training.engine.model
     # Started before the warm start so that its imports and model build overlap with it.
-    worker = SamplerWorker(config, start=start, probe_tokens=probe, weights=model.state_dict())
+    grads = GradChannel(model) if share > 0 else None
+    worker = SamplerWorker(
+        config, start=start, probe_tokens=probe, weights=model.state_dict(), grads=grads
+    )
     try:
         worker.start()
         echo(
@@ -142,9 +159,10 @@ def train_async(
         )
         for step in range(start, rl.steps):
             t = time.perf_counter()
-            rollout, metrics = _next_rollout(worker, canary)
+            rollout, metrics = _next(worker, canary, Rollout)
             metrics["time/wait_for_batch"] = time.perf_counter() - t
-            if not gate.admits(step, rollout.version):  # pacing makes this unreachable; counted
+            admitted = gate.admits(step, rollout.version)
+            if not admitted:  # pacing makes this unreachable; counted
                 lags.discarded += 1
                 rollout = collect_rollout(
                     training.save_weights_and_get_sampling_client(), task, step, config
@@ -152,16 +170,20 @@ def train_async(
                 rollout.version = step
             worker.mark_consumed(step + 1)
             lag = step - rollout.version
-            recompute = lag > 0 and run.recompute_old_logprobs and config.loss.anchor == "old"
             round_config = dataclasses.replace(
                 config,
                 rl=dataclasses.replace(
-                    rl, recompute_old_logprobs=rl.recompute_old_logprobs or recompute
+                    rl, recompute_old_logprobs=recomputes_old_logprobs(config, lag)
                 ),
             )
-            metrics |= rollout.metrics | train_on_rollout(
-                training, rollout, round_config, loss_fn_config=loss_cfg
-            )
+            if grads is None:
+                metrics |= rollout.metrics | train_on_rollout(
+                    training, rollout, round_config, loss_fn_config=loss_cfg
+                )
+            else:
+                metrics |= rollout.metrics | _train_with_worker_share(
+                    training, worker, grads, canary, rollout, round_config, use_worker=admitted
+                )
             metrics["time/weight_sync"] = publish(step + 1)
             metrics |= lags.add(step, [(rollout.version, int(rollout.metrics["rl/tokens"]))])
             waits += metrics["time/wait_for_batch"]
@@ -221,12 +243,77 @@ def train_async(
     return summary
 
 
-def _next_rollout(worker: SamplerWorker, canary: SyncCanary) -> tuple[Rollout, dict[str, float]]:
-    """The worker's next batch, checking every weight sync reported before it."""
+def _next(
+    worker: SamplerWorker, canary: SyncCanary, kind: type[_Message]
+) -> tuple[_Message, dict[str, float]]:
+    """The worker's next message of type `kind`, checking every weight sync reported before it.
+
+    The worker's messages come in a fixed order per step (its weight syncs, its share of the
+    gradient of step k, batch k+1), so any other type here is a protocol error.
+    """
     metrics: dict[str, float] = {}
     while True:
         message = worker.next_message()
         if isinstance(message, SyncReport):
             metrics |= canary.check(message)
-        else:
+        elif isinstance(message, kind):
             return message, metrics
+        else:
+            raise WorkerError(
+                f"expected a {kind.__name__} from the sampler worker, got {type(message).__name__}"
+            )
+
+
+def _train_with_worker_share(
+    training: TrainingClient,
+    worker: SamplerWorker,
+    grads: GradChannel,
+    canary: SyncCanary,
+    rollout: Rollout,
+    config: TrainConfig,
+    *,
+    use_worker: bool,
+) -> dict[str, float]:
+    """One optimizer step on `rollout`: the trainer's forward/backward on the first datums, the
+    worker's gradient of the rest added in, both normalised by the whole batch's totals.
+
+    `use_worker=False` (a batch the trainer resampled itself): the worker's report is read and
+    ignored, and the trainer covers every datum.
+    """
+    t0 = time.perf_counter()
+    datums, temperature = rollout.datums, config.sampling.temperature
+    share = worker_share_count(len(datums), config.asynchronous.worker_grad_share)
+    head = datums[: len(datums) - share] if use_worker else datums
+    tokens, sequences = loss_totals(datums)
+    parts: list[dict[str, float]] = []
+    if head:
+        if config.rl.recompute_old_logprobs:
+            old = training.forward(head, "cross_entropy", temperature=temperature).result()
+            head = with_old_logprobs(head, old.loss_fn_outputs)
+        out = training.forward_backward(
+            head,
+            config.loss.name,
+            loss_fn_config(config),
+            temperature=temperature,
+            num_tokens=tokens,
+            num_sequences=sequences,
+        ).result()
+        parts.append(out.metrics)
+    t1 = time.perf_counter()
+    report, metrics = _next(worker, canary, GradReport)
+    if report.step != rollout.step:
+        raise WorkerError(
+            f"the worker sent its gradient share of step {report.step} during step {rollout.step}"
+        )
+    metrics["time/wait_for_grad"] = time.perf_counter() - t1
+    metrics["time/worker_grad"] = report.seconds
+    if use_worker and report.count:
+        grads.add_into(training.engine.model)
+        parts.append(report.metrics)
+    if parts:
+        merged = merge_metrics([(m["train/num_tokens"], m) for m in parts])
+        metrics |= {k.replace(":sum", ""): v for k, v in merged.items()}
+        opt = training.optim_step(adam_params(config, rollout.step)).result()
+        metrics |= opt.metrics or {}
+    metrics["time/train"] = time.perf_counter() - t0
+    return metrics

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +90,7 @@ def _collate(datums: Sequence[Datum]) -> _Batch:
 
     input_ids = padded([d.model_input.to_ints() for d in datums], torch.long)
     targets = padded([d.loss_fn_inputs["target_tokens"].data for d in datums], torch.long)
-    mask_key = "mask" if "mask" in keys else "weights" if "weights" in keys else None
+    mask_key = _mask_key(keys)
     if mask_key is None:
         loss_mask = valid.clone()
     else:
@@ -101,6 +101,28 @@ def _collate(datums: Sequence[Datum]) -> _Batch:
         if key in keys
     }
     return _Batch(input_ids, valid, targets, loss_mask, fields, lengths)
+
+
+def _mask_key(keys: Set[str]) -> str | None:
+    """Which `loss_fn_inputs` key marks the loss tokens (None: every position counts)."""
+    return "mask" if "mask" in keys else "weights" if "weights" in keys else None
+
+
+def loss_totals(datums: Sequence[Datum]) -> tuple[float, float]:
+    """(loss tokens, sequences with at least one loss token) of `datums`: the normalisers
+    `forward_backward` uses when one optimizer step's datums are split over several calls (or
+    processes), passed to each call as `num_tokens` / `num_sequences`."""
+    tokens = sequences = 0
+    for datum in datums:
+        key = _mask_key(set(datum.loss_fn_inputs))
+        count = (
+            datum.model_input.length
+            if key is None
+            else sum(1 for x in datum.loss_fn_inputs[key].data if x > 0)
+        )
+        tokens += count
+        sequences += count > 0
+    return float(tokens), float(sequences)
 
 
 def _rows(batch: _Batch, start: int, stop: int) -> _Batch:
@@ -116,6 +138,19 @@ def _rows(batch: _Batch, start: int, stop: int) -> _Batch:
         {k: v[cut, :width] for k, v in batch.fields.items()},
         lengths,
     )
+
+
+@torch.no_grad()
+def _sampler_mismatch(trainer: Tensor, sampler: Tensor, mask: Tensor) -> dict[str, float]:
+    """Current trainer vs sampler logprobs on the loss tokens: k1 = mean(q − p) (the cookbook's
+    `kl_sample_train_v1`) and max |q − p|. Unlike the losses' `mismatch/*` metrics, which compare
+    the anchor (`old_logprobs` when given) with the sampler, this one uses the logprobs just
+    computed, so it shows a sampler/trainer disagreement even when old = sampler."""
+    d = (sampler - trainer.detach())[mask]
+    return {
+        "mismatch/kl_sample_train_k1": float(d.mean()),
+        "mismatch/abs_logprob_diff_max": float(d.abs().max()),
+    }
 
 
 def merge_metrics(parts: Sequence[tuple[float, Mapping[str, float]]]) -> dict[str, float]:
@@ -229,7 +264,10 @@ class Engine:
                 if not forward_only:
                     out.loss.backward()  # type: ignore[no-untyped-call]
             loss_sum += float(out.loss.detach())
-            parts.append((float(part.loss_mask.sum()), out.metrics))
+            part_metrics = dict(out.metrics)
+            if "logprobs" in part.fields and bool(part.loss_mask.any()):
+                part_metrics |= _sampler_mismatch(logprobs, part.fields["logprobs"], part.loss_mask)
+            parts.append((float(part.loss_mask.sum()), part_metrics))
             for i, n in enumerate(part.lengths):
                 outputs.append({"logprobs": TensorData.from_torch(logprobs[i, :n].detach())})
         metrics = merge_metrics(parts)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,19 +123,9 @@ def train_on_rollout(
     metrics: dict[str, float] = {}
     if datums and rl.recompute_old_logprobs:
         old = training.forward(datums, "cross_entropy", temperature=config.sampling.temperature)
-        datums = [
-            _with_old_logprobs(d, out["logprobs"].tolist())
-            for d, out in zip(datums, old.result().loss_fn_outputs, strict=True)
-        ]
+        datums = with_old_logprobs(datums, old.result().loss_fn_outputs)
     if datums:
-        adam = AdamParams(
-            learning_rate=config.optim.lr_at(rollout.step, rl.steps),
-            beta1=config.optim.beta1,
-            beta2=config.optim.beta2,
-            eps=config.optim.eps,
-            weight_decay=config.optim.weight_decay,
-            grad_clip_norm=config.optim.grad_clip_norm,
-        )
+        adam = adam_params(config, rollout.step)
         per = math.ceil(len(datums) / rl.minibatches)
         for epoch in range(rl.epochs):
             for start in range(0, len(datums), per):
@@ -149,10 +139,22 @@ def train_on_rollout(
                 out = fwd.result()
                 if epoch == 0 and start == 0:
                     metrics |= {k.replace(":sum", ""): v for k, v in out.metrics.items()}
-                    metrics |= _sample_train_kl(datums[start : start + per], out.loss_fn_outputs)
                 metrics |= opt.result().metrics or {}
     metrics["time/train"] = time.perf_counter() - t0
     return metrics
+
+
+def adam_params(config: TrainConfig, step: int) -> AdamParams:
+    """The optimizer settings of RL step `step` (the learning rate follows the schedule)."""
+    optim = config.optim
+    return AdamParams(
+        learning_rate=optim.lr_at(step, config.rl.steps),
+        beta1=optim.beta1,
+        beta2=optim.beta2,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        grad_clip_norm=optim.grad_clip_norm,
+    )
 
 
 def sample_rows(rollout: Rollout, group_size: int, n: int = 4) -> list[dict[str, Any]]:
@@ -168,22 +170,11 @@ def sample_rows(rollout: Rollout, group_size: int, n: int = 4) -> list[dict[str,
     ]
 
 
-def _with_old_logprobs(datum: Any, logprobs: list[float] | list[int]) -> Any:
-    inputs = dict(datum.loss_fn_inputs)
-    inputs["old_logprobs"] = logprobs
-    return type(datum)(model_input=datum.model_input, loss_fn_inputs=inputs)
-
-
-def _sample_train_kl(datums: Sequence[Any], outputs: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Sampler-vs-trainer mismatch on the sampled tokens: k1 = mean(q - p) (cookbook's v1)."""
-    diffs = []
-    for datum, out in zip(datums, outputs, strict=True):
-        mask = datum.loss_fn_inputs["mask"].to_torch() > 0
-        q = datum.loss_fn_inputs["logprobs"].to_torch()[mask]
-        p = out["logprobs"].to_torch()[mask]
-        diffs.append(q - p)
-    d = torch.cat(diffs)
-    return {
-        "mismatch/kl_sample_train_k1": float(d.mean()),
-        "mismatch/max_abs_logprob_diff": float(d.abs().max()),
-    }
+def with_old_logprobs(datums: Sequence[Any], outputs: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """`datums` with `old_logprobs` replaced by a forward pass's per-position `logprobs`."""
+    out = []
+    for datum, scored in zip(datums, outputs, strict=True):
+        inputs = dict(datum.loss_fn_inputs)
+        inputs["old_logprobs"] = scored["logprobs"].tolist()
+        out.append(type(datum)(model_input=datum.model_input, loss_fn_inputs=inputs))
+    return out

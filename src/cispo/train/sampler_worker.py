@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +41,9 @@ from cispo.rollout.staleness import NO_WEIGHTS, StalenessGate
 from cispo.tasks import make_task
 from cispo.train.bundle import load_bundle
 from cispo.train.config import TrainConfig
-from cispo.train.engine import Engine
-from cispo.train.rollouts import Rollout, collect_rollout
+from cispo.train.engine import Engine, EngineConfig, loss_totals
+from cispo.train.loop import freeze_heap
+from cispo.train.rollouts import Rollout, collect_rollout, with_old_logprobs
 
 SPAWN = torch.multiprocessing.get_context("spawn")
 _POLL_S = 0.5  # how often a waiting side re-checks for stop requests and dead peers
@@ -113,12 +114,16 @@ class WeightChannel:
     # ---------------------------------------------------------------- worker side
     def wait_to_start(self, gate: StalenessGate, step: int) -> bool:
         """Block until `gate` lets batch `step` start (True) or the run stops (False)."""
+        return self.wait_until(lambda pub, con: gate.may_start(step, pub, con))
+
+    def wait_until(self, ready: Callable[[int, int], bool]) -> bool:
+        """Block until `ready(published, consumed)` (True) or the run stops (False)."""
         parent = SPAWN.parent_process()
         with self._cond:
             while True:
                 if self._stopped.value or (parent is not None and not parent.is_alive()):
                     return False
-                if gate.may_start(step, self._published.value, self._consumed.value):
+                if ready(self._published.value, self._consumed.value):
                     return True
                 self._cond.wait(timeout=_POLL_S)
 
@@ -132,6 +137,75 @@ class WeightChannel:
             for name, tensor in model.state_dict().items():
                 tensor.copy_(self._buffers[name])
             return int(self._published.value)
+
+
+def loss_fn_config(config: TrainConfig) -> dict[str, Any]:
+    """The loss config of the async loop: `config.loss`'s plus the train-vs-sampler correction."""
+    out = config.loss.loss_fn_config()
+    run = config.asynchronous
+    if run.correction != "none":
+        out |= {"correction": run.correction, "correction_ratio_max": run.correction_ratio_max}
+    return out
+
+
+def recomputes_old_logprobs(config: TrainConfig, lag: int) -> bool:
+    """Whether a batch trained `lag` versions after it was sampled gets fresh `old_logprobs`."""
+    run = config.asynchronous
+    return config.rl.recompute_old_logprobs or (
+        lag > 0 and run.recompute_old_logprobs and config.loss.anchor == "old"
+    )
+
+
+def worker_share_count(num_datums: int, share: float) -> int:
+    """How many of a batch's datums (the last ones) the worker computes the gradient of."""
+    return math.floor(num_datums * share)
+
+
+@dataclass(frozen=True)
+class GradReport:
+    """The worker's part of step `step`'s gradient is in the `GradChannel` buffers."""
+
+    step: int
+    count: int  # datums it covered (the last `count` of the batch)
+    metrics: dict[str, float]  # its forward_backward metrics
+    seconds: float
+
+
+class GradChannel:
+    """Shared-memory gradient buffers, one per trainable parameter: worker → trainer.
+
+    Protocol: the worker writes its gradient, then sends a `GradReport` on the message queue; the
+    trainer adds the buffers into its `.grad` only after reading that report, and the worker
+    writes again only for a later step, which needs weights the trainer publishes after that.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._buffers = {
+            name: _shared_copy(torch.zeros_like(p))
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        }
+
+    def write_from(self, model: nn.Module) -> None:
+        """Worker: move the `.grad` of `model`'s parameters into the buffers (zeros if None)."""
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in self._buffers:
+                    if p.grad is None:
+                        self._buffers[name].zero_()
+                    else:
+                        self._buffers[name].copy_(p.grad)
+                    p.grad = None
+
+    def add_into(self, model: nn.Module) -> None:
+        """Trainer: `.grad += buffer` for every trainable parameter of `model`."""
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in self._buffers:
+                    if p.grad is None:
+                        p.grad = self._buffers[name].clone()
+                    else:
+                        p.grad.add_(self._buffers[name])
 
 
 def max_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
@@ -209,15 +283,17 @@ class SamplerWorker:
         start: int,
         probe_tokens: list[list[int]],
         weights: Mapping[str, Tensor],
+        grads: GradChannel | None = None,
     ) -> None:
         self.channel = WeightChannel(weights, consumed=start)
+        self.grads = grads
         self.messages: Any = SPAWN.Queue()
         self.timeout_s = config.asynchronous.worker_timeout_s
         self.process = SPAWN.Process(
             target=_worker_main,
             name="cispo-sampler",
             daemon=True,
-            args=(_WorkerSpec(config, start, probe_tokens), self.channel, self.messages),
+            args=(_WorkerSpec(config, start, probe_tokens), self.channel, self.messages, grads),
         )
         self.pid: int | None = None
 
@@ -239,7 +315,7 @@ class SamplerWorker:
     def mark_consumed(self, count: int) -> None:
         self.channel.mark_consumed(count)
 
-    def next_message(self) -> SyncReport | Rollout:
+    def next_message(self) -> SyncReport | Rollout | GradReport:
         """The worker's next message; raises `WorkerError` if it failed, died or went silent."""
         deadline = time.monotonic() + self.timeout_s
         while True:
@@ -257,7 +333,7 @@ class SamplerWorker:
                         "(asynchronous.worker_timeout_s)"
                     ) from None
                 continue
-            message: SyncReport | Rollout | WorkerFailure = pickle.loads(payload)
+            message: SyncReport | Rollout | GradReport | WorkerFailure = pickle.loads(payload)
             if isinstance(message, WorkerFailure):
                 raise WorkerError(f"the sampler worker failed:\n{message.traceback}")
             return message
@@ -294,17 +370,25 @@ class SamplerWorker:
         self.close()
 
 
-def _worker_main(spec: _WorkerSpec, channel: WeightChannel, messages: Any) -> None:
+def _worker_main(
+    spec: _WorkerSpec, channel: WeightChannel, messages: Any, grads: GradChannel | None
+) -> None:
     signal.signal(
         signal.SIGINT, signal.SIG_IGN
     )  # Ctrl-C hits the whole group; the trainer stops us
     try:
-        _produce(spec, channel, messages)
+        _produce(spec, channel, messages, grads)
     except BaseException:  # everything goes back to the trainer, which raises it
         _send(messages, WorkerFailure(traceback.format_exc()))
 
 
-def _produce(spec: _WorkerSpec, channel: WeightChannel, messages: Any) -> None:
+def _produce(
+    spec: _WorkerSpec, channel: WeightChannel, messages: Any, grads: GradChannel | None
+) -> None:
+    """Generate batches `spec.start`.. as the gate allows; with a `GradChannel`, also compute the
+    worker's share of each batch's gradient once the weights that batch is trained at (version =
+    its step) are published. That share goes first: the trainer waits for it, while the next
+    batch is only needed at the next step."""
     config, run = spec.config, spec.config.asynchronous
     torch.set_num_threads(run.worker_threads)
     bundle = load_bundle(
@@ -318,37 +402,92 @@ def _produce(spec: _WorkerSpec, channel: WeightChannel, messages: Any) -> None:
         eos_token_id=bundle.tokenizer.eos_token_id,
         pad_token_id=int(bundle.tokenizer.pad_token_id or 0),
         tokenizer=bundle.tokenizer,
+        config=EngineConfig(micro_batch_size=config.rl.micro_batch_size),
         seed=config.run.seed,
     )
     model = bundle.model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    if grads is None:
+        for p in model.parameters():
+            p.requires_grad_(False)
     task = make_task(config.task.name, **config.task.kwargs())
     gate = StalenessGate(run.max_staleness, run.queue_size)
     loaded = NO_WEIGHTS
+    pending: dict[int, Rollout] = {}  # generated batches whose gradient share is still due
+    step = spec.start  # the next batch to generate
+    freeze_heap()
     cpu0 = time.process_time()
-    for step in range(spec.start, config.rl.steps):
+
+    def load_newest() -> int:
+        t = time.perf_counter()
+        version = channel.load_into(model)
+        seconds = time.perf_counter() - t
+        probe = compute_logprobs(model, spec.probe_tokens, temperature=config.sampling.temperature)
+        fingerprint = weight_fingerprint(model.state_dict())
+        _send(messages, SyncReport(version, fingerprint, probe, seconds))
+        return version
+
+    while step < config.rl.steps or pending:
         t0 = time.perf_counter()
-        if not channel.wait_to_start(gate, step):
+        due = min(pending) if pending else None
+
+        def ready(published: int, consumed: int, due: int | None = due, step: int = step) -> bool:
+            share_due = due is not None and published == due
+            return share_due or (
+                step < config.rl.steps and gate.may_start(step, published, consumed)
+            )
+
+        if not channel.wait_until(ready):
             return
         waited = time.perf_counter() - t0
         if channel.published() != loaded:
-            t1 = time.perf_counter()
-            loaded = channel.load_into(model)
-            seconds = time.perf_counter() - t1
-            probe = compute_logprobs(
-                model, spec.probe_tokens, temperature=config.sampling.temperature
-            )
-            fingerprint = weight_fingerprint(model.state_dict())
-            _send(messages, SyncReport(loaded, fingerprint, probe, seconds))
+            loaded = load_newest()
+        if due is not None and loaded == due:
+            assert grads is not None  # `pending` is filled only when there is a GradChannel
+            _send(messages, _gradient_share(engine, pending.pop(due), config, grads))
+            model.eval()
+            continue
         engine.version = loaded  # SamplingClient stamps its rollouts with the engine's version
         rollout = collect_rollout(SamplingClient(engine, model, bundle), task, step, config)
         rollout.metrics["time/generator_wait"] = waited
         rollout.metrics["time/worker_cpu_total"] = time.process_time() - cpu0  # since the 1st batch
         _send(messages, rollout)
+        if grads is not None:
+            pending[step] = rollout
+        step += 1
 
 
-def _send(messages: Any, message: SyncReport | Rollout | WorkerFailure) -> None:
+def _gradient_share(
+    engine: Engine, rollout: Rollout, config: TrainConfig, grads: GradChannel
+) -> GradReport:
+    """The gradient of the last `worker_share_count` datums of `rollout` at the weights loaded
+    now (the trainer's, version = rollout.step), normalised by the whole batch's totals."""
+    t = time.perf_counter()
+    datums = rollout.datums
+    count = worker_share_count(len(datums), config.asynchronous.worker_grad_share)
+    metrics: dict[str, float] = {}
+    if count:
+        tokens, sequences = loss_totals(datums)
+        tail = datums[len(datums) - count :]
+        temperature = config.sampling.temperature
+        if recomputes_old_logprobs(config, rollout.step - rollout.version):
+            old = engine.forward_backward(
+                tail, "cross_entropy", forward_only=True, temperature=temperature
+            )
+            tail = with_old_logprobs(tail, old.loss_fn_outputs)
+        out = engine.forward_backward(
+            tail,
+            config.loss.name,
+            loss_fn_config(config),
+            temperature=temperature,
+            num_tokens=tokens,
+            num_sequences=sequences,
+        )
+        grads.write_from(engine.model)
+        metrics = dict(out.metrics)
+    return GradReport(rollout.step, count, metrics, time.perf_counter() - t)
+
+
+def _send(messages: Any, message: SyncReport | Rollout | GradReport | WorkerFailure) -> None:
     # Pickled by value here: a queue would share tensors through file descriptors that vanish
     # when this process exits before the trainer reads its last batch.
     messages.put(pickle.dumps(message))
