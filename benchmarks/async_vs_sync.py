@@ -87,6 +87,7 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="30 RL steps × 32 prompts")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--keep", type=Path, help="copy the two run directories here")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for both runs")
     args = parser.parse_args()
 
@@ -113,6 +114,8 @@ def main() -> None:
             )
             results[name] = run_one(config, Path(tmp) / "warm")
             print(name, json.dumps(results[name]), flush=True)
+            if args.keep:
+                shutil.copytree(config.run.dir, args.keep / name, dirs_exist_ok=True)
     sync, lag1 = results["sync"], results["async"]
     steps = base.rl.steps
     print("\n| run | threads | RL steps/s | steady steps/s | CPU-bound est. | accuracy |")

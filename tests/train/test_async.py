@@ -260,6 +260,34 @@ def test_the_worker_gradient_share_at_lag_1_keeps_the_bound(tmp_path: Path) -> N
     assert rows[-1]["staleness/run_lag_max"] == 1.0
 
 
+@pytest.mark.parametrize("share", ["0", "0.5"])
+def test_a_refused_batch_is_resampled_by_the_trainer_and_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, share: str
+) -> None:
+    """The trainer-side staleness check (unreachable under pacing) forced to refuse step 1: the
+    trainer samples that batch itself at lag 0, ignores the worker's gradient share of the
+    refused batch, and the run goes on with the worker."""
+    real = StalenessGate.admits
+
+    def admits(self: StalenessGate, step: int, version: int) -> bool:
+        return step != 1 and real(self, step, version)
+
+    monkeypatch.setattr(StalenessGate, "admits", admits)
+    run = train(
+        _config(
+            tmp_path,
+            "--rl.steps=3",
+            "--asynchronous.enabled=true",
+            f"--asynchronous.worker_grad_share={share}",
+        ),
+        echo=_quiet,
+    )
+    rows = _metrics(tmp_path)[1:]
+    assert isinstance(run, async_loop.AsyncRunSummary) and run.discarded == 1
+    assert rows[1]["staleness/lag_max"] == 0.0  # the trainer's own batch
+    assert all(r["optim/grad_norm"] > 0 for r in rows)
+
+
 @pytest.mark.parametrize(
     ("extra", "field"),
     [
