@@ -260,6 +260,27 @@ def test_the_worker_gradient_share_at_lag_1_keeps_the_bound(tmp_path: Path) -> N
     assert rows[-1]["staleness/run_lag_max"] == 1.0
 
 
+def test_an_async_run_resumes_from_its_checkpoint_with_the_first_batch_on_policy(
+    tmp_path: Path,
+) -> None:
+    """Resume is exact for the weights, optimizer and data position, not for the in-flight batch:
+    the batch sampled one step ahead is not in the checkpoint, so the first batch after a resume
+    is sampled with the checkpoint's own weights (lag 0) and the lag bound holds from there."""
+    args = [
+        "--asynchronous.enabled=true",
+        "--asynchronous.worker_grad_share=0.5",
+        "--run.checkpoint_every=1",
+    ]
+    train(_config(tmp_path, "--rl.steps=2", *args), echo=_quiet)
+    run = train(_config(tmp_path, "--rl.steps=4", *args), resume=True, echo=_quiet)
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]  # nothing logged twice
+    assert rows[3]["staleness/lag_max"] == 0.0  # step 3: the first batch after the resume
+    assert rows[4]["staleness/lag_max"] == 1.0
+    assert isinstance(run, async_loop.AsyncRunSummary) and run.lag_max == 1
+    assert any((tmp_path / "checkpoints").rglob("step_000004"))
+
+
 @pytest.mark.parametrize("share", ["0", "0.5"])
 def test_a_refused_batch_is_resampled_by_the_trainer_and_counted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, share: str

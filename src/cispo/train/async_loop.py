@@ -15,6 +15,11 @@ trainer's. With `loss.anchor="old"` the CISPO ratio is π_θ/π_old and `asynchr
 π_θ/q, which already contains that factor, so no correction is allowed. At lag 0 nothing is
 recomputed (old = sampler, as in the synchronous loop): max_staleness=0 reproduces that loop.
 
+With `asynchronous.worker_grad_share > 0` the worker also computes the gradient of the last datums
+of each batch once the weights that batch is trained at are published (it holds exactly them
+then), and the trainer adds it to its own before the optimizer step (`_train_with_worker_share`):
+the update is the synchronous one, split over the two processes.
+
 Left out: partial rollouts, several sampler workers, a remote training client (the loop reads the
 in-process engine's weights). docs/async.md has the design and the benchmark.
 """

@@ -7,6 +7,10 @@ batch, reports that (`SyncReport`), and samples the batch with `cispo.train.loop
 `cispo.rollout.staleness.StalenessGate` paces it. Messages go back on one queue, in order: a
 batch's `SyncReport` always precedes it.
 
+With a `GradChannel` (`asynchronous.worker_grad_share > 0`) the worker also computes its share of
+each batch's gradient at the weights the trainer's update starts from and leaves it in shared
+buffers, announced by a `GradReport` (`_produce` has the order of work).
+
 Why shared memory and not a queue for weights: one in-place copy per sync on each side, no
 pickling, and the worker reads the newest weights only when it starts a batch (a version it never
 read costs nothing). A `torch.multiprocessing` "spawn" context: forking after torch has started
