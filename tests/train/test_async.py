@@ -403,12 +403,15 @@ def test_the_worker_is_gone_after_the_trainer_raises(
         )
 
 
+# The child installs Python's own SIGINT handler: a shell without job control starts background
+# commands (and so pytest and this child) with SIGINT ignored, and Python then keeps it ignored.
 _CTRL_C_RUN = """
-import dataclasses, sys
+import dataclasses, signal, sys
 from cispo.configs import apply_overrides
 from cispo.train.config import TrainConfig
 from cispo.train.loop import train
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     config = apply_overrides(TrainConfig(), sys.argv[2:])
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=sys.argv[1]))
     train(config, echo=lambda line: print(line, flush=True))
