@@ -7,9 +7,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from cispo.logging.jsonl import read_jsonl
 
 # Spread statistics clutter a curve panel; the mean (or the bare metric) is what is plotted.
@@ -57,6 +54,11 @@ def plot_curves(
     chosen = {word: ks for word, ks in chosen.items() if any(_series(records, k)[0] for k in ks)}
     if not chosen:
         return None
+    # Imported here: matplotlib costs ~0.2 s to import, and most processes never plot (the
+    # sampler worker, `cispo config`, the server).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(5.5 * len(chosen), 4.0), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(chosen), squeeze=False)[0]

@@ -14,7 +14,6 @@ Deliberately left out: multi-turn environments and a value function (GAE). The s
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from cispo.configs import config_to_dict
 from cispo.logging import Progress, RunLogger
 from cispo.tasks import Problem, Task, make_task
 from cispo.train.config import TrainConfig
-from cispo.train.engine import EngineConfig
+from cispo.train.engine import EngineConfig, freeze_heap
 from cispo.train.evaluate import evaluate
 from cispo.train.rollouts import collect_rollout, sample_rows, train_on_rollout
 from cispo.train.warm_start import supervised_warm_start
@@ -169,14 +168,6 @@ def train(
         f"in {summary.seconds:.0f} s; run directory: {run_dir}"
     )
     return summary
-
-
-def freeze_heap() -> None:
-    """Move every object alive now (torch, transformers, the model) out of the garbage
-    collector's reach. Without it a full collection scans the whole import graph every few
-    steps: 150-200 ms pauses on the default run (docs/LOG.md, 2026-11-22 second entry)."""
-    gc.collect()
-    gc.freeze()
 
 
 def describe_plan(config: TrainConfig, training: TrainingClient) -> str:

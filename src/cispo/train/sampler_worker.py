@@ -45,8 +45,7 @@ from cispo.rollout.staleness import NO_WEIGHTS, StalenessGate
 from cispo.tasks import make_task
 from cispo.train.bundle import load_bundle
 from cispo.train.config import TrainConfig
-from cispo.train.engine import Engine, EngineConfig, loss_totals
-from cispo.train.loop import freeze_heap
+from cispo.train.engine import Engine, EngineConfig, freeze_heap, loss_totals
 from cispo.train.rollouts import Rollout, collect_rollout, with_old_logprobs
 
 SPAWN = torch.multiprocessing.get_context("spawn")
