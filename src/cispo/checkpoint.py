@@ -253,7 +253,7 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _is_complete(path: Path) -> bool:
+def is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in _FILES)
 
 
@@ -410,10 +410,10 @@ def latest_named_state(root: Path) -> Path | None:
     pointer = root / "latest"
     if pointer.is_file():
         named = root / pointer.read_text().strip()
-        if named.name and not named.name.startswith(".") and _is_complete(named):
+        if named.name and not named.name.startswith(".") and is_complete(named):
             return named
     for _, path in reversed(_step_dirs(root)):
-        if _is_complete(path):
+        if is_complete(path):
             return path
     return None
 

@@ -15,6 +15,7 @@ tinker = pytest.importorskip("tinker")
 from server_harness import TINY, LiveServer, start_server  # noqa: E402
 from tinker import types  # noqa: E402
 
+from cispo.client.service import TrainingClient  # noqa: E402
 from cispo.client.types import AdamParams, Datum, ModelInput  # noqa: E402
 from cispo.models import apply_lora  # noqa: E402
 from cispo.server.runtime import LORA_TARGETS  # noqa: E402
@@ -205,6 +206,57 @@ def test_sampler_from_a_saved_path(service: Any, training: Any) -> None:
     sampler = service.create_sampling_client(model_path=path).result()
     lp = sampler.compute_logprobs(types.ModelInput.from_ints(ids)).result()
     assert lp[1:] == pytest.approx(_forward_lp(training, ids), abs=1e-5)
+
+
+def test_a_server_checkpoint_is_a_cispo_checkpoint_the_in_process_client_loads(
+    live: LiveServer, training: Any, tmp_path: Any
+) -> None:
+    """One checkpoint format: `tinker://run/weights/name` is a `cispo.checkpoint` directory that
+    `TrainingClient.load_state` restores, weights and Adam moments included."""
+    ids = training.get_tokenizer().encode("5+6=11")
+    path = training.save_state("interop").result().path
+    run_id, kind, name = path[len("tinker://") :].split("/")
+    directory = live.root / "runs" / run_id.replace(":", "_") / kind / name
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "model.safetensors",
+        "optimizer.pt",
+        "rng.pt",
+        "state.json",
+    ]
+    saved = _forward_lp(training, ids)
+    _ce_step(training, ids)
+    stepped = _forward_lp(training, ids)
+    training.load_state_with_optimizer(path).result()  # the server model back to `saved`
+
+    engine = _in_process_engine()
+    bundle = load_bundle("tiny", lora_rank=0, seed=0, overrides=TINY)
+    client = TrainingClient(engine, bundle, tmp_path)
+    client.load_state(str(directory)).result()
+    datum = Datum(
+        model_input=ModelInput.from_ints(ids[:-1]),
+        loss_fn_inputs={"target_tokens": ids[1:]},  # type: ignore[dict-item]  # lists convert
+    )
+    lp = client.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    assert lp == pytest.approx(saved, abs=1e-5)
+    client.forward_backward([datum], "cross_entropy")
+    client.optim_step(AdamParams(learning_rate=5e-2)).result()
+    lp = client.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    assert lp == pytest.approx(stepped, abs=1e-5)  # the same Adam moments came along
+    client.close()
+
+
+def test_a_server_sampler_checkpoint_has_no_optimizer_to_load(
+    live: LiveServer, training: Any, tmp_path: Any
+) -> None:
+    path = training.save_weights_for_sampler("interop-s").result().path
+    run_id, kind, name = path[len("tinker://") :].split("/")
+    directory = live.root / "runs" / run_id.replace(":", "_") / kind / name
+    bundle = load_bundle("tiny", lora_rank=0, seed=0, overrides=TINY)
+    client = TrainingClient(_in_process_engine(), bundle, tmp_path)
+    with pytest.raises(ValueError, match="no optimizer state"):
+        client.load_state(str(directory)).result()
+    client.load_state(str(directory), optimizer=False).result()
+    client.close()
 
 
 def test_training_runs_are_listed(service: Any, training: Any) -> None:

@@ -214,15 +214,19 @@ class TrainingClient:
 
         def run() -> dict[str, Any]:
             checkpoint = load_checkpoint(Path(path))
-            self.engine.load_state(
-                {
-                    "model": checkpoint.model_state,
-                    "optimizer": checkpoint.optimizer_state if optimizer else None,
-                    "version": checkpoint.trainer_state.get("version", 0),
-                    "sample_generator": checkpoint.rng_state["sample_generator"],
-                },
-                optimizer=optimizer,
-            )
+            if optimizer and not checkpoint.optimizer_state:
+                raise ValueError(
+                    f"{path} has no optimizer state (a sampler-weights checkpoint); "
+                    "load it with optimizer=False"
+                )
+            state = {
+                "model": checkpoint.model_state,
+                "optimizer": checkpoint.optimizer_state if optimizer else None,
+                "version": checkpoint.trainer_state.get("version", 0),
+            }
+            if "sample_generator" in checkpoint.rng_state:
+                state["sample_generator"] = checkpoint.rng_state["sample_generator"]
+            self.engine.load_state(state, optimizer=optimizer)
             return dict(checkpoint.trainer_state)
 
         return self._worker.submit(run)

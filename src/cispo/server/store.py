@@ -1,14 +1,20 @@
 """Where `tinker://` paths live on disk, and the training-run records that survive a restart.
 
-    <root>/runs/<run>/run.json                          run record (base model, LoRA, checkpoints)
-    <root>/runs/<run>/weights/<name>/state.pt           save_weights: model + optimizer + RNG
-    <root>/runs/<run>/sampler_weights/<name>/state.pt   save_weights_for_sampler: model only
+    <root>/runs/<run>/run.json                     run record (base model, LoRA, checkpoints)
+    <root>/runs/<run>/weights/<name>/              save_weights: model + optimizer + sampler RNG
+    <root>/runs/<run>/sampler_weights/<name>/      save_weights_for_sampler: model only
+
+A checkpoint directory is `cispo.checkpoint`'s named state (model.safetensors, optimizer.pt,
+rng.pt, state.json), the same format `cispo.client.TrainingClient.save_state` writes: written
+into a temporary directory, fsynced and renamed into place, so a crash never leaves a half-written
+one, and `TrainingClient.load_state("<root>/runs/<run>/weights/<name>")` reads a server
+checkpoint (and the server's sampler sessions read the client's). Sampler checkpoints store an
+empty optimizer state. Directories from before this format (`state.pt`, one `torch.save`) are
+still read.
 
 `tinker://<training_run_id>/<weights|sampler_weights>/<name>` maps to the directory; the training
-run id is the model id (`<session>:train:<n>`), stored as `<session>_train_<n>` on disk. A
-checkpoint is written to a temporary directory and renamed into place, so a crash never leaves a
-half-written one.
-Files are read with `torch.load(weights_only=True)`: only tensors and plain containers.
+run id is the model id (`<session>:train:<n>`), stored as `<session>_train_<n>` on disk. Files are
+read with `weights_only=True`: only tensors and plain containers.
 """
 
 from __future__ import annotations
@@ -16,8 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,11 +31,14 @@ from typing import Any
 
 import torch
 
+from cispo.checkpoint import is_complete, load_checkpoint, save_named_state
 from cispo.server.futures import UserError
 
 SCHEME = "tinker://"
 KINDS = {"weights": "training", "sampler_weights": "sampler"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RESERVED = frozenset({"latest"})  # `cispo.checkpoint`'s pointer file beside the checkpoints
+_LEGACY_FILE = "state.pt"
 
 
 @dataclass
@@ -90,9 +97,10 @@ class Store:
         self, run_id: str, kind: str, name: str, state: dict[str, Any], *, overwrite: bool = True
     ) -> str:
         """Write `state` under `tinker://run_id/kind/name` atomically; returns the path."""
-        if not _NAME.match(name):
+        if not _NAME.match(name) or name in _RESERVED:
             raise UserError(
-                f"checkpoint name {name!r} must match {_NAME.pattern} (letters, digits, . _ -)"
+                f"checkpoint name {name!r} must match {_NAME.pattern} (letters, digits, . _ -) "
+                f"and not be one of {sorted(_RESERVED)}"
             )
         record = self.runs[run_id]
         parent = self.runs_dir / self._dir_name(run_id) / kind
@@ -100,18 +108,29 @@ class Store:
         final = parent / name
         if final.exists() and not overwrite:
             raise UserError(f"checkpoint {name!r} already exists (pass overwrite=True)")
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
-        torch.save(state, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        optimizer = state.get("optimizer")
+        generator = state.get("sample_generator")
+        save_named_state(
+            parent,
+            name,
+            model_state=state["model"],
+            optimizer_state=optimizer if optimizer is not None else {},
+            rng_state={} if generator is None else {"sample_generator": generator},
+            trainer_state={
+                "version": int(state.get("version", 0)),
+                "base_model": record.base_model,
+                "model_overrides": record.model_overrides,
+                "lora_rank": record.lora_rank,
+                "kind": kind,
+            },
+        )
         path = f"{SCHEME}{run_id}/{kind}/{name}"
         entry = {
             "checkpoint_id": f"{kind}/{name}",
             "checkpoint_type": KINDS[kind],
             "time": _iso(time.time()),
             "tinker_path": path,
-            "size_bytes": (final / "state.pt").stat().st_size,
+            "size_bytes": sum(f.stat().st_size for f in final.iterdir() if f.is_file()),
         }
         with self._lock:
             record.checkpoints = [c for c in record.checkpoints if c["tinker_path"] != path]
@@ -120,7 +139,8 @@ class Store:
         return path
 
     def resolve(self, path: str) -> tuple[RunRecord, str, Path]:
-        """`tinker://run/kind/name` -> (run record, kind, checkpoint file); UserError if unknown."""
+        """`tinker://run/kind/name` -> (run record, kind, checkpoint directory); UserError if
+        unknown or incomplete."""
         if not path.startswith(SCHEME):
             raise UserError(f"path must look like tinker://<run>/weights/<name>, got {path!r}")
         parts = path[len(SCHEME) :].split("/")
@@ -130,14 +150,28 @@ class Store:
         record = self.runs.get(run_id)
         if record is None:
             raise UserError(f"unknown training run {run_id!r} in {path!r}")
-        file = self.runs_dir / self._dir_name(run_id) / kind / name / "state.pt"
-        if not file.is_file():
+        directory = self.runs_dir / self._dir_name(run_id) / kind / name
+        if not (directory / _LEGACY_FILE).is_file() and not is_complete(directory):
             raise UserError(f"no checkpoint at {path!r}")
-        return record, kind, file
+        return record, kind, directory
 
     def load(self, path: str) -> tuple[RunRecord, dict[str, Any]]:
-        record, _, file = self.resolve(path)
-        state: dict[str, Any] = torch.load(file, map_location="cpu", weights_only=True)
+        """The run record and {"model", "optimizer" (None for sampler weights), "version",
+        ["sample_generator"]} of a checkpoint."""
+        record, _, directory = self.resolve(path)
+        if (directory / _LEGACY_FILE).is_file():
+            legacy: dict[str, Any] = torch.load(
+                directory / _LEGACY_FILE, map_location="cpu", weights_only=True
+            )
+            return record, legacy
+        checkpoint = load_checkpoint(directory)
+        state: dict[str, Any] = {
+            "model": checkpoint.model_state,
+            "optimizer": checkpoint.optimizer_state or None,
+            "version": int(checkpoint.trainer_state.get("version", 0)),
+        }
+        if "sample_generator" in checkpoint.rng_state:
+            state["sample_generator"] = checkpoint.rng_state["sample_generator"]
         return record, state
 
     # ------------------------------------------------------------------ REST views
