@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
 
 from cispo.client.service import TrainingClient
-from cispo.client.types import Datum, ModelInput
+from cispo.client.types import Datum, ForwardBackwardOutput, ModelInput
 from cispo.logging import Progress
 from cispo.prompts import encode_answer, encode_prompt
 from cispo.rollout.staleness import LagStats, StalenessGate
@@ -49,7 +49,6 @@ from cispo.train.rollouts import (
     collect_rollout,
     sample_rows,
     train_on_rollout,
-    with_old_logprobs,
 )
 from cispo.train.sampler_worker import (
     GradChannel,
@@ -59,6 +58,7 @@ from cispo.train.sampler_worker import (
     SyncReport,
     WorkerError,
     loss_fn_config,
+    part_gradient,
     recomputes_old_logprobs,
     weight_fingerprint,
     worker_share_count,
@@ -286,23 +286,21 @@ def _train_with_worker_share(
     ignored, and the trainer covers every datum.
     """
     t0 = time.perf_counter()
-    datums, temperature = rollout.datums, config.sampling.temperature
+    datums = rollout.datums
     share = worker_share_count(len(datums), config.asynchronous.worker_grad_share)
     head = datums[: len(datums) - share] if use_worker else datums
-    tokens, sequences = loss_totals(datums)
     parts: list[dict[str, float]] = []
     if head:
-        if config.rl.recompute_old_logprobs:
-            old = training.forward(head, "cross_entropy", temperature=temperature).result()
-            head = with_old_logprobs(head, old.loss_fn_outputs)
-        out = training.forward_backward(
-            head,
-            config.loss.name,
-            loss_fn_config(config),
-            temperature=temperature,
-            num_tokens=tokens,
-            num_sequences=sequences,
-        ).result()
+
+        def forward_backward(
+            part: Sequence[Any], loss_fn: str, cfg: Any = None, **kwargs: Any
+        ) -> ForwardBackwardOutput:
+            if kwargs.pop("forward_only", False):
+                return training.forward(part, loss_fn, cfg, **kwargs).result()
+            return training.forward_backward(part, loss_fn, cfg, **kwargs).result()
+
+        recompute = config.rl.recompute_old_logprobs
+        out = part_gradient(forward_backward, head, loss_totals(datums), config, recompute)
         parts.append(out.metrics)
     t1 = time.perf_counter()
     report, metrics = _next(worker, canary, GradReport)

@@ -31,7 +31,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ import torch.multiprocessing
 from torch import Tensor, nn
 
 from cispo.client.service import SamplingClient
+from cispo.client.types import ForwardBackwardOutput
 from cispo.rollout.sampler import compute_logprobs
 from cispo.rollout.staleness import NO_WEIGHTS, StalenessGate
 from cispo.tasks import make_task
@@ -469,25 +470,39 @@ def _gradient_share(
     count = worker_share_count(len(datums), config.asynchronous.worker_grad_share)
     metrics: dict[str, float] = {}
     if count:
-        tokens, sequences = loss_totals(datums)
+        recompute = recomputes_old_logprobs(config, rollout.step - rollout.version)
         tail = datums[len(datums) - count :]
-        temperature = config.sampling.temperature
-        if recomputes_old_logprobs(config, rollout.step - rollout.version):
-            old = engine.forward_backward(
-                tail, "cross_entropy", forward_only=True, temperature=temperature
-            )
-            tail = with_old_logprobs(tail, old.loss_fn_outputs)
-        out = engine.forward_backward(
-            tail,
-            config.loss.name,
-            loss_fn_config(config),
-            temperature=temperature,
-            num_tokens=tokens,
-            num_sequences=sequences,
-        )
+        out = part_gradient(engine.forward_backward, tail, loss_totals(datums), config, recompute)
         grads.write_from(engine.model)
         metrics = dict(out.metrics)
     return GradReport(rollout.step, count, metrics, time.perf_counter() - t)
+
+
+def part_gradient(
+    forward_backward: Callable[..., ForwardBackwardOutput],
+    part: Sequence[Any],
+    totals: tuple[float, float],
+    config: TrainConfig,
+    recompute: bool,
+) -> ForwardBackwardOutput:
+    """Accumulate the gradient of `part` of a batch whose loss tokens and sequences are `totals`
+    (`loss_totals` of the whole batch), recomputing its old logprobs first if `recompute`.
+
+    `forward_backward` has `Engine.forward_backward`'s signature (the trainer passes its client's
+    calls, the worker its engine's), so both sides of the gradient share run the same steps.
+    """
+    temperature = config.sampling.temperature
+    if recompute:
+        old = forward_backward(part, "cross_entropy", forward_only=True, temperature=temperature)
+        part = with_old_logprobs(part, old.loss_fn_outputs)
+    return forward_backward(
+        part,
+        config.loss.name,
+        loss_fn_config(config),
+        temperature=temperature,
+        num_tokens=totals[0],
+        num_sequences=totals[1],
+    )
 
 
 def _send(messages: Any, message: SyncReport | Rollout | GradReport | WorkerFailure) -> None:
