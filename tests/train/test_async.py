@@ -25,12 +25,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from cispo.client.service import TrainingClient
+from cispo.client.types import Datum
 from cispo.configs import apply_overrides, load_recipe
 from cispo.rollout.staleness import NO_WEIGHTS, LagStats, StalenessGate
 from cispo.train import async_loop
 from cispo.train.config import TrainConfig
 from cispo.train.loop import train
-from cispo.train.sampler_worker import SamplerWorker, WeightChannel, WeightSyncError
+from cispo.train.rollouts import Rollout, train_on_rollout
+from cispo.train.sampler_worker import (
+    GradChannel,
+    GradReport,
+    SamplerWorker,
+    SyncCanary,
+    WeightChannel,
+    WeightSyncError,
+    _gradient_share,
+    loss_fn_config,
+)
+from tests.train.helpers import random_datums, tiny_bundle, tiny_engine
 
 # A tiny run whose warm start gets some reward (so RL steps really update the weights).
 FAST = [
@@ -309,18 +322,99 @@ def test_a_refused_batch_is_resampled_by_the_trainer_and_counted(
     assert all(r["optim/grad_norm"] > 0 for r in rows)
 
 
-@pytest.mark.parametrize(
-    ("extra", "field"),
-    [
-        (["--asynchronous.worker_grad_share=1.0"], "asynchronous.worker_grad_share"),
-        (["--asynchronous.worker_grad_share=0.3", "--rl.minibatches=2"], "rl.minibatches"),
-    ],
-)
-def test_a_bad_worker_gradient_share_is_refused_before_anything_starts(
-    tmp_path: Path, extra: list[str], field: str
+def test_the_gradient_share_of_a_two_minibatch_round_with_recomputed_old_logprobs_is_exact(
+    tmp_path: Path,
 ) -> None:
-    with pytest.raises(ValueError, match=field.replace(".", "\\.")):
-        train(_config(tmp_path, "--asynchronous.enabled=true", *extra), echo=_quiet)
+    """Two optimizer steps per batch, old logprobs recomputed: the worker computes part of the
+    first step's gradient and the old logprobs of the datums it holds; the trainer's second step
+    uses them. At max_staleness=0 this is the synchronous round up to float summation order."""
+    extra = ["--rl.steps=3", "--rl.minibatches=2", "--rl.recompute_old_logprobs=true"]
+    sync_dir, shared_dir = tmp_path / "sync", tmp_path / "shared"
+    train(_config(sync_dir, *extra), echo=_quiet)
+    train(
+        _config(
+            shared_dir,
+            *extra,
+            "--asynchronous.enabled=true",
+            "--asynchronous.max_staleness=0",
+            "--asynchronous.worker_grad_share=0.5",
+        ),
+        echo=_quiet,
+    )
+    rows_sync, rows_shared = _metrics(sync_dir)[1:], _metrics(shared_dir)[1:]
+    assert all(r["rl/datums"] >= 4 and r["time/worker_grad"] > 0 for r in rows_shared)
+    for a, b in zip(rows_sync, rows_shared, strict=True):
+        assert b["train/num_tokens"] == a["train/num_tokens"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        assert b["optim/grad_norm"] == pytest.approx(a["optim/grad_norm"], rel=1e-4)  # 2nd step
+    wa, wb = _weights(sync_dir), _weights(shared_dir)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+
+
+def test_the_shared_round_trains_on_the_old_logprobs_the_worker_recomputed(tmp_path: Path) -> None:
+    """In process, no timing: the worker's `_gradient_share` and the trainer's side of a
+    two-minibatch round, on datums whose stored old logprobs are deliberately wrong. Recomputing
+    replaces them (the worker's for the datums it holds), so the result equals the synchronous
+    `train_on_rollout`; with the wrong ones left in, it would not."""
+    config = _config(
+        tmp_path,
+        "--rl.minibatches=2",
+        "--rl.recompute_old_logprobs=true",
+        "--asynchronous.enabled=true",
+        "--asynchronous.worker_grad_share=0.5",
+        "--loss.anchor=old",
+    )
+    datums = []
+    for d in random_datums(12, seed=4):
+        inputs = dict(d.loss_fn_inputs)
+        inputs["old_logprobs"] = [0.0] * d.model_input.length  # wrong on purpose
+        datums.append(Datum(model_input=d.model_input, loss_fn_inputs=inputs))
+    rollout = Rollout(0, [], [], torch.zeros(3, 4), torch.zeros(3, 4), datums, {}, version=0)
+
+    def client() -> TrainingClient:
+        engine = tiny_engine()
+        return TrainingClient(engine, tiny_bundle(), tmp_path / f"c{id(engine)}")
+
+    shared, sync, stale = client(), client(), client()
+    grads = GradChannel(shared.engine.model)
+    report = _gradient_share(tiny_engine(), rollout, config, grads)
+    assert report.count == 3 and report.old_logprobs is not None
+    assert len(report.old_logprobs) == 9  # its 3 datums of minibatch 0, then minibatch 1's 6
+
+    class OneReport:
+        def next_message(self) -> GradReport:
+            return report
+
+    async_loop._train_with_worker_share(
+        shared,
+        OneReport(),
+        grads,
+        SyncCanary(1e-3),
+        rollout,
+        config,
+        use_worker=True,  # type: ignore[arg-type]
+    )
+    train_on_rollout(sync, rollout, config, loss_fn_config=loss_fn_config(config))
+    no_recompute = dataclasses.replace(
+        config, rl=dataclasses.replace(config.rl, recompute_old_logprobs=False)
+    )
+    train_on_rollout(stale, rollout, no_recompute, loss_fn_config=loss_fn_config(config))
+    ws, wy, wz = (c.engine.model.state_dict() for c in (shared, sync, stale))
+    assert max(float((ws[k] - wy[k]).abs().max()) for k in ws) < 2e-5  # summation order
+    stale_diff = max(float((wz[k] - wy[k]).abs().max()) for k in wz)
+    assert stale_diff > 1e-3, stale_diff  # wrong old logprobs are visible: the test can fail
+    for c in (shared, sync, stale):
+        c.close()
+
+
+def test_a_bad_worker_gradient_share_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="asynchronous\\.worker_grad_share"):
+        train(
+            _config(
+                tmp_path, "--asynchronous.enabled=true", "--asynchronous.worker_grad_share=1.0"
+            ),
+            echo=_quiet,
+        )
     assert not (tmp_path / "metrics.jsonl").exists()
 
 

@@ -47,8 +47,10 @@ from cispo.train.rollouts import (
     Rollout,
     adam_params,
     collect_rollout,
+    output_logprobs,
     sample_rows,
     train_on_rollout,
+    with_old_logprobs,
 )
 from cispo.train.sampler_worker import (
     GradChannel,
@@ -57,11 +59,12 @@ from cispo.train.sampler_worker import (
     SyncCanary,
     SyncReport,
     WorkerError,
+    later_steps_need_old_logprobs,
     loss_fn_config,
     part_gradient,
     recomputes_old_logprobs,
+    share_layout,
     weight_fingerprint,
-    worker_share_count,
 )
 
 _Message = TypeVar("_Message", Rollout, GradReport)
@@ -115,12 +118,6 @@ def train_async(
             "with the sampler anchor the ratio already contains exp(old − sampler)"
         )
     share = run.worker_grad_share
-    if share > 0 and config.rl.epochs * config.rl.minibatches != 1:
-        raise ValueError(
-            f"asynchronous.worker_grad_share={share:g} needs one optimizer step per batch "
-            f"(rl.epochs=1, rl.minibatches=1; got {config.rl.epochs} and "
-            f"{config.rl.minibatches}): the worker holds only the weights a round starts from"
-        )
     loss_cfg = loss_fn_config(config)
     started = time.perf_counter()
     opened = open_run(config, resume=resume, echo=echo)
@@ -279,29 +276,36 @@ def _train_with_worker_share(
     *,
     use_worker: bool,
 ) -> dict[str, float]:
-    """One optimizer step on `rollout`: the trainer's forward/backward on the first datums, the
-    worker's gradient of the rest added in, both normalised by the whole batch's totals.
+    """`train_on_rollout` with the worker's help on the first optimizer step: the trainer's
+    forward/backward on the first datums of the first minibatch, the worker's gradient of the
+    rest of it added in (both normalised by the minibatch's totals); the round's later steps use
+    the old logprobs the worker recomputed for the datums it holds.
 
     `use_worker=False` (a batch the trainer resampled itself): the worker's report is read and
-    ignored, and the trainer covers every datum.
+    ignored, and the trainer does everything.
     """
     t0 = time.perf_counter()
-    datums = rollout.datums
-    share = worker_share_count(len(datums), config.asynchronous.worker_grad_share)
-    head = datums[: len(datums) - share] if use_worker else datums
+    rl, datums = config.rl, rollout.datums
+    per, share = share_layout(len(datums), config)
+    share = share if use_worker else 0
+    recompute = config.rl.recompute_old_logprobs
+    head = datums[: per - share]
+
+    def forward_backward(
+        part: Sequence[Any], loss_fn: str, cfg: Any = None, **kwargs: Any
+    ) -> ForwardBackwardOutput:
+        if kwargs.pop("forward_only", False):
+            return training.forward(part, loss_fn, cfg, **kwargs).result()
+        return training.forward_backward(part, loss_fn, cfg, **kwargs).result()
+
     parts: list[dict[str, float]] = []
+    head_old: list[list[float]] = []
     if head:
-
-        def forward_backward(
-            part: Sequence[Any], loss_fn: str, cfg: Any = None, **kwargs: Any
-        ) -> ForwardBackwardOutput:
-            if kwargs.pop("forward_only", False):
-                return training.forward(part, loss_fn, cfg, **kwargs).result()
-            return training.forward_backward(part, loss_fn, cfg, **kwargs).result()
-
-        recompute = config.rl.recompute_old_logprobs
-        out = part_gradient(forward_backward, head, loss_totals(datums), config, recompute)
+        out, recomputed = part_gradient(
+            forward_backward, head, loss_totals(datums[:per]), config, recompute
+        )
         parts.append(out.metrics)
+        head_old = recomputed or []
     t1 = time.perf_counter()
     report, metrics = _next(worker, canary, GradReport)
     if report.step != rollout.step:
@@ -310,13 +314,38 @@ def _train_with_worker_share(
         )
     metrics["time/wait_for_grad"] = time.perf_counter() - t1
     metrics["time/worker_grad"] = report.seconds
-    if use_worker and report.count:
+    if share and report.count:
         grads.add_into(training.engine.model)
         parts.append(report.metrics)
+    if later_steps_need_old_logprobs(config, recompute) and datums:
+        if share:
+            if report.old_logprobs is None or len(report.old_logprobs) != len(datums) - len(head):
+                raise WorkerError(f"the worker sent no old logprobs for step {rollout.step}")
+            rest_old = report.old_logprobs
+        else:
+            rest, rest_old = datums[per:], []
+            if rest:
+                temperature = config.sampling.temperature
+                scored = forward_backward(
+                    rest, "cross_entropy", forward_only=True, temperature=temperature
+                )
+                rest_old = output_logprobs(scored.loss_fn_outputs)
+        datums = with_old_logprobs(datums, head_old + rest_old)
     if parts:
         merged = merge_metrics([(m["train/num_tokens"], m) for m in parts])
         metrics |= {k.replace(":sum", ""): v for k, v in merged.items()}
-        opt = training.optim_step(adam_params(config, rollout.step)).result()
-        metrics |= opt.metrics or {}
+        adam = adam_params(config, rollout.step)
+        metrics |= training.optim_step(adam).result().metrics or {}
+        for epoch in range(rl.epochs):
+            for start in range(0, len(datums), per):
+                if epoch == 0 and start == 0:
+                    continue  # the shared first step, done above
+                training.forward_backward(
+                    datums[start : start + per],
+                    config.loss.name,
+                    loss_fn_config(config),
+                    temperature=config.sampling.temperature,
+                )
+                metrics |= training.optim_step(adam).result().metrics or {}
     metrics["time/train"] = time.perf_counter() - t0
     return metrics

@@ -304,11 +304,12 @@ class AsyncConfig:
     worker_timeout_s: float = 600.0
     """The trainer stops with an error when the worker sends nothing for this long."""
     worker_grad_share: float = 0.0
-    """Share of each batch's sequences (the last ones) whose gradient the sampler worker computes
-    in its idle time. At that moment it holds exactly the weights the trainer's update starts
-    from (version k), so its partial gradient plus the trainer's is the full-batch gradient
-    (data parallelism over the two processes; float summation order aside). 0 disables it. Needs
-    one optimizer step per batch (`rl.epochs = rl.minibatches = 1`)."""
+    """Share of the first minibatch's sequences (the last ones) whose gradient the sampler worker
+    computes in its idle time. At that moment it holds exactly the weights the trainer's round
+    starts from (version k), so its partial gradient plus the trainer's is the minibatch's
+    gradient (data parallelism over the two processes; float summation order aside). When the
+    round's later optimizer steps need recomputed old logprobs, the worker also computes those of
+    the datums it holds. 0 disables it."""
 
     def __post_init__(self) -> None:
         _check(

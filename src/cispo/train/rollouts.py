@@ -123,7 +123,7 @@ def train_on_rollout(
     metrics: dict[str, float] = {}
     if datums and rl.recompute_old_logprobs:
         old = training.forward(datums, "cross_entropy", temperature=config.sampling.temperature)
-        datums = with_old_logprobs(datums, old.result().loss_fn_outputs)
+        datums = with_old_logprobs(datums, output_logprobs(old.result().loss_fn_outputs))
     if datums:
         adam = adam_params(config, rollout.step)
         per = math.ceil(len(datums) / rl.minibatches)
@@ -170,11 +170,16 @@ def sample_rows(rollout: Rollout, group_size: int, n: int = 4) -> list[dict[str,
     ]
 
 
-def with_old_logprobs(datums: Sequence[Any], outputs: Sequence[Mapping[str, Any]]) -> list[Any]:
-    """`datums` with `old_logprobs` replaced by a forward pass's per-position `logprobs`."""
+def with_old_logprobs(datums: Sequence[Any], old: Sequence[Sequence[float]]) -> list[Any]:
+    """`datums` with `old_logprobs` replaced by per-position logprobs (one list per datum)."""
     out = []
-    for datum, scored in zip(datums, outputs, strict=True):
+    for datum, logprobs in zip(datums, old, strict=True):
         inputs = dict(datum.loss_fn_inputs)
-        inputs["old_logprobs"] = scored["logprobs"].tolist()
+        inputs["old_logprobs"] = list(logprobs)
         out.append(type(datum)(model_input=datum.model_input, loss_fn_inputs=inputs))
     return out
+
+
+def output_logprobs(outputs: Sequence[Mapping[str, Any]]) -> list[list[float]]:
+    """The per-position `logprobs` of each datum of a forward pass's `loss_fn_outputs`."""
+    return [[float(x) for x in o["logprobs"].tolist()] for o in outputs]

@@ -47,7 +47,7 @@ from cispo.tasks import make_task
 from cispo.train.bundle import load_bundle
 from cispo.train.config import TrainConfig
 from cispo.train.engine import Engine, EngineConfig, freeze_heap, loss_totals
-from cispo.train.rollouts import Rollout, collect_rollout, with_old_logprobs
+from cispo.train.rollouts import Rollout, collect_rollout, output_logprobs, with_old_logprobs
 
 SPAWN = torch.multiprocessing.get_context("spawn")
 _POLL_S = 0.5  # how often a waiting side re-checks for stop requests and dead peers
@@ -170,9 +170,23 @@ class GradReport:
     """The worker's part of step `step`'s gradient is in the `GradChannel` buffers."""
 
     step: int
-    count: int  # datums it covered (the last `count` of the batch)
+    count: int  # datums it covered: the last `count` of the first minibatch
     metrics: dict[str, float]  # its forward_backward metrics
     seconds: float
+    old_logprobs: list[list[float]] | None = None
+    """Recomputed old logprobs (at the round's starting weights) of the datums from its share on
+    to the end of the batch, for the round's later optimizer steps; None when not needed."""
+
+
+def share_layout(num_datums: int, config: TrainConfig) -> tuple[int, int]:
+    """(datums per minibatch, datums of the first minibatch the worker takes: its last ones)."""
+    per = math.ceil(num_datums / config.rl.minibatches) if num_datums else 0
+    return per, worker_share_count(per, config.asynchronous.worker_grad_share)
+
+
+def later_steps_need_old_logprobs(config: TrainConfig, recompute: bool) -> bool:
+    """Whether a round has optimizer steps after its first that read recomputed old logprobs."""
+    return recompute and config.rl.epochs * config.rl.minibatches > 1
 
 
 class GradChannel:
@@ -463,19 +477,33 @@ def _produce(
 def _gradient_share(
     engine: Engine, rollout: Rollout, config: TrainConfig, grads: GradChannel
 ) -> GradReport:
-    """The gradient of the last `worker_share_count` datums of `rollout` at the weights loaded
-    now (the trainer's, version = rollout.step), normalised by the whole batch's totals."""
+    """The worker's part of the first optimizer step of `rollout`'s round, at the weights loaded
+    now (the trainer's, version = rollout.step): the gradient of the last datums of the first
+    minibatch, normalised by that minibatch's totals, and, when the round's later steps need
+    recomputed old logprobs, those of every datum from its share on."""
     t = time.perf_counter()
     datums = rollout.datums
-    count = worker_share_count(len(datums), config.asynchronous.worker_grad_share)
+    per, count = share_layout(len(datums), config)
+    recompute = recomputes_old_logprobs(config, rollout.step - rollout.version)
     metrics: dict[str, float] = {}
+    tail_old: list[list[float]] = []
     if count:
-        recompute = recomputes_old_logprobs(config, rollout.step - rollout.version)
-        tail = datums[len(datums) - count :]
-        out = part_gradient(engine.forward_backward, tail, loss_totals(datums), config, recompute)
+        tail = datums[per - count : per]
+        out, recomputed = part_gradient(
+            engine.forward_backward, tail, loss_totals(datums[:per]), config, recompute
+        )
         grads.write_from(engine.model)
-        metrics = dict(out.metrics)
-    return GradReport(rollout.step, count, metrics, time.perf_counter() - t)
+        metrics, tail_old = dict(out.metrics), recomputed or []
+    old = None
+    if later_steps_need_old_logprobs(config, recompute):
+        old, rest = tail_old, datums[per:]
+        if rest:
+            temperature = config.sampling.temperature
+            scored = engine.forward_backward(
+                rest, "cross_entropy", forward_only=True, temperature=temperature
+            )
+            old = tail_old + output_logprobs(scored.loss_fn_outputs)
+    return GradReport(rollout.step, count, metrics, time.perf_counter() - t, old)
 
 
 def part_gradient(
@@ -484,18 +512,21 @@ def part_gradient(
     totals: tuple[float, float],
     config: TrainConfig,
     recompute: bool,
-) -> ForwardBackwardOutput:
-    """Accumulate the gradient of `part` of a batch whose loss tokens and sequences are `totals`
-    (`loss_totals` of the whole batch), recomputing its old logprobs first if `recompute`.
+) -> tuple[ForwardBackwardOutput, list[list[float]] | None]:
+    """Accumulate the gradient of `part` of a minibatch whose loss tokens and sequences are
+    `totals` (`loss_totals` of the whole minibatch), recomputing its old logprobs first if
+    `recompute`; returns the output and the recomputed old logprobs (None if not recomputed).
 
     `forward_backward` has `Engine.forward_backward`'s signature (the trainer passes its client's
     calls, the worker its engine's), so both sides of the gradient share run the same steps.
     """
     temperature = config.sampling.temperature
+    old = None
     if recompute:
-        old = forward_backward(part, "cross_entropy", forward_only=True, temperature=temperature)
-        part = with_old_logprobs(part, old.loss_fn_outputs)
-    return forward_backward(
+        scored = forward_backward(part, "cross_entropy", forward_only=True, temperature=temperature)
+        old = output_logprobs(scored.loss_fn_outputs)
+        part = with_old_logprobs(part, old)
+    out = forward_backward(
         part,
         config.loss.name,
         loss_fn_config(config),
@@ -503,6 +534,7 @@ def part_gradient(
         num_tokens=totals[0],
         num_sequences=totals[1],
     )
+    return out, old
 
 
 def _send(messages: Any, message: SyncReport | Rollout | GradReport | WorkerFailure) -> None:
