@@ -6,7 +6,9 @@ importance-sampling correction on, CISPO weights clipped to [1 - 1.0, 1 + 5.0] =
 arithmetic task: a sampler worker process generates batch k+1 with weights one trainer step old
 while the trainer makes two optimizer steps on batch k, anchored on recomputed old logprobs
 (`loss.anchor="old"`), with truncated IS exp(old − sampler) ≤ 2 on the stale tokens. One torch
-thread for the trainer and one for the worker: the two cores of the reference machine.
+thread for the trainer and one for the worker: the two cores of the reference machine. The worker
+also computes 40% of the first minibatch's gradient and the recomputed old logprobs of the datums
+it holds (`worker_grad_share`: the same update, split over the two processes; docs/async.md).
 """
 
 from dataclasses import replace
@@ -21,5 +23,11 @@ def recipe() -> TrainConfig:
         loss=replace(base.loss, anchor="old", ratio_max=6.0),
         rl=replace(base.rl, minibatches=2),
         run=replace(base.run, dir="runs/arithmetic_cispo_async_lag1", threads=1),
-        asynchronous=AsyncConfig(enabled=True, max_staleness=1, correction="tis", worker_threads=1),
+        asynchronous=AsyncConfig(
+            enabled=True,
+            max_staleness=1,
+            correction="tis",
+            worker_threads=1,
+            worker_grad_share=0.4,
+        ),
     )
