@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import cast
 
 import psutil
 import pytest
@@ -351,6 +352,42 @@ def test_the_gradient_share_of_a_two_minibatch_round_with_recomputed_old_logprob
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
 
 
+def _client(tmp_path: Path) -> TrainingClient:
+    engine = tiny_engine()
+    return TrainingClient(engine, tiny_bundle(), tmp_path / f"client-{id(engine)}")
+
+
+def _worker_report(
+    config: TrainConfig, rollout: Rollout, trainer: TrainingClient
+) -> tuple[GradReport, GradChannel]:
+    """The worker's `_gradient_share` of `rollout`, from an engine with the trainer's weights."""
+    grads = GradChannel(trainer.engine.model)
+    return _gradient_share(tiny_engine(), rollout, config, grads), grads
+
+
+def _shared_round(
+    config: TrainConfig,
+    rollout: Rollout,
+    sent: tuple[GradReport, GradChannel],
+    training: TrainingClient,
+) -> dict[str, float]:
+    """The trainer's side of a shared round, in process, fed one worker report."""
+    report, grads = sent
+
+    class OneReport:
+        def next_message(self) -> GradReport:
+            return report
+
+    worker = cast(SamplerWorker, OneReport())
+    return async_loop._train_with_worker_share(
+        training, worker, grads, SyncCanary(1e-3), rollout, config, use_worker=True
+    )
+
+
+def _rollout(datums: list[Datum]) -> Rollout:
+    return Rollout(0, [], [], torch.zeros(3, 4), torch.zeros(3, 4), datums, {}, version=0)
+
+
 def test_the_shared_round_trains_on_the_old_logprobs_the_worker_recomputed(tmp_path: Path) -> None:
     """In process, no timing: the worker's `_gradient_share` and the trainer's side of a
     two-minibatch round, on datums whose stored old logprobs are deliberately wrong. Recomputing
@@ -369,31 +406,13 @@ def test_the_shared_round_trains_on_the_old_logprobs_the_worker_recomputed(tmp_p
         inputs = dict(d.loss_fn_inputs)
         inputs["old_logprobs"] = [0.0] * d.model_input.length  # wrong on purpose
         datums.append(Datum(model_input=d.model_input, loss_fn_inputs=inputs))
-    rollout = Rollout(0, [], [], torch.zeros(3, 4), torch.zeros(3, 4), datums, {}, version=0)
-
-    def client() -> TrainingClient:
-        engine = tiny_engine()
-        return TrainingClient(engine, tiny_bundle(), tmp_path / f"c{id(engine)}")
-
-    shared, sync, stale = client(), client(), client()
-    grads = GradChannel(shared.engine.model)
-    report = _gradient_share(tiny_engine(), rollout, config, grads)
+    rollout = _rollout(datums)
+    shared, sync, stale = _client(tmp_path), _client(tmp_path), _client(tmp_path)
+    sent = _worker_report(config, rollout, shared)
+    report = sent[0]
     assert report.count == 3 and report.old_logprobs is not None
     assert len(report.old_logprobs) == 9  # its 3 datums of minibatch 0, then minibatch 1's 6
-
-    class OneReport:
-        def next_message(self) -> GradReport:
-            return report
-
-    async_loop._train_with_worker_share(
-        shared,
-        OneReport(),
-        grads,
-        SyncCanary(1e-3),
-        rollout,
-        config,
-        use_worker=True,  # type: ignore[arg-type]
-    )
+    _shared_round(config, rollout, sent, shared)
     train_on_rollout(sync, rollout, config, loss_fn_config=loss_fn_config(config))
     no_recompute = dataclasses.replace(
         config, rl=dataclasses.replace(config.rl, recompute_old_logprobs=False)
@@ -405,6 +424,25 @@ def test_the_shared_round_trains_on_the_old_logprobs_the_worker_recomputed(tmp_p
     assert stale_diff > 1e-3, stale_diff  # wrong old logprobs are visible: the test can fail
     for c in (shared, sync, stale):
         c.close()
+
+
+def test_a_gradient_share_changed_in_transit_stops_the_round_before_the_step(
+    tmp_path: Path,
+) -> None:
+    config = _config(
+        tmp_path, "--asynchronous.enabled=true", "--asynchronous.worker_grad_share=0.5"
+    )
+    rollout = _rollout(random_datums(8, seed=5))
+    trainer = _client(tmp_path)
+    before = {k: v.clone() for k, v in trainer.engine.model.state_dict().items()}
+    sent = _worker_report(config, rollout, trainer)
+    buffer = next(iter(sent[1]._buffers.values()))
+    buffer.view(-1)[0] += 1e-3  # what a broken shared-memory transfer would look like
+    with pytest.raises(WeightSyncError, match="arrived changed"):
+        _shared_round(config, rollout, sent, trainer)
+    after = trainer.engine.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no optimizer step was taken
+    trainer.close()
 
 
 def test_a_bad_worker_gradient_share_is_refused_before_anything_starts(tmp_path: Path) -> None:

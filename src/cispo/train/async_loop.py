@@ -58,6 +58,7 @@ from cispo.train.sampler_worker import (
     SamplerWorker,
     SyncCanary,
     SyncReport,
+    WeightSyncError,
     WorkerError,
     later_steps_need_old_logprobs,
     loss_fn_config,
@@ -315,6 +316,11 @@ def _train_with_worker_share(
     metrics["time/wait_for_grad"] = time.perf_counter() - t1
     metrics["time/worker_grad"] = report.seconds
     if share and report.count:
+        if grads.fingerprint() != report.fingerprint:
+            raise WeightSyncError(
+                f"the worker's gradient share of step {rollout.step} arrived changed "
+                f"(fingerprint {grads.fingerprint()!r}, the worker wrote {report.fingerprint!r})"
+            )
         grads.add_into(training.engine.model)
         parts.append(report.metrics)
     if later_steps_need_old_logprobs(config, recompute) and datums:

@@ -173,6 +173,8 @@ class GradReport:
     count: int  # datums it covered: the last `count` of the first minibatch
     metrics: dict[str, float]  # its forward_backward metrics
     seconds: float
+    fingerprint: float = 0.0
+    """`GradChannel.fingerprint()` right after the worker wrote its gradient."""
     old_logprobs: list[list[float]] | None = None
     """Recomputed old logprobs (at the round's starting weights) of the datums from its share on
     to the end of the batch, for the round's later optimizer steps; None when not needed."""
@@ -204,8 +206,9 @@ class GradChannel:
             if p.requires_grad
         }
 
-    def write_from(self, model: nn.Module) -> None:
-        """Worker: move the `.grad` of `model`'s parameters into the buffers (zeros if None)."""
+    def write_from(self, model: nn.Module) -> float:
+        """Worker: move the `.grad` of `model`'s parameters into the buffers (zeros if None);
+        returns the buffers' fingerprint, which the trainer checks before using them."""
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in self._buffers:
@@ -214,6 +217,11 @@ class GradChannel:
                     else:
                         self._buffers[name].copy_(p.grad)
                     p.grad = None
+        return self.fingerprint()
+
+    def fingerprint(self) -> float:
+        """`weight_fingerprint` of the buffers: equal on both sides when the transfer worked."""
+        return weight_fingerprint(self._buffers)
 
     def add_into(self, model: nn.Module) -> None:
         """Trainer: `.grad += buffer` for every trainable parameter of `model`."""
@@ -487,12 +495,13 @@ def _gradient_share(
     recompute = recomputes_old_logprobs(config, rollout.step - rollout.version)
     metrics: dict[str, float] = {}
     tail_old: list[list[float]] = []
+    fingerprint = 0.0
     if count:
         tail = datums[per - count : per]
         out, recomputed = part_gradient(
             engine.forward_backward, tail, loss_totals(datums[:per]), config, recompute
         )
-        grads.write_from(engine.model)
+        fingerprint = grads.write_from(engine.model)
         metrics, tail_old = dict(out.metrics), recomputed or []
     old = None
     if later_steps_need_old_logprobs(config, recompute):
@@ -503,7 +512,7 @@ def _gradient_share(
                 rest, "cross_entropy", forward_only=True, temperature=temperature
             )
             old = tail_old + output_logprobs(scored.loss_fn_outputs)
-    return GradReport(rollout.step, count, metrics, time.perf_counter() - t, old)
+    return GradReport(rollout.step, count, metrics, time.perf_counter() - t, fingerprint, old)
 
 
 def part_gradient(
