@@ -42,7 +42,9 @@ from cispo.train.sampler_worker import (
     WeightChannel,
     WeightSyncError,
     _gradient_share,
+    balanced_share,
     loss_fn_config,
+    share_layout,
 )
 from tests.train.helpers import random_datums, tiny_bundle, tiny_engine
 
@@ -577,3 +579,44 @@ def test_ctrl_c_stops_the_run_and_its_worker(tmp_path: Path) -> None:
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode != 0 and "KeyboardInterrupt" in output
     assert not psutil.pid_exists(pid), "orphan sampler worker after Ctrl-C"
+
+
+def test_balanced_share_matches_hand_worked_values() -> None:
+    # One step per batch: s = (F − c·S) / 2F.
+    assert balanced_share(3000, 4000, 0, 0, gen_cost=0.3) == pytest.approx(0.3875)
+    # A second minibatch the trainer does alone (4000) whose old logprobs the worker recomputes
+    # first (a third of 4000): equal work would give (8000 − 900 − 1333.3) / 8000 = 0.72, but
+    # the trainer would then wait; ready in time: (4000 − 1333.3) / 8000.
+    assert balanced_share(3000, 4000, 4000, 4000, gen_cost=0.3) == pytest.approx(1 / 3)
+    assert balanced_share(30000, 4000, 0, 0, gen_cost=0.3) == 0.0  # generation alone is longer
+    assert balanced_share(0, 4000, 0, 0, gen_cost=0.3) == 0.5  # never more than half
+    assert balanced_share(3000, 0, 0, 0, gen_cost=0.3) == 0.0  # nothing to share
+
+
+def test_the_token_split_gives_fewer_datums_to_the_worker_when_fewer_are_trained() -> None:
+    """The same sampling work (512 × 2 tokens) with 400 vs 150 datums to train: with fewer
+    datums the worker's generation is a larger part of its day, so it takes a smaller share."""
+    config = apply_overrides(
+        TrainConfig(),
+        [
+            "--asynchronous.worker_grad_share=0.9",
+            "--asynchronous.worker_grad_split=tokens",
+            "--asynchronous.worker_gen_cost=0.3",
+        ],
+    )
+
+    def share(n: int) -> float:
+        datums = random_datums(n, seed=1)
+        rollout = _rollout(datums)
+        rollout.metrics["rl/tokens"] = 512 * 2.0
+        per, count = share_layout(rollout, config, recompute=False)
+        assert per == n
+        return count / n
+
+    many, few = share(400), share(150)
+    assert 0.0 < few < many < 0.9
+    fixed = dataclasses.replace(
+        config,
+        asynchronous=dataclasses.replace(config.asynchronous, worker_grad_split="fixed"),
+    )
+    assert share_layout(_rollout(random_datums(10)), fixed, recompute=False) == (10, 9)

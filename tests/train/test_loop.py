@@ -82,7 +82,9 @@ def test_an_unknown_override_is_an_error_naming_the_key(tmp_path: Path) -> None:
         apply_overrides(TrainConfig(), ["--loss.ratio_mx=5"])
 
 
-@pytest.mark.parametrize("name", ["arithmetic_cispo"])
+@pytest.mark.parametrize(
+    "name", ["arithmetic_cispo", "arithmetic_cispo_async", "arithmetic_cispo_async_lag1"]
+)
 def test_every_shipped_recipe_runs_two_steps(tmp_path: Path, name: str) -> None:
     config = apply_overrides(load_recipe(name, TrainConfig), [*FAST, "--rl.steps=2"])
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(tmp_path)))

@@ -8,9 +8,10 @@ nothing is recomputed and no TIS/MIS is added (docs/async.md, "no double correct
 optimizer step per batch, as in the synchronous default.
 
 Cores: trainer 1 thread, worker 1 thread. The worker's generation is about a third of the
-trainer's update, so it also computes the gradient of the last 40% of every batch
-(`worker_grad_share`) at the weights the trainer's update starts from; the two partial gradients
-add up to the full-batch one. docs/async.md has the timings.
+trainer's update, so it also computes the gradient of the last datums of every batch at the
+weights the trainer's update starts from; the two partial gradients add up to the full-batch one.
+How many: balanced per batch from its token counts (`worker_grad_split="tokens"`, about 40% early
+in the run, less once many groups are dropped), at most half. docs/async.md has the timings.
 """
 
 from dataclasses import replace
@@ -30,6 +31,7 @@ def recipe() -> TrainConfig:
             recompute_old_logprobs=False,
             correction="none",
             worker_threads=1,
-            worker_grad_share=0.4,
+            worker_grad_share=0.5,
+            worker_grad_split="tokens",
         ),
     )

@@ -287,9 +287,9 @@ def _train_with_worker_share(
     """
     t0 = time.perf_counter()
     rl, datums = config.rl, rollout.datums
-    per, share = share_layout(len(datums), config)
-    share = share if use_worker else 0
     recompute = config.rl.recompute_old_logprobs
+    per, share = share_layout(rollout, config, recompute)
+    share = share if use_worker else 0
     head = datums[: per - share]
 
     def forward_backward(
@@ -314,6 +314,7 @@ def _train_with_worker_share(
             f"the worker sent its gradient share of step {report.step} during step {rollout.step}"
         )
     metrics["time/wait_for_grad"] = time.perf_counter() - t1
+    metrics["rl/worker_grad_share"] = share / per if per else 0.0
     metrics["time/worker_grad"] = report.seconds
     if share and report.count:
         if grads.fingerprint() != report.fingerprint:

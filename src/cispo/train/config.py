@@ -309,7 +309,16 @@ class AsyncConfig:
     starts from (version k), so its partial gradient plus the trainer's is the minibatch's
     gradient (data parallelism over the two processes; float summation order aside). When the
     round's later optimizer steps need recomputed old logprobs, the worker also computes those of
-    the datums it holds. 0 disables it."""
+    the datums it holds. 0 disables it. With `worker_grad_split="tokens"` it is the upper bound of
+    a share computed per batch."""
+    worker_grad_split: Literal["fixed", "tokens"] = "fixed"
+    """"fixed": every batch's share is `worker_grad_share`. "tokens": each batch's share balances
+    the two processes' work from its own token counts (`sampler_worker.balanced_share`, with
+    `worker_gen_cost`): deterministic, and it follows the batch as groups with no signal are
+    dropped (fewer datums to train, the same tokens to sample)."""
+    worker_gen_cost: float = 0.3
+    """Cost of sampling one token relative to a forward + backward pass over one position, for
+    `worker_grad_split="tokens"` (0.3 measured on the reference CPU; docs/async.md)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -337,6 +346,16 @@ class AsyncConfig:
             0.0 <= self.worker_grad_share < 1.0,
             "asynchronous.worker_grad_share",
             f"must be in [0, 1), got {self.worker_grad_share}",
+        )
+        _check(
+            self.worker_grad_split in ("fixed", "tokens"),
+            "asynchronous.worker_grad_split",
+            f"must be 'fixed' or 'tokens', got {self.worker_grad_split!r}",
+        )
+        _check(
+            self.worker_gen_cost >= 0,
+            "asynchronous.worker_gen_cost",
+            f"must be >= 0, got {self.worker_gen_cost}",
         )
         _check(
             self.correction_ratio_max > 0,

@@ -180,10 +180,52 @@ class GradReport:
     to the end of the batch, for the round's later optimizer steps; None when not needed."""
 
 
-def share_layout(num_datums: int, config: TrainConfig) -> tuple[int, int]:
-    """(datums per minibatch, datums of the first minibatch the worker takes: its last ones)."""
-    per = math.ceil(num_datums / config.rl.minibatches) if num_datums else 0
-    return per, worker_share_count(per, config.asynchronous.worker_grad_share)
+def balanced_share(
+    sampled: float, first: float, later: float, recomputed: float, *, gen_cost: float
+) -> float:
+    """The share s of the first optimizer step's work to give the worker.
+
+    In units of one forward + backward pass over one position (a forward alone costs a third):
+    `first` is the first step's work, `later` the work of the round's later steps (trainer only),
+    `recomputed` the positions whose old logprobs the worker recomputes for them; the worker also
+    samples `sampled` tokens at `gen_cost` each. Two conditions:
+
+    - equal work:  trainer (1 − s)·first + later = worker c·sampled + s·first + recomputed / 3
+      ⇒  s_work = (first + later − c·sampled − recomputed / 3) / (2·first);
+    - no waiting:  the worker's report (its recompute, then its share; it samples afterwards)
+      must be ready when the trainer finishes its part of the first step:
+      recomputed / 3 + s·first ≤ (1 − s)·first  ⇒  s_ready = (first − recomputed / 3) / (2·first).
+
+    s = min(s_work, s_ready), clipped to [0, 1]. Examples: first = 4000, sampled = 3000, c = 0.3,
+    nothing later: s = min(3100, 4000) / 8000 = 0.3875; with later = recomputed = 4000:
+    s = min(5766.7, 2666.7) / 8000 = 0.3333.
+    """
+    if first <= 0:
+        return 0.0
+    work = first + later - gen_cost * sampled - recomputed / 3
+    ready = first - recomputed / 3
+    return min(1.0, max(0.0, min(work, ready) / (2 * first)))
+
+
+def share_layout(rollout: Rollout, config: TrainConfig, recompute: bool) -> tuple[int, int]:
+    """(datums per minibatch, datums of the first minibatch the worker takes: its last ones).
+
+    Both processes call it on the same batch and get the same answer."""
+    datums, run = rollout.datums, config.asynchronous
+    per = math.ceil(len(datums) / config.rl.minibatches) if datums else 0
+    share = run.worker_grad_share
+    if run.worker_grad_split == "tokens" and per:
+        positions = [d.model_input.length for d in datums]
+        first, rest, epochs = sum(positions[:per]), sum(positions[per:]), config.rl.epochs
+        balanced = balanced_share(
+            rollout.metrics.get("rl/tokens", 0.0),
+            first * (4 / 3 if recompute else 1.0),  # a recompute adds a forward pass
+            rest + (first + rest) * (epochs - 1),
+            rest if later_steps_need_old_logprobs(config, recompute) else 0.0,
+            gen_cost=run.worker_gen_cost,
+        )
+        share = min(share, balanced)
+    return per, worker_share_count(per, share)
 
 
 def later_steps_need_old_logprobs(config: TrainConfig, recompute: bool) -> bool:
@@ -491,8 +533,8 @@ def _gradient_share(
     recomputed old logprobs, those of every datum from its share on."""
     t = time.perf_counter()
     datums = rollout.datums
-    per, count = share_layout(len(datums), config)
     recompute = recomputes_old_logprobs(config, rollout.step - rollout.version)
+    per, count = share_layout(rollout, config, recompute)
     metrics: dict[str, float] = {}
     tail_old: list[list[float]] = []
     fingerprint = 0.0
