@@ -41,14 +41,11 @@ from cispo.rollout.staleness import LagStats, StalenessGate
 from cispo.tasks import Task
 from cispo.train.config import TrainConfig
 from cispo.train.engine import loss_totals, merge_metrics
-from cispo.train.evaluate import evaluate
 from cispo.train.loop import RunSummary, describe_plan, open_run
 from cispo.train.rollouts import (
     Rollout,
-    adam_params,
     collect_rollout,
     output_logprobs,
-    sample_rows,
     train_on_rollout,
     with_old_logprobs,
 )
@@ -105,7 +102,7 @@ def trainer_probe_logprobs(
         for seq in probe
     ]
     out = training.forward(datums, "cross_entropy", temperature=temperature).result()
-    return [[float(x) for x in o["logprobs"].tolist()] for o in out.loss_fn_outputs]
+    return output_logprobs(out.loss_fn_outputs)
 
 
 def train_async(
@@ -123,7 +120,7 @@ def train_async(
     started = time.perf_counter()
     opened = open_run(config, resume=resume, echo=echo)
     run_dir, task, training, logger = opened.run_dir, opened.task, opened.training, opened.logger
-    start, rl, test = opened.start, config.rl, opened.test
+    start, rl = opened.start, config.rl
     echo(describe_plan(config, training))
     probe = probe_batch(task, training.get_tokenizer(), config)
     model = training.engine.model
@@ -192,26 +189,13 @@ def train_async(
             waits += metrics["time/wait_for_batch"]
             generator_waits += rollout.metrics.get("time/generator_wait", 0.0)
             metrics["time/step"] = time.perf_counter() - t
-            done = step + 1
-            if done % config.eval.every == 0 or done == rl.steps:
-                last = evaluate(training.save_weights_and_get_sampling_client(), task, test, config)
-                metrics |= last
-                logger.log_samples(done, sample_rows(rollout, rl.group_size))
-            if done == rl.steps:
+            if step + 1 == rl.steps:
                 metrics |= {
                     "staleness/run_lag_mean": lags.mean,
                     "staleness/run_lag_max": float(lags.max),
                     "time/rl_steps_per_s": (rl.steps - start) / (time.perf_counter() - rl_started),
                 }
-            logger.log(done, metrics)
-            if (config.run.checkpoint_every and done % config.run.checkpoint_every == 0) or (
-                done == rl.steps
-            ):
-                training.save_state(
-                    f"step_{done:06d}",
-                    metadata={"step": done, "warm_started": True},
-                    keep_last=config.run.keep_last,
-                ).result()
+            last = opened.end_step(config, step + 1, metrics, rollout) or last
             progress.update(
                 {
                     "reward": metrics["reward/mean"],
@@ -285,12 +269,8 @@ def _train_with_worker_share(
     `use_worker=False` (a batch the trainer resampled itself): the worker's report is read and
     ignored, and the trainer does everything.
     """
-    t0 = time.perf_counter()
-    rl, datums = config.rl, rollout.datums
     recompute = config.rl.recompute_old_logprobs
-    per, share = share_layout(rollout, config, recompute)
-    share = share if use_worker else 0
-    head = datums[: per - share]
+    extra: dict[str, float] = {}
 
     def forward_backward(
         part: Sequence[Any], loss_fn: str, cfg: Any = None, **kwargs: Any
@@ -299,60 +279,57 @@ def _train_with_worker_share(
             return training.forward(part, loss_fn, cfg, **kwargs).result()
         return training.forward_backward(part, loss_fn, cfg, **kwargs).result()
 
-    parts: list[dict[str, float]] = []
-    head_old: list[list[float]] = []
-    if head:
-        out, recomputed = part_gradient(
-            forward_backward, head, loss_totals(datums[:per]), config, recompute
-        )
-        parts.append(out.metrics)
-        head_old = recomputed or []
-    t1 = time.perf_counter()
-    report, metrics = _next(worker, canary, GradReport)
-    if report.step != rollout.step:
-        raise WorkerError(
-            f"the worker sent its gradient share of step {report.step} during step {rollout.step}"
-        )
-    metrics["time/wait_for_grad"] = time.perf_counter() - t1
-    metrics["rl/worker_grad_share"] = share / per if per else 0.0
-    metrics["time/worker_grad"] = report.seconds
-    if share and report.count:
-        if grads.fingerprint() != report.fingerprint:
-            raise WeightSyncError(
-                f"the worker's gradient share of step {rollout.step} arrived changed "
-                f"(fingerprint {grads.fingerprint()!r}, the worker wrote {report.fingerprint!r})"
+    def first_step(datums: list[Any]) -> tuple[list[Any], dict[str, float]]:
+        per, share = share_layout(rollout, config, recompute)
+        share = share if use_worker else 0
+        head = datums[: per - share]
+        parts: list[dict[str, float]] = []
+        head_old: list[list[float]] = []
+        if head:
+            out, recomputed = part_gradient(
+                forward_backward, head, loss_totals(datums[:per]), config, recompute
             )
-        grads.add_into(training.engine.model)
-        parts.append(report.metrics)
-    if later_steps_need_old_logprobs(config, recompute) and datums:
-        if share:
-            if report.old_logprobs is None or len(report.old_logprobs) != len(datums) - len(head):
-                raise WorkerError(f"the worker sent no old logprobs for step {rollout.step}")
-            rest_old = report.old_logprobs
-        else:
-            rest, rest_old = datums[per:], []
-            if rest:
-                temperature = config.sampling.temperature
-                scored = forward_backward(
-                    rest, "cross_entropy", forward_only=True, temperature=temperature
+            parts.append(out.metrics)
+            head_old = recomputed or []
+        t = time.perf_counter()
+        report, canary_metrics = _next(worker, canary, GradReport)
+        if report.step != rollout.step:
+            raise WorkerError(
+                f"the worker sent its gradient share of step {report.step} during step "
+                f"{rollout.step}"
+            )
+        extra.update(canary_metrics)
+        extra["time/wait_for_grad"] = time.perf_counter() - t
+        extra["rl/worker_grad_share"] = share / per if per else 0.0
+        extra["time/worker_grad"] = report.seconds
+        if share and report.count:
+            if grads.fingerprint() != report.fingerprint:
+                raise WeightSyncError(
+                    f"the worker's gradient share of step {rollout.step} arrived changed "
+                    f"(fingerprint {grads.fingerprint()!r}, it wrote {report.fingerprint!r})"
                 )
-                rest_old = output_logprobs(scored.loss_fn_outputs)
-        datums = with_old_logprobs(datums, head_old + rest_old)
-    if parts:
-        merged = merge_metrics([(m["train/num_tokens"], m) for m in parts])
-        metrics |= {k.replace(":sum", ""): v for k, v in merged.items()}
-        adam = adam_params(config, rollout.step)
-        metrics |= training.optim_step(adam).result().metrics or {}
-        for epoch in range(rl.epochs):
-            for start in range(0, len(datums), per):
-                if epoch == 0 and start == 0:
-                    continue  # the shared first step, done above
-                training.forward_backward(
-                    datums[start : start + per],
-                    config.loss.name,
-                    loss_fn_config(config),
-                    temperature=config.sampling.temperature,
-                )
-                metrics |= training.optim_step(adam).result().metrics or {}
-    metrics["time/train"] = time.perf_counter() - t0
-    return metrics
+            grads.add_into(training.engine.model)
+            parts.append(report.metrics)
+        if later_steps_need_old_logprobs(config, recompute) and datums:
+            if share:
+                if report.old_logprobs is None or len(report.old_logprobs) != len(datums) - len(
+                    head
+                ):
+                    raise WorkerError(f"the worker sent no old logprobs for step {rollout.step}")
+                rest_old = report.old_logprobs
+            else:
+                rest, rest_old = datums[per:], []
+                if rest:
+                    temperature = config.sampling.temperature
+                    scored = forward_backward(
+                        rest, "cross_entropy", forward_only=True, temperature=temperature
+                    )
+                    rest_old = output_logprobs(scored.loss_fn_outputs)
+            datums = with_old_logprobs(datums, head_old + rest_old)
+        merged = merge_metrics([(m["train/num_tokens"], m) for m in parts]) if parts else {}
+        return datums, merged
+
+    metrics = train_on_rollout(
+        training, rollout, config, loss_fn_config=loss_fn_config(config), first_step=first_step
+    )
+    return metrics | extra

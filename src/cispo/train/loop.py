@@ -31,7 +31,7 @@ from cispo.tasks import Problem, Task, make_task
 from cispo.train.config import TrainConfig
 from cispo.train.engine import EngineConfig, freeze_heap
 from cispo.train.evaluate import evaluate
-from cispo.train.rollouts import collect_rollout, sample_rows, train_on_rollout
+from cispo.train.rollouts import Rollout, collect_rollout, sample_rows, train_on_rollout
 from cispo.train.warm_start import supervised_warm_start
 
 
@@ -72,6 +72,29 @@ class OpenRun:
             self.logger.log(0, first)
         echo(f"held-out greedy accuracy before RL: {first['eval/accuracy']:.1%}")
         return first
+
+    def end_step(
+        self, config: TrainConfig, done: int, metrics: dict[str, float], rollout: Rollout
+    ) -> dict[str, float] | None:
+        """After RL step `done`: the held-out evaluation when due (merged into `metrics`), the
+        metrics line, and the checkpoint when due (atomic; fsynced only after the last step).
+        Returns the evaluation's metrics if one ran."""
+        evaluation = None
+        if done % config.eval.every == 0 or done == config.rl.steps:
+            sampler = self.training.save_weights_and_get_sampling_client()
+            evaluation = evaluate(sampler, self.task, self.test, config)
+            metrics |= evaluation
+            self.logger.log_samples(done, sample_rows(rollout, config.rl.group_size))
+        self.logger.log(done, metrics)
+        every = config.run.checkpoint_every
+        if (every and done % every == 0) or done == config.rl.steps:
+            self.training.save_state(
+                f"step_{done:06d}",
+                metadata={"step": done, "warm_started": True},
+                keep_last=config.run.keep_last,
+                durable=done == config.rl.steps,
+            ).result()
+        return evaluation
 
 
 def open_run(config: TrainConfig, *, resume: bool, echo: Callable[[str], None]) -> OpenRun:
@@ -119,7 +142,7 @@ def train(
     started = time.perf_counter()
     run = open_run(config, resume=resume, echo=echo)
     run_dir, task, training, logger = run.run_dir, run.task, run.training, run.logger
-    start, rl, test = run.start, config.rl, run.test
+    start, rl = run.start, config.rl
     echo(describe_plan(config, training))
     first = run.warm_start_and_evaluate(config, echo)
     last = first
@@ -132,23 +155,8 @@ def train(
             training.save_weights_and_get_sampling_client(), task, step, config
         )
         metrics = rollout.metrics | train_on_rollout(training, rollout, config)
-        rows = sample_rows(rollout, rl.group_size)
         metrics["time/step"] = time.perf_counter() - t
-        done = step + 1
-        if done % config.eval.every == 0 or done == rl.steps:
-            last = evaluate(training.save_weights_and_get_sampling_client(), task, test, config)
-            metrics |= last
-            logger.log_samples(done, rows)
-        logger.log(done, metrics)
-        if (config.run.checkpoint_every and done % config.run.checkpoint_every == 0) or (
-            done == rl.steps
-        ):
-            training.save_state(
-                f"step_{done:06d}",
-                metadata={"step": done, "warm_started": True},
-                keep_last=config.run.keep_last,
-                durable=done == rl.steps,  # atomic either way; fsync only the final one
-            ).result()
+        last = run.end_step(config, step + 1, metrics, rollout) or last
         progress.update(
             {
                 "reward": metrics["reward/mean"],

@@ -47,7 +47,13 @@ from cispo.tasks import make_task
 from cispo.train.bundle import load_bundle
 from cispo.train.config import TrainConfig
 from cispo.train.engine import Engine, EngineConfig, freeze_heap, loss_totals
-from cispo.train.rollouts import Rollout, collect_rollout, output_logprobs, with_old_logprobs
+from cispo.train.rollouts import (
+    Rollout,
+    collect_rollout,
+    minibatch_size,
+    output_logprobs,
+    with_old_logprobs,
+)
 
 SPAWN = torch.multiprocessing.get_context("spawn")
 _POLL_S = 0.5  # how often a waiting side re-checks for stop requests and dead peers
@@ -212,7 +218,7 @@ def share_layout(rollout: Rollout, config: TrainConfig, recompute: bool) -> tupl
 
     Both processes call it on the same batch and get the same answer."""
     datums, run = rollout.datums, config.asynchronous
-    per = math.ceil(len(datums) / config.rl.minibatches) if datums else 0
+    per = minibatch_size(len(datums), config)
     share = run.worker_grad_share
     if run.worker_grad_split == "tokens" and per:
         positions = [d.model_input.length for d in datums]
