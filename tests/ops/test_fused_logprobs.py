@@ -79,16 +79,13 @@ def _assert_all_close(got: dict[str, Tensor | None], want: dict[str, Tensor | No
             torch.testing.assert_close(got_value, value, rtol=FP32_RTOL, atol=FP32_ATOL, msg=key)
 
 
-@pytest.mark.parametrize(
-    ("chunk_size", "vocab_chunk_size"),
-    [(1, 1), (7, 10), (16, 32), (50, None), (64, 103), (1024, None), (7, 200)],
-)
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_fused_equals_naive_in_fp32_for_every_tile_shape(
-    chunk_size: int, vocab_chunk_size: int | None, temperature: float
+def _assert_fused_equals_naive(
+    x: dict[str, Tensor | None],
+    temperature: float,
+    chunk_size: int,
+    vocab_chunk_size: int | None,
 ) -> None:
-    # N = 50 is not a multiple of 7 or 16; V = 103 is prime, so no vocab block divides it.
-    x = _inputs(50, 103, 24)
+    """Values and gradients of the fused kernel with these tiles equal the naive path's."""
     want = _run("naive", x, temperature=temperature)
     got = _run(
         "fused",
@@ -98,6 +95,18 @@ def test_fused_equals_naive_in_fp32_for_every_tile_shape(
         vocab_chunk_size=vocab_chunk_size,
     )
     _assert_all_close(got, want)
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "vocab_chunk_size"),
+    [(1, 1), (7, 10), (16, 32), (50, None), (64, 103), (1024, None), (7, 200)],
+)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_equals_naive_in_fp32_for_every_tile_shape(
+    chunk_size: int, vocab_chunk_size: int | None, temperature: float
+) -> None:
+    # N = 50 is not a multiple of 7 or 16; V = 103 is prime, so no vocab block divides it.
+    _assert_fused_equals_naive(_inputs(50, 103, 24), temperature, chunk_size, vocab_chunk_size)
 
 
 @pytest.mark.parametrize(("use_lp", "use_ent"), [(True, False), (False, True)])
@@ -142,15 +151,7 @@ def test_fused_equals_naive_for_random_shapes(
     seed: int,
 ) -> None:
     x = _inputs(n, v, h, seed=seed, bias=bias)
-    want = _run("naive", x, temperature=temperature)
-    got = _run(
-        "fused",
-        x,
-        temperature=temperature,
-        chunk_size=chunk_size,
-        vocab_chunk_size=vocab_chunk_size,
-    )
-    _assert_all_close(got, want)
+    _assert_fused_equals_naive(x, temperature, chunk_size, vocab_chunk_size)
 
 
 def test_fused_backward_passes_gradcheck_in_float64() -> None:

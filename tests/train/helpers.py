@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import torch
 
 from cispo.client.types import Datum
+from cispo.configs import apply_overrides
 from cispo.datums import rl_datum
 from cispo.train.bundle import ModelBundle, load_bundle
+from cispo.train.config import TrainConfig
 from cispo.train.engine import Engine, EngineConfig
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
+
+# Overrides of a whole `cispo train` run small enough for a test (seconds on one core).
+TINY_RUN = [
+    "--model.hidden_size=32",
+    "--model.num_layers=1",
+    "--model.num_heads=2",
+    "--sft.batch_size=32",
+    "--rl.prompts_per_step=16",
+    "--rl.group_size=4",
+    "--eval.num_problems=16",
+    "--eval.every=2",
+    "--run.tensorboard=false",
+    "--sampling.max_tokens=5",
+    "--optim.learning_rate=1e-2",
+]
+
+
+def run_config(
+    run_dir: Path, overrides: list[str], recipe: TrainConfig | None = None
+) -> TrainConfig:
+    """`recipe` (default: `TrainConfig()`) with `overrides`, writing to `run_dir`."""
+    base = apply_overrides(recipe or TrainConfig(), overrides)
+    return dataclasses.replace(base, run=dataclasses.replace(base.run, dir=str(run_dir)))
 
 
 def tiny_bundle(seed: int = 0) -> ModelBundle:

@@ -46,33 +46,22 @@ from cispo.train.sampler_worker import (
     loss_fn_config,
     share_layout,
 )
-from tests.train.helpers import random_datums, tiny_bundle, tiny_engine
+from tests.train.helpers import TINY_RUN, random_datums, run_config, tiny_bundle, tiny_engine
 
 # A tiny run whose warm start gets some reward (so RL steps really update the weights).
 FAST = [
-    "--model.hidden_size=32",
-    "--model.num_layers=1",
-    "--model.num_heads=2",
+    *TINY_RUN,
     "--task.digits=1",
     "--sft.steps=80",
     "--sft.warmup_steps=5",
     "--sft.learning_rate=2e-2",
-    "--sft.batch_size=32",
-    "--rl.prompts_per_step=16",
-    "--rl.group_size=4",
-    "--eval.num_problems=16",
-    "--eval.every=2",
-    "--run.tensorboard=false",
     "--run.threads=1",
     "--run.checkpoint_every=0",
-    "--sampling.max_tokens=5",
-    "--optim.learning_rate=1e-2",
 ]
 
 
 def _config(run_dir: Path, *extra: str, recipe: TrainConfig | None = None) -> TrainConfig:
-    base = apply_overrides(recipe or TrainConfig(), [*FAST, *extra])
-    return dataclasses.replace(base, run=dataclasses.replace(base.run, dir=str(run_dir)))
+    return run_config(run_dir, [*FAST, *extra], recipe)
 
 
 def _metrics(run_dir: Path) -> list[dict[str, float]]:

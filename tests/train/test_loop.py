@@ -13,26 +13,13 @@ from safetensors.torch import load_file
 from cispo.configs import apply_overrides, load_recipe
 from cispo.train.config import TrainConfig
 from cispo.train.loop import train
+from tests.train.helpers import TINY_RUN, run_config
 
-FAST = [
-    "--model.hidden_size=32",
-    "--model.num_layers=1",
-    "--model.num_heads=2",
-    "--sft.steps=30",
-    "--sft.batch_size=32",
-    "--rl.prompts_per_step=16",
-    "--rl.group_size=4",
-    "--eval.num_problems=16",
-    "--eval.every=2",
-    "--run.tensorboard=false",
-    "--sampling.max_tokens=5",
-    "--optim.learning_rate=1e-2",
-]
+FAST = [*TINY_RUN, "--sft.steps=30"]
 
 
 def _config(tmp_path: Path, *extra: str) -> TrainConfig:
-    base = apply_overrides(TrainConfig(), [*FAST, *extra])
-    return dataclasses.replace(base, run=dataclasses.replace(base.run, dir=str(tmp_path)))
+    return run_config(tmp_path, [*FAST, *extra])
 
 
 def _metrics(run_dir: Path) -> list[dict[str, float]]:
