@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import nn
 
-from cispo.checkpoint import load_checkpoint, save_named_state
+from cispo.checkpoint import load_checkpoint
 from cispo.client.futures import APIFuture, OrderedWorker, completed
 from cispo.client.types import (
     AdamParams,
@@ -46,7 +46,7 @@ from cispo.client.types import (
 )
 from cispo.rollout.sampler import compute_logprobs
 from cispo.train.bundle import ModelBundle, load_bundle
-from cispo.train.engine import Engine, EngineConfig
+from cispo.train.engine import Engine, EngineConfig, load_engine_state, save_engine_state
 
 __all__ = ["SamplingClient", "ServiceClient", "TrainingClient"]
 
@@ -188,20 +188,16 @@ class TrainingClient:
         `durable=False` skips fsync (still atomic if the process dies; see `cispo.checkpoint`)."""
 
         def run() -> SaveWeightsResponse:
-            state = self.engine.state()
             trainer_state = {
-                "version": state["version"],
                 "base_model": self.bundle.spec,
                 "model_overrides": self.bundle.overrides,
                 **dict(metadata or {}),
             }
-            path = save_named_state(
+            path = save_engine_state(
                 self.checkpoint_dir,
                 name,
-                model_state=state["model"],
-                optimizer_state=state["optimizer"],
-                rng_state={"sample_generator": state["sample_generator"]},
-                trainer_state=trainer_state,
+                self.engine.state(),
+                trainer_state,
                 keep_last=keep_last,
                 durable=durable,
             )
@@ -213,21 +209,14 @@ class TrainingClient:
         """Restore weights (and optimizer) from `save_state`; returns the saved metadata."""
 
         def run() -> dict[str, Any]:
-            checkpoint = load_checkpoint(Path(path))
-            if optimizer and not checkpoint.optimizer_state:
+            state, trainer_state = load_engine_state(Path(path))
+            if optimizer and state["optimizer"] is None:
                 raise ValueError(
                     f"{path} has no optimizer state (a sampler-weights checkpoint); "
                     "load it with optimizer=False"
                 )
-            state = {
-                "model": checkpoint.model_state,
-                "optimizer": checkpoint.optimizer_state if optimizer else None,
-                "version": checkpoint.trainer_state.get("version", 0),
-            }
-            if "sample_generator" in checkpoint.rng_state:
-                state["sample_generator"] = checkpoint.rng_state["sample_generator"]
             self.engine.load_state(state, optimizer=optimizer)
-            return dict(checkpoint.trainer_state)
+            return trainer_state
 
         return self._worker.submit(run)
 

@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
-from cispo.checkpoint import is_complete, load_checkpoint, save_named_state
+from cispo.checkpoint import is_complete
 from cispo.server.futures import UserError
+from cispo.train.engine import load_engine_state, save_engine_state
 
 SCHEME = "tinker://"
 KINDS = {"weights": "training", "sampler_weights": "sampler"}
@@ -108,16 +109,11 @@ class Store:
         final = parent / name
         if final.exists() and not overwrite:
             raise UserError(f"checkpoint {name!r} already exists (pass overwrite=True)")
-        optimizer = state.get("optimizer")
-        generator = state.get("sample_generator")
-        save_named_state(
+        save_engine_state(
             parent,
             name,
-            model_state=state["model"],
-            optimizer_state=optimizer if optimizer is not None else {},
-            rng_state={} if generator is None else {"sample_generator": generator},
-            trainer_state={
-                "version": int(state.get("version", 0)),
+            state,
+            {
                 "base_model": record.base_model,
                 "model_overrides": record.model_overrides,
                 "lora_rank": record.lora_rank,
@@ -164,15 +160,7 @@ class Store:
                 directory / _LEGACY_FILE, map_location="cpu", weights_only=True
             )
             return record, legacy
-        checkpoint = load_checkpoint(directory)
-        state: dict[str, Any] = {
-            "model": checkpoint.model_state,
-            "optimizer": checkpoint.optimizer_state or None,
-            "version": int(checkpoint.trainer_state.get("version", 0)),
-        }
-        if "sample_generator" in checkpoint.rng_state:
-            state["sample_generator"] = checkpoint.rng_state["sample_generator"]
-        return record, state
+        return record, load_engine_state(directory)[0]
 
     # ------------------------------------------------------------------ REST views
     def training_run_json(self, record: RunRecord) -> dict[str, Any]:

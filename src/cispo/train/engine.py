@@ -24,11 +24,13 @@ import gc
 import math
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from cispo.checkpoint import load_checkpoint, save_named_state
 from cispo.client.types import AdamParams, Datum, ForwardBackwardOutput, TensorData
 from cispo.losses import LossInputs, compute_loss, make_loss_config
 from cispo.ops import model_token_logprobs
@@ -365,3 +367,41 @@ def freeze_heap() -> None:
     steps: 150-200 ms pauses on the default run (docs/LOG.md, 2026-11-22 second entry)."""
     gc.collect()
     gc.freeze()
+
+
+def save_engine_state(
+    root: Path,
+    name: str,
+    state: Mapping[str, Any],
+    trainer_state: Mapping[str, Any],
+    *,
+    keep_last: int = 0,
+    durable: bool = True,
+) -> Path:
+    """Write an `Engine.state()` (the optimizer and sampler RNG may be absent: sampler weights)
+    as the `cispo.checkpoint` named state `root/name`, with `trainer_state` plus its version."""
+    generator = state.get("sample_generator")
+    return save_named_state(
+        root,
+        name,
+        model_state=state["model"],
+        optimizer_state=state.get("optimizer") or {},
+        rng_state={} if generator is None else {"sample_generator": generator},
+        trainer_state={"version": int(state.get("version", 0)), **trainer_state},
+        keep_last=keep_last,
+        durable=durable,
+    )
+
+
+def load_engine_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`Engine.load_state` input, trainer_state) of a directory `save_engine_state` wrote; the
+    optimizer is None when it has none."""
+    checkpoint = load_checkpoint(path)
+    state: dict[str, Any] = {
+        "model": checkpoint.model_state,
+        "optimizer": checkpoint.optimizer_state or None,
+        "version": int(checkpoint.trainer_state.get("version", 0)),
+    }
+    if "sample_generator" in checkpoint.rng_state:
+        state["sample_generator"] = checkpoint.rng_state["sample_generator"]
+    return state, dict(checkpoint.trainer_state)
