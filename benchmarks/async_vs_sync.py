@@ -30,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cispo.config import TrainConfig
 from cispo.configs import apply_overrides, load_recipe
-from cispo.train.config import TrainConfig
 from cispo.train.loop import train
 
 QUICK = ["--rl.steps=30", "--rl.prompts_per_step=32", "--eval.num_problems=128", "--eval.every=15"]

@@ -16,9 +16,10 @@ import time
 
 import torch
 
+from cispo.engine.sampler import sample
 from cispo.models import build_tiny_model, tiny_model_config
-from cispo.rollout import SamplingParams, sample
 from cispo.tokenizer import build_char_tokenizer
+from cispo.types import SamplingParams
 
 
 def main() -> None:

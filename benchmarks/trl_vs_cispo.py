@@ -44,11 +44,12 @@ import torch
 from transformers import PreTrainedModel
 
 from cispo.client import ServiceClient
+from cispo.config import OptimConfig, RLConfig, SamplingConfig, TrainConfig
+from cispo.engine import engine as engine_module
+from cispo.engine.engine import EngineConfig
+from cispo.rollout.rollouts import collect_rollout
 from cispo.tasks import ArithmeticTask, Problem
-from cispo.train import engine as engine_module
-from cispo.train.config import OptimConfig, RLConfig, SamplingConfig, TrainConfig
-from cispo.train.engine import EngineConfig
-from cispo.train.rollouts import collect_rollout, train_on_rollout
+from cispo.train.update import train_on_rollout
 from cispo.train.warm_start import supervised_warm_start
 
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from cispo import models
+from cispo.engine.sampler import compute_logprobs, sample
 from cispo.models import apply_lora, build_tiny_model, load_model, tiny_model_config
-from cispo.rollout import SamplingParams, compute_logprobs, sample
 from cispo.tokenizer import build_char_tokenizer
+from cispo.types import SamplingParams
 
 TOK = build_char_tokenizer()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cispo.client.types import Datum, ModelInput, TensorData, as_tensor_data
+from cispo.types import Datum, ModelInput, TensorData, as_tensor_data
 
 
 def rl_datum(

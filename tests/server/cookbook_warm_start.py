@@ -19,11 +19,10 @@ import numpy as np
 import torch
 
 from cispo.client import ServiceClient
-from cispo.client.types import AdamParams, Datum, ModelInput, TensorData
-from cispo.models import build_tiny_model, tiny_model_config
-from cispo.rollout.sampler import SamplingParams, sample
+from cispo.engine.sampler import sample
+from cispo.models import ModelBundle, build_tiny_model, tiny_model_config
 from cispo.tokenizer import build_char_tokenizer
-from cispo.train.bundle import ModelBundle
+from cispo.types import AdamParams, Datum, ModelInput, SamplingParams, TensorData
 
 RENDERER = "role_colon"
 MAX_TOKENS = 16

@@ -16,11 +16,10 @@ from server_harness import TINY, LiveServer, start_server  # noqa: E402
 from tinker import types  # noqa: E402
 
 from cispo.client.service import TrainingClient  # noqa: E402
-from cispo.client.types import AdamParams, Datum, ModelInput  # noqa: E402
-from cispo.models import apply_lora  # noqa: E402
+from cispo.engine.engine import Engine  # noqa: E402
+from cispo.models import apply_lora, load_bundle  # noqa: E402
 from cispo.server.runtime import LORA_TARGETS  # noqa: E402
-from cispo.train.bundle import load_bundle  # noqa: E402
-from cispo.train.engine import Engine  # noqa: E402
+from cispo.types import AdamParams, Datum, ModelInput  # noqa: E402
 
 RANK, LORA_SEED = 4, 7
 TEXTS = ["12+7=19", "3+4=7", "20+22=42"]

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from cispo.client.types import Datum
+from cispo.config import TrainConfig
 from cispo.configs import apply_overrides
 from cispo.datums import rl_datum
-from cispo.train.bundle import ModelBundle, load_bundle
-from cispo.train.config import TrainConfig
-from cispo.train.engine import Engine, EngineConfig
+from cispo.engine.engine import Engine, EngineConfig
+from cispo.models import ModelBundle, load_bundle
+from cispo.types import Datum
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
 

@@ -26,15 +26,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from cispo.client.service import TrainingClient
-from cispo.client.types import Datum
-from cispo.configs import apply_overrides, load_recipe
-from cispo.rollout.staleness import NO_WEIGHTS, LagStats, StalenessGate
-from cispo.train import async_loop
-from cispo.train.config import TrainConfig
-from cispo.train.loop import train
-from cispo.train.rollouts import Rollout, train_on_rollout
-from cispo.train.sampler_worker import (
+from cispo.asynchronous.staleness import NO_WEIGHTS, LagStats, StalenessGate
+from cispo.asynchronous.worker import (
     GradChannel,
     GradReport,
     SamplerWorker,
@@ -46,6 +39,14 @@ from cispo.train.sampler_worker import (
     loss_fn_config,
     share_layout,
 )
+from cispo.client.service import TrainingClient
+from cispo.config import TrainConfig
+from cispo.configs import apply_overrides, load_recipe
+from cispo.rollout.rollouts import Rollout
+from cispo.train import async_loop
+from cispo.train.loop import train
+from cispo.train.update import train_on_rollout
+from cispo.types import Datum
 from tests.train.helpers import TINY_RUN, random_datums, run_config, tiny_bundle, tiny_engine
 
 # A tiny run whose warm start gets some reward (so RL steps really update the weights).
@@ -531,7 +532,7 @@ def test_the_worker_is_gone_after_the_trainer_raises(
 _CTRL_C_RUN = """
 import dataclasses, signal, sys
 from cispo.configs import apply_overrides
-from cispo.train.config import TrainConfig
+from cispo.config import TrainConfig
 from cispo.train.loop import train
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cispo.config import TrainConfig
 from cispo.configs import apply_overrides, load_recipe
-from cispo.train.config import TrainConfig
 from cispo.train.loop import train
 from tests.train.helpers import TINY_RUN, run_config
 
@@ -83,8 +83,9 @@ def test_an_rl_update_raises_logprobs_of_positive_advantage_completions(tmp_path
     """One rollout + one CISPO step (real sampling, rewards, advantages): the summed logprob of the
     completions with A > 0 goes up and that of completions with A < 0 goes down."""
     from cispo.client import ServiceClient
+    from cispo.rollout.rollouts import collect_rollout
     from cispo.tasks import make_task
-    from cispo.train.rollouts import collect_rollout, train_on_rollout
+    from cispo.train.update import train_on_rollout
     from cispo.train.warm_start import supervised_warm_start
 
     config = _config(

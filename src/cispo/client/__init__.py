@@ -2,7 +2,7 @@
 
 from cispo.client.futures import APIFuture
 from cispo.client.service import SamplingClient, ServiceClient, TrainingClient
-from cispo.client.types import (
+from cispo.types import (
     AdamParams,
     Datum,
     EncodedTextChunk,

@@ -34,7 +34,10 @@ from torch import nn
 
 from cispo.checkpoint import load_checkpoint
 from cispo.client.futures import APIFuture, OrderedWorker, completed
-from cispo.client.types import (
+from cispo.engine.engine import Engine, EngineConfig, load_engine_state, save_engine_state
+from cispo.engine.sampler import compute_logprobs
+from cispo.models import ModelBundle, load_bundle
+from cispo.types import (
     AdamParams,
     Datum,
     ForwardBackwardOutput,
@@ -44,9 +47,6 @@ from cispo.client.types import (
     SamplingParams,
     SaveWeightsResponse,
 )
-from cispo.rollout.sampler import compute_logprobs
-from cispo.train.bundle import ModelBundle, load_bundle
-from cispo.train.engine import Engine, EngineConfig, load_engine_state, save_engine_state
 
 __all__ = ["SamplingClient", "ServiceClient", "TrainingClient"]
 

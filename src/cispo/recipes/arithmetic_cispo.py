@@ -7,7 +7,7 @@ start is deliberately not annealed: an annealed one sits in a sharp minimum that
 without losing accuracy. docs/LOG.md records the calibration, the seeds and the negative results.
 """
 
-from cispo.train.config import TrainConfig
+from cispo.config import TrainConfig
 
 
 def recipe() -> TrainConfig:

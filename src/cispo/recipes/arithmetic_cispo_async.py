@@ -16,7 +16,7 @@ in the run, less once many groups are dropped), at most half. docs/async.md has 
 
 from dataclasses import replace
 
-from cispo.train.config import AsyncConfig, TrainConfig
+from cispo.config import AsyncConfig, TrainConfig
 
 
 def recipe() -> TrainConfig:

@@ -14,7 +14,7 @@ same update, split over the two processes; docs/async.md).
 
 from dataclasses import replace
 
-from cispo.train.config import AsyncConfig, TrainConfig
+from cispo.config import AsyncConfig, TrainConfig
 
 
 def recipe() -> TrainConfig:

@@ -19,7 +19,7 @@ groups that have a reward spread); a greedy evaluation of 8 problems ~10 s.
     cispo train smollm2_arithmetic_cispo --run.dir=runs/smollm2
 """
 
-from cispo.train.config import (
+from cispo.config import (
     EvalConfig,
     ModelConfig,
     OptimConfig,

@@ -1,5 +1,5 @@
-"""Rollout: sampling completions, with the sampler's per-token logprobs."""
+"""Rollout: prompts → samples → rewards → advantages → datums, through a `SamplingClient`."""
 
-from cispo.rollout.sampler import SampledSequence, SamplingParams, compute_logprobs, sample
+from cispo.rollout.rollouts import Rollout, collect_rollout, sample_rows, step_seed
 
-__all__ = ["SampledSequence", "SamplingParams", "compute_logprobs", "sample"]
+__all__ = ["Rollout", "collect_rollout", "sample_rows", "step_seed"]

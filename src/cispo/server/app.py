@@ -21,11 +21,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from tinker import types as tt
 
-from cispo.client.types import AdamParams
-from cispo.rollout.sampler import SamplingParams
 from cispo.server.futures import Result, UserError
 from cispo.server.runtime import Backend, NotFound, ServedModel, ServerConfig, _SampleJob
 from cispo.server.wire import WireError, decode_forward_backward
+from cispo.types import AdamParams, SamplingParams
 
 PROTO = "application/x-protobuf"
 M = TypeVar("M", bound=pydantic.BaseModel)

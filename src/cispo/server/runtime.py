@@ -1,8 +1,8 @@
 """The server's state: sessions, trained models, sampling sessions; every operation the routes call.
 
-Each trained model is a `cispo.train.engine.Engine` (the same engine the in-process client drives:
+Each trained model is a `cispo.engine.engine.Engine` (the same engine the in-process client drives:
 no second loss or sampler here) with its own `ModelSequencer`, so its requests run in seq_id order
-on its own thread. Sampling goes through `cispo.rollout.sampler.sample` on one sampling thread,
+on its own thread. Sampling goes through `cispo.engine.sampler.sample` on one sampling thread,
 which batches every queued request with the same (sampler, num_samples, params) into one
 KV-cached pass.
 
@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from cispo.client.types import AdamParams, ForwardBackwardOutput
+from cispo.engine.engine import Engine, EngineConfig
+from cispo.engine.sampler import compute_logprobs, sample
 from cispo.losses import make_loss_config, required_inputs
-from cispo.models import apply_lora
-from cispo.rollout.sampler import SamplingParams, compute_logprobs, sample
+from cispo.models import TINY, apply_lora, load_bundle
 from cispo.server.futures import FutureTable, ModelSequencer, Result, UserError
 from cispo.server.store import RunRecord, Store
 from cispo.server.wire import (
@@ -41,8 +41,7 @@ from cispo.server.wire import (
     sdk_metrics,
 )
 from cispo.tokenizer import build_char_tokenizer
-from cispo.train.bundle import TINY, load_bundle
-from cispo.train.engine import Engine, EngineConfig
+from cispo.types import AdamParams, ForwardBackwardOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
 

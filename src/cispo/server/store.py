@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 from cispo.checkpoint import is_complete
+from cispo.engine.engine import load_engine_state, save_engine_state
 from cispo.server.futures import UserError
-from cispo.train.engine import load_engine_state, save_engine_state
 
 SCHEME = "tinker://"
 KINDS = {"weights": "training", "sampler_weights": "sampler"}

@@ -21,8 +21,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from tinker.proto import tinker_public_pb2 as pb
 
-from cispo.client.types import Datum, ForwardBackwardOutput, ModelInput, TensorData
-from cispo.rollout.sampler import SampledSequence
+from cispo.types import Datum, ForwardBackwardOutput, ModelInput, SampledSequence, TensorData
 
 _NUMPY_DTYPE: dict[Any, np.dtype[Any]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),

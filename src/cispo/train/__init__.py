@@ -1,1 +1,1 @@
-"""Training: the engine (model + optimizer), run configuration and the RL loop."""
+"""Training: the RL loop, the update, the supervised warm start and held-out evaluation."""

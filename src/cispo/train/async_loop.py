@@ -1,8 +1,8 @@
 """Asynchronous off-policy RL: a sampler worker generates batch k+1 while the trainer updates on k.
 
 The same run as `cispo.train.loop.train` (warm start, evaluation, checkpoints, logs), except that
-rollout batches come from `cispo.train.sampler_worker` (a separate process with its own copy of the
-weights), paced by `cispo.rollout.staleness.StalenessGate` so that no batch is trained on more
+rollout batches come from `cispo.asynchronous.worker` (a separate process with its own copy of the
+weights), paced by `cispo.asynchronous.staleness.StalenessGate` so that no batch is trained on more
 than `asynchronous.max_staleness` trainer steps after the weights that sampled it. After each
 trainer step the weights are published with their version, and the weight-sync canary compares the
 two sides.
@@ -33,23 +33,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from cispo.client.service import TrainingClient
-from cispo.client.types import Datum, ForwardBackwardOutput, ModelInput
-from cispo.logging import Progress
-from cispo.prompts import encode_answer, encode_prompt
-from cispo.rollout.staleness import LagStats, StalenessGate
-from cispo.tasks import Task
-from cispo.train.config import TrainConfig
-from cispo.train.engine import loss_totals, merge_metrics
-from cispo.train.loop import RunSummary, describe_plan, open_run
-from cispo.train.rollouts import (
-    Rollout,
-    collect_rollout,
-    output_logprobs,
-    train_on_rollout,
-    with_old_logprobs,
-)
-from cispo.train.sampler_worker import (
+from cispo.asynchronous.staleness import LagStats, StalenessGate
+from cispo.asynchronous.worker import (
     GradChannel,
     GradReport,
     SamplerWorker,
@@ -64,6 +49,21 @@ from cispo.train.sampler_worker import (
     share_layout,
     weight_fingerprint,
 )
+from cispo.client.service import TrainingClient
+from cispo.config import TrainConfig
+from cispo.engine.engine import loss_totals, merge_metrics
+from cispo.logging import Progress
+from cispo.prompts import encode_answer, encode_prompt
+from cispo.rollout.rollouts import (
+    Rollout,
+    collect_rollout,
+    output_logprobs,
+    with_old_logprobs,
+)
+from cispo.tasks import Task
+from cispo.train.loop import RunSummary, describe_plan, open_run
+from cispo.train.update import train_on_rollout
+from cispo.types import Datum, ForwardBackwardOutput, ModelInput
 
 _Message = TypeVar("_Message", Rollout, GradReport)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cispo.client import ModelInput, SamplingClient, SamplingParams
+from cispo.config import TrainConfig
 from cispo.prompts import decode_completion, encode_prompt
 from cispo.rewards import score_all
 from cispo.tasks import Problem, Task
-from cispo.train.config import TrainConfig
 
 
 def evaluate(

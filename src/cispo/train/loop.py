@@ -25,13 +25,14 @@ import torch
 from cispo.checkpoint import latest_named_state
 from cispo.client import ServiceClient
 from cispo.client.service import TrainingClient
+from cispo.config import TrainConfig
 from cispo.configs import config_to_dict
+from cispo.engine.engine import EngineConfig, freeze_heap
 from cispo.logging import Progress, RunLogger
+from cispo.rollout.rollouts import Rollout, collect_rollout, sample_rows
 from cispo.tasks import Problem, Task, make_task
-from cispo.train.config import TrainConfig
-from cispo.train.engine import EngineConfig, freeze_heap
 from cispo.train.evaluate import evaluate
-from cispo.train.rollouts import Rollout, collect_rollout, sample_rows, train_on_rollout
+from cispo.train.update import train_on_rollout
 from cispo.train.warm_start import supervised_warm_start
 
 

@@ -7,12 +7,12 @@ import math
 
 from cispo.client import AdamParams
 from cispo.client.service import TrainingClient
+from cispo.config import TrainConfig
 from cispo.datums import sft_datum
 from cispo.logging import Progress
 from cispo.prompts import encode_answer, encode_prompt
+from cispo.rollout.rollouts import step_seed
 from cispo.tasks import Task
-from cispo.train.config import TrainConfig
-from cispo.train.rollouts import step_seed
 
 
 def supervised_warm_start(training: TrainingClient, task: Task, config: TrainConfig) -> None:

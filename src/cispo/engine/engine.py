@@ -11,7 +11,7 @@ Contracts:
   reduced with the *global* token (or sequence) count of the whole call, so the micro-batch size
   never changes the update.
 - Trainer logprobs are `log_softmax(logits / temperature)[target]` in float32, the same quantity
-  the sampler reports (`cispo.rollout.sampler`), so on-policy `r = exp(trainer - sampler) = 1`.
+  the sampler reports (`cispo.engine.sampler`), so on-policy `r = exp(trainer - sampler) = 1`.
 - The loss mask of a datum is `loss_fn_inputs["mask"]` if given, else `weights > 0` if given, else
   every position of the datum (Tinker's semantics, where masking is done by zero advantages or
   weights).
@@ -31,10 +31,17 @@ import torch
 from torch import Tensor, nn
 
 from cispo.checkpoint import load_checkpoint, save_named_state
-from cispo.client.types import AdamParams, Datum, ForwardBackwardOutput, TensorData
+from cispo.engine.sampler import sample
 from cispo.losses import LossInputs, compute_loss, make_loss_config
 from cispo.ops import model_token_logprobs
-from cispo.rollout.sampler import SampledSequence, SamplingParams, sample
+from cispo.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    SampledSequence,
+    SamplingParams,
+    TensorData,
+)
 
 # Keys of `loss_fn_inputs` that are per-token float tensors read by the losses.
 _FLOAT_KEYS = ("logprobs", "advantages", "weights", "old_logprobs", "ref_logprobs")

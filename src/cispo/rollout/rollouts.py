@@ -1,29 +1,28 @@
-"""One rollout batch and the optimizer steps on it: the two stages of an RL step.
+"""One rollout batch: prompts → samples → rewards → advantages → datums, through a sampling client.
 
 `collect_rollout` samples `rl.group_size` completions for `rl.prompts_per_step` prompts from a
-sampling client, scores them, computes advantages and builds datums; `train_on_rollout` runs
-`rl.epochs × rl.minibatches` optimizer steps on them through a training client. The synchronous
-loop (`cispo.train.loop`) and the async one (`cispo.train.async_loop`) both use them.
+`SamplingClient`, scores them, computes advantages and builds datums. The helpers below reshape a
+batch's datums for the update (`minibatch_size`, `with_old_logprobs`); the update itself is
+`cispo.train.update.train_on_rollout`.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from cispo.advantages import compute_advantages
-from cispo.client import AdamParams, ModelInput, SamplingClient, SamplingParams
-from cispo.client.service import TrainingClient
+from cispo.client import ModelInput, SamplingClient, SamplingParams
+from cispo.config import TrainConfig
 from cispo.datums import rl_datum
 from cispo.prompts import decode_completion, encode_prompt
 from cispo.rewards import score_all
 from cispo.tasks import Problem, Task
-from cispo.train.config import TrainConfig
 
 
 def step_seed(base: int, step: int, salt: int) -> int:
@@ -105,76 +104,9 @@ def collect_rollout(sampler: SamplingClient, task: Task, step: int, config: Trai
     )
 
 
-FirstStep = Callable[[list[Any]], tuple[list[Any], dict[str, float]]]
-"""Accumulates the gradient of a round's first minibatch some other way (the async loop's
-gradient share): given the round's datums, returns them with any recomputed `old_logprobs` and
-the metrics of that first forward/backward."""
-
-
 def minibatch_size(num_datums: int, config: TrainConfig) -> int:
     """Datums per optimizer step when a batch of `num_datums` is split `rl.minibatches` ways."""
     return math.ceil(num_datums / config.rl.minibatches) if num_datums else 0
-
-
-def train_on_rollout(
-    training: TrainingClient,
-    rollout: Rollout,
-    config: TrainConfig,
-    *,
-    loss_fn_config: dict[str, Any] | None = None,
-    first_step: FirstStep | None = None,
-) -> dict[str, float]:
-    """`rl.epochs × rl.minibatches` optimizer steps on one rollout batch; returns metrics.
-
-    `loss_fn_config` replaces `config.loss.loss_fn_config()` (the async loop adds corrections).
-    `first_step`, when given, is called once (even for an empty batch) instead of the old-logprob
-    recompute and the first minibatch's forward/backward.
-    """
-    rl, datums = config.rl, list(rollout.datums)
-    if loss_fn_config is None:
-        loss_fn_config = config.loss.loss_fn_config()
-    t0 = time.perf_counter()
-    metrics: dict[str, float] = {}
-    first: dict[str, float] | None = None
-    if first_step is not None:
-        datums, first = first_step(datums)
-    elif datums and rl.recompute_old_logprobs:
-        old = training.forward(datums, "cross_entropy", temperature=config.sampling.temperature)
-        datums = with_old_logprobs(datums, output_logprobs(old.result().loss_fn_outputs))
-    if datums:
-        adam = adam_params(config, rollout.step)
-        per = minibatch_size(len(datums), config)
-        for epoch in range(rl.epochs):
-            for start in range(0, len(datums), per):
-                shared = first is not None and epoch == 0 and start == 0
-                fwd = None  # the first step's gradient is already accumulated when `shared`
-                if not shared:
-                    fwd = training.forward_backward(
-                        datums[start : start + per],
-                        config.loss.name,
-                        loss_fn_config,
-                        temperature=config.sampling.temperature,
-                    )
-                opt = training.optim_step(adam)
-                if epoch == 0 and start == 0:
-                    out = first if fwd is None else fwd.result().metrics
-                    metrics |= {k.replace(":sum", ""): v for k, v in (out or {}).items()}
-                metrics |= opt.result().metrics or {}
-    metrics["time/train"] = time.perf_counter() - t0
-    return metrics
-
-
-def adam_params(config: TrainConfig, step: int) -> AdamParams:
-    """The optimizer settings of RL step `step` (the learning rate follows the schedule)."""
-    optim = config.optim
-    return AdamParams(
-        learning_rate=optim.lr_at(step, config.rl.steps),
-        beta1=optim.beta1,
-        beta2=optim.beta2,
-        eps=optim.eps,
-        weight_decay=optim.weight_decay,
-        grad_clip_norm=optim.grad_clip_norm,
-    )
 
 
 def sample_rows(rollout: Rollout, group_size: int, n: int = 4) -> list[dict[str, Any]]:

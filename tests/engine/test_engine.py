@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-from cispo.client.types import AdamParams
 from cispo.datums import rl_datum
-from cispo.rollout.sampler import SamplingParams
-from cispo.train.engine import loss_totals
+from cispo.engine.engine import loss_totals
+from cispo.types import AdamParams, SamplingParams
 from tests.train.helpers import grads, random_datums, tiny_engine
 
 CISPO = {"reduction": "token_mean", "anchor": "old"}

@@ -15,8 +15,6 @@ from typing import Literal
 
 import torch
 
-from cispo.rollout.sampler import SampledSequence, SamplingParams
-
 __all__ = [
     "AdamParams",
     "Datum",
@@ -30,6 +28,49 @@ __all__ = [
     "SaveWeightsResponse",
     "TensorData",
 ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """Mirrors Tinker's `SamplingParams` (fields and meanings)."""
+
+    max_tokens: int | None = None
+    """Most tokens to generate per sequence. None: up to the model's max_position_embeddings."""
+    seed: int | None = None
+    """Seeds a fresh CPU generator for this call; None uses the `generator` argument, else
+    torch's global RNG."""
+    stop: str | list[str] | list[int] | None = None
+    """Stop strings or stop token ids, in addition to eos. None: eos only. []: nothing stops a
+    sequence but max_tokens (Tinker's meaning). The token that completes a stop is kept."""
+    temperature: float = 1.0
+    """Logits are divided by it. 0 means greedy (argmax; logprobs then at temperature 1)."""
+    top_k: int = -1
+    """Sample among the k most likely tokens; -1 means all."""
+    top_p: float = 1.0
+    """Sample among the smallest set of tokens whose probability reaches top_p; 1 means all."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k != -1 and self.top_k < 1:
+            raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.stop == "" or (isinstance(self.stop, list) and "" in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampledSequence:
+    tokens: list[int]
+    """Completion tokens [T], without the prompt; includes the token that ended it (eos/stop)."""
+    logprobs: list[float]
+    """[T] sampler logprobs: log softmax(logits / temperature)[token], float32, full vocab."""
+    stop_reason: Literal["stop", "length"]
+    """"stop": eos, a stop token or a stop string ended it; "length": max_tokens did."""
+
 
 Dtype = Literal["int64", "float32"]
 _INT_KEYS = frozenset({"target_tokens"})

@@ -313,7 +313,7 @@ class AsyncConfig:
     a share computed per batch."""
     worker_grad_split: Literal["fixed", "tokens"] = "fixed"
     """"fixed": every batch's share is `worker_grad_share`. "tokens": each batch's share balances
-    the two processes' work from its own token counts (`sampler_worker.balanced_share`, with
+    the two processes' work from its own token counts (`asynchronous.worker.balanced_share`, with
     `worker_gen_cost`): deterministic, and it follows the batch as groups with no signal are
     dropped (fewer datums to train, the same tokens to sample)."""
     worker_gen_cost: float = 0.3

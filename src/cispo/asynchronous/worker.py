@@ -4,7 +4,7 @@ The trainer publishes weights into shared-memory buffers (`WeightChannel`) with 
 steps done); the worker copies the newest into its model before each batch, scores a fixed probe
 batch, reports that (`SyncReport`), and samples the batch with `cispo.train.loop.collect_rollout`
 (same data stream and sampling seeds as the synchronous loop).
-`cispo.rollout.staleness.StalenessGate` paces it. Messages go back on one queue, in order: a
+`cispo.asynchronous.staleness.StalenessGate` paces it. Messages go back on one queue, in order: a
 batch's `SyncReport` always precedes it.
 
 With a `GradChannel` (`asynchronous.worker_grad_share > 0`) the worker also computes its share of
@@ -39,21 +39,21 @@ import torch
 import torch.multiprocessing
 from torch import Tensor, nn
 
+from cispo.asynchronous.staleness import NO_WEIGHTS, StalenessGate
 from cispo.client.service import SamplingClient
-from cispo.client.types import ForwardBackwardOutput
-from cispo.rollout.sampler import compute_logprobs
-from cispo.rollout.staleness import NO_WEIGHTS, StalenessGate
-from cispo.tasks import make_task
-from cispo.train.bundle import load_bundle
-from cispo.train.config import TrainConfig
-from cispo.train.engine import Engine, EngineConfig, freeze_heap, loss_totals
-from cispo.train.rollouts import (
+from cispo.config import TrainConfig
+from cispo.engine.engine import Engine, EngineConfig, freeze_heap, loss_totals
+from cispo.engine.sampler import compute_logprobs
+from cispo.models import load_bundle
+from cispo.rollout.rollouts import (
     Rollout,
     collect_rollout,
     minibatch_size,
     output_logprobs,
     with_old_logprobs,
 )
+from cispo.tasks import make_task
+from cispo.types import ForwardBackwardOutput
 
 SPAWN = torch.multiprocessing.get_context("spawn")
 _POLL_S = 0.5  # how often a waiting side re-checks for stop requests and dead peers

@@ -1,0 +1,32 @@
+"""The engine: one model and its optimizer, below the client and the server.
+
+- `engine.py`: `Engine` (forward_backward / optim_step / sample / state), collation of `Datum`s into
+  padded tensors, metrics merging, engine state save/load.
+- `sampler.py`: the KV-cached HF sampler (`sample`, `compute_logprobs`).
+
+`cispo.client` (in process) and `cispo.server` (over HTTP) both sit on it; nothing here imports
+them.
+"""
+
+from cispo.engine.engine import (
+    Engine,
+    EngineConfig,
+    freeze_heap,
+    load_engine_state,
+    loss_totals,
+    merge_metrics,
+    save_engine_state,
+)
+from cispo.engine.sampler import compute_logprobs, sample
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "compute_logprobs",
+    "freeze_heap",
+    "load_engine_state",
+    "loss_totals",
+    "merge_metrics",
+    "sample",
+    "save_engine_state",
+]
