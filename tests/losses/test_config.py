@@ -1,6 +1,6 @@
 """Configs: each converter maps to the band the named system documents; degenerate bands.
 
-Documented meanings (from /work/shared/reference/losses.md §1-2):
+Documented meanings (each system's source; docs/losses.md lists the snapshots read):
   additive clamp(r, 1 - eps_low, 1 + eps_high): verl clip_ratio_low/high (defaults 0.2/0.2),
   NeMo-RL ratio_clip_min/max (CISPO recipe 1.0/5.0), slime/miles eps_clip/eps_clip_high
   (recommended 1.0/4.0), AReaL eps_clip/eps_clip_higher (recommended 1.0/4.0),
