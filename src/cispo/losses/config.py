@@ -240,7 +240,7 @@ class PPOConfig:
     eps_high: float = 0.2
     """r is clipped above at 1 + eps_high, in [0, inf] (DAPO clip-higher: 0.28)."""
     dual_clip_c: float | None = None
-    """Dual-clip bound c > 1 for A < 0 (arXiv:1912.09729); None = off."""
+    """Dual-clip bound c in (1, inf) for A < 0 (arXiv:1912.09729); None = off."""
     anchor: Anchor = "sampler"
     """Denominator of r: "sampler" (Tinker) or "old" (trainer recompute)."""
 
@@ -254,7 +254,9 @@ class PPOConfig:
         check_range("eps_low", self.eps_low, 0.0, 1.0)
         check_range("eps_high", self.eps_high, 0.0, math.inf)
         if self.dual_clip_c is not None:
-            check_range("dual_clip_c", self.dual_clip_c, 1.0, math.inf, low_open=True)
+            check_range(
+                "dual_clip_c", self.dual_clip_c, 1.0, math.inf, low_open=True, high_open=True
+            )
 
     def describe(self) -> str:
         """E.g. "PPO clip [0.8, 1.2] (token ratio), anchor=sampler"."""
