@@ -246,7 +246,7 @@ class PPOConfig:
 
     @property
     def ratio_level(self) -> RatioLevel:
-        """ "token" here; "sequence" for GSPOConfig. Fixed by the class, so one name per config."""
+        """Always "token" (GSPOConfig's is "sequence"): fixed by the class, one name per config."""
         return "token"
 
     def __post_init__(self) -> None:
