@@ -61,23 +61,56 @@ def test_rloo_subtracts_mean_of_the_others() -> None:
     close(adv([[1, 0, 0, 0]], "rloo"), [[1, -third, -third, -third]])
 
 
-def test_loo_divides_by_leave_one_out_std_only_where_it_is_positive() -> None:
-    # r = [1, 0, 0, 0], population std of the others:
+def test_loo_population_std_option_divides_only_where_it_is_positive() -> None:
+    # unbiased=False: population std of the others.
+    # r = [1, 0, 0, 0]:
     # i = 0: others {0, 0, 0}: b = 0, std = 0 -> no division: A = 1 - 0 = 1.
     # i = 1: others {1, 0, 0}: b = 1/3, var = 1/3 - 1/9 = 2/9, std = sqrt(2)/3
     #        -> A = (0 - 1/3) / (sqrt(2)/3) = -1/sqrt(2).
     h = 1 / math.sqrt(2)
-    close(adv([[1, 0, 0, 0]], "loo", eps=0.0), [[1, -h, -h, -h]])
+    close(adv([[1, 0, 0, 0]], "loo", eps=0.0, unbiased=False), [[1, -h, -h, -h]])
     # r = [1, 1, 0, 0]: i = 0: others {1, 0, 0}: b = 1/3, std = sqrt(2)/3 -> (2/3)/(sqrt(2)/3)
     # = sqrt(2); by symmetry the zeros get -sqrt(2).
     r2 = math.sqrt(2)
-    close(adv([[1, 1, 0, 0]], "loo", eps=0.0), [[r2, r2, -r2, -r2]])
+    close(adv([[1, 1, 0, 0]], "loo", eps=0.0, unbiased=False), [[r2, r2, -r2, -r2]])
+
+
+def test_loo_default_is_nemo_rl_bessel_corrected_leave_one_out_std() -> None:
+    # NeMo-RL, nemo_rl/algorithms/utils.py, calculate_baseline_and_std_per_prompt: with n valid
+    # rewards, num_valid = n - 1 others, var = (mean_sq - mean^2) * num_valid / (num_valid - 1);
+    # GRPOAdvantageEstimator divides (r - b) by (std + 1e-6) where std > 0.
+    # r = [0, 1, 2, 3], n = 4, 3 others each:
+    # i = 0: others {1, 2, 3}: b = 2, mean_sq = 14/3, var_pop = 14/3 - 4 = 2/3,
+    #        var = 2/3 * 3/2 = 1, std = 1 -> A_0 = (0 - 2) / (1 + 1e-6).
+    #        (The population std sqrt(2/3) would give -2.449.)
+    # i = 1: others {0, 2, 3}: b = 5/3, mean_sq = 13/3, var_pop = 13/3 - 25/9 = 14/9,
+    #        var = 14/9 * 3/2 = 7/3 -> A_1 = (1 - 5/3) / (sqrt(7/3) + 1e-6).
+    # By symmetry (r -> 3 - r) A_2 = -A_1 and A_3 = -A_0.
+    a0 = -2 / (1 + 1e-6)
+    a1 = (-2 / 3) / (math.sqrt(7 / 3) + 1e-6)
+    close(adv([[0, 1, 2, 3]], "loo"), [[a0, a1, -a1, -a0]])
+    # The same row with the population option is measurably different at i = 0.
+    assert adv([[0, 1, 2, 3]], "loo", unbiased=False)[0, 0].item() == pytest.approx(
+        -2 / (math.sqrt(2 / 3) + 1e-6), rel=1e-12
+    )
+
+
+def test_loo_small_groups_and_nan_rewards_follow_nemo_rl_valid_mask() -> None:
+    # NeMo-RL: <= 1 valid reward -> baseline = reward -> A = 0; 2 valid -> one other, its
+    # variance 0 times 1/(1 - 1) = inf is NaN, nan_to_num -> std 0 -> A_i = r_i - r_j undivided.
+    # A NaN reward here is a sample with valid_mask 0: left out, advantage 0.
+    # Rows: [1, NaN, 0] -> n = 2: A = [1 - 0, 0, 0 - 1];  [NaN, 5, NaN] -> n = 1: all 0;
+    #       [2, 0.5, NaN] -> n = 2: A = [1.5, -1.5, 0].
+    close(
+        adv([[1, NAN, 0], [NAN, 5, NAN], [2, 0.5, NAN]], "loo"),
+        [[1, 0, -1], [0, 0, 0], [1.5, -1.5, 0]],
+    )
 
 
 def test_loo_unbiased_std_by_hand() -> None:
     # r = [2, 0, 0, 1]; i = 0: others {0, 0, 1}: b = 1/3, unbiased var = (1/9+1/9+4/9)/2 = 1/3
     # -> A_0 = (2 - 1/3) / sqrt(1/3) = (5/3) * sqrt(3).
-    a = adv([[2, 0, 0, 1]], "loo", eps=0.0, unbiased=True)
+    a = adv([[2, 0, 0, 1]], "loo", eps=0.0)
     assert a[0, 0].item() == pytest.approx(5 / 3 * math.sqrt(3), rel=1e-12)
 
 
@@ -200,7 +233,7 @@ def reference(rows: list[list[float]], estimator: str) -> list[list[float]]:
                 res.append(x - (sum(valid) - x) / (n - 1))
             elif estimator == "loo":
                 others = [y for j, y in enumerate(row) if j != i and not math.isnan(y)]
-                b, s = sum(others) / len(others), _pstd(others, unbiased=False)
+                b, s = sum(others) / len(others), _pstd(others, unbiased=True)
                 res.append((x - b) / (s + 1e-6) if s > 0 else x - b)
             else:  # reinforce_pp: filled in below, needs the whole batch
                 res.append(x)

@@ -156,18 +156,26 @@ def rloo(rewards: Tensor) -> Tensor:
     return (scale * _centred(r, valid, n)).to(rewards.dtype)
 
 
-def loo(rewards: Tensor, *, eps: float = 1e-6, unbiased: bool = False) -> Tensor:
+def loo(rewards: Tensor, *, eps: float = 1e-6, unbiased: bool = True) -> Tensor:
     """Leave-one-out baseline and leave-one-out std: NeMo-RL's default GRPO advantage.
 
     b_i = mean_{j≠i}(r_j),  s_i = std_{j≠i}(r_j)   (over the other non-NaN rewards of the group)
     A_i = (r_i - b_i) / (s_i + eps)   where s_i > 0,
     A_i =  r_i - b_i                  where s_i = 0 (no division: the others agree).
 
-    NeMo-RL (`calculate_baseline_and_std_per_prompt`, `use_leave_one_out_baseline=True`,
-    `normalize_rewards=True`) uses the population std of the others (`unbiased=False`) and
-    eps=1e-6. The baseline is RLOO's (arXiv:2402.14740). Unlike NeMo-RL, "the others agree" is
+    With n non-NaN rewards in the group, s_i² = Σ_{j≠i} (r_j - b_i)² / (n - 2) when `unbiased`
+    (the default: Bessel-corrected over the n - 1 others), else / (n - 1).
+    NeMo-RL, `calculate_baseline_and_std_per_prompt` in nemo_rl/algorithms/utils.py (called by
+    `GRPOAdvantageEstimator` with `use_leave_one_out_baseline=True`, `normalize_rewards=True`,
+    eps=1e-6, dividing only where std > 0), takes the others' mean square minus their squared
+    mean and multiplies it by num_valid / (num_valid - 1), num_valid = n - 1: the Bessel-corrected
+    variance, i.e. `unbiased=True`. The baseline is RLOO's (arXiv:2402.14740).
+    Small groups, as in NeMo-RL: n <= 1 gives 0 (NeMo sets the baseline to the reward); n = 2
+    gives A_i = r_i - r_j undivided (one other: NeMo's 0 · inf = NaN std becomes 0).
+    Unlike NeMo-RL: a NaN reward is left out like a sample with valid_mask 0 and gets
+    advantage 0 (NeMo's matmul would spread the NaN over its group), and "the others agree" is
     an exact equality test rather than `std > 0`, so the rounding noise of a mean of equal
-    rewards cannot be divided by eps. Groups with n < 2 or constant rewards give 0.
+    rewards cannot be divided by eps. Constant groups give 0.
     Cost: O(P·G²) memory, fine for G up to a few hundred.
     """
     _check_nonnegative("eps", eps)

@@ -132,12 +132,17 @@ class LossSettings:
 
     def loss_fn_config(self) -> dict[str, Any]:
         """The `loss_fn_config` sent with forward_backward."""
+        from cispo.losses import LOSSES, CispoConfig, PPOConfig  # the one loss registry
+
         config: dict[str, Any] = {"reduction": self.reduction}
-        if self.name in ("cispo", "ppo", "gspo", "importance_sampling", "dro"):
+        entry = LOSSES.get(self.name)
+        if entry is None:  # make_loss_config's error lists the registered names
+            return config
+        if "anchor" in entry.keys:
             config["anchor"] = self.anchor
-        if self.name == "cispo":
+        if issubclass(entry.config_type, CispoConfig):
             config |= {"clip_low_threshold": self.ratio_min, "clip_high_threshold": self.ratio_max}
-        elif self.name in ("ppo", "gspo"):
+        elif issubclass(entry.config_type, PPOConfig):  # ppo, gspo
             config |= {
                 "clip_low_threshold": 1 - self.eps_low,
                 "clip_high_threshold": 1 + self.eps_high,

@@ -108,9 +108,8 @@ def test_cispo_equals_reinforce_with_truncated_is_weight() -> None:
         sampler_logprobs=sampler,
         old_logprobs=lp.clone(),
     )
-    cispo_cfg = LossConfig(loss_fn="cispo", objective=CispoConfig(), reduction="token_mean")
+    cispo_cfg = LossConfig(objective=CispoConfig(), reduction="token_mean")
     tis_cfg = LossConfig(
-        loss_fn="reinforce",
         objective=ReinforceConfig(),
         reduction="token_mean",
         correction=CorrectionConfig(kind="tis", ratio_min=0.0, ratio_max=4.0),

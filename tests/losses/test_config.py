@@ -17,6 +17,7 @@ import pytest
 from cispo.losses import (
     CispoConfig,
     CorrectionConfig,
+    GSPOConfig,
     LossConfig,
     PPOConfig,
     ReinforceConfig,
@@ -108,6 +109,8 @@ def test_ppo_presets_are_settings_of_one_config() -> None:
     assert (PPOConfig.grpo().eps_low, PPOConfig.grpo().eps_high) == (0.2, 0.2)
     assert (PPOConfig.dapo().eps_low, PPOConfig.dapo().eps_high) == (0.2, 0.28)
     assert PPOConfig.gspo().ratio_level == "sequence"
+    assert isinstance(PPOConfig.gspo(), GSPOConfig) and PPOConfig.gspo().anchor == "old"
+    assert PPOConfig().ratio_level == "token"
     tinker = PPOConfig.from_tinker(0.8, 1.2)
     assert (tinker.eps_low, tinker.eps_high) == pytest.approx((0.2, 0.2))
 
@@ -119,23 +122,24 @@ def test_dual_clip_c_must_exceed_one() -> None:
 
 def test_correction_with_sampler_anchor_is_refused_to_avoid_double_correction() -> None:
     with pytest.raises(ValueError, match="corrects twice"):
-        LossConfig(
-            loss_fn="cispo", objective=CispoConfig(anchor="sampler"), correction=CorrectionConfig()
-        )
-    ok = LossConfig(
-        loss_fn="cispo", objective=CispoConfig(anchor="old"), correction=CorrectionConfig()
-    )
+        LossConfig(objective=CispoConfig(anchor="sampler"), correction=CorrectionConfig())
+    ok = LossConfig(objective=CispoConfig(anchor="old"), correction=CorrectionConfig())
     assert ok.correction is not None
 
 
 def test_loss_config_checks_objective_type_reduction_and_max_len() -> None:
-    with pytest.raises(ValueError, match="needs objective of type CispoConfig"):
-        LossConfig(loss_fn="cispo", objective=ReinforceConfig())
+    with pytest.raises(ValueError, match="objective must be one of the loss configs"):
+        LossConfig(objective=CorrectionConfig())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="reduction='mean' is not one of"):
-        LossConfig(loss_fn="reinforce", objective=ReinforceConfig(), reduction="mean")
+        LossConfig(objective=ReinforceConfig(), reduction="mean")
     with pytest.raises(ValueError, match="needs max_len"):
-        LossConfig(
-            loss_fn="reinforce", objective=ReinforceConfig(), reduction="seq_mean_token_sum_norm"
-        )
-    with pytest.raises(ValueError, match="ratio_level='sequence'"):
-        LossConfig(loss_fn="gspo", objective=PPOConfig())
+        LossConfig(objective=ReinforceConfig(), reduction="seq_mean_token_sum_norm")
+
+
+def test_loss_config_name_is_the_objective_class_name_so_it_cannot_disagree() -> None:
+    # LossConfig(loss_fn="gspo", objective=PPOConfig()) used to be possible to state wrongly;
+    # the name now comes from the objective's class.
+    assert LossConfig(objective=PPOConfig()).name == "ppo"
+    assert LossConfig(objective=GSPOConfig()).name == "gspo"
+    assert LossConfig(objective=PPOConfig.gspo()).name == "gspo"
+    assert LossConfig(objective=CispoConfig()).name == "cispo"

@@ -13,6 +13,7 @@ from tinker.proto import tinker_public_pb2 as pb
 from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import deserialize_forward_backward_output
 
+from cispo.losses import LOSSES
 from cispo.server.wire import decode_forward_backward
 
 PROTO = {"Content-Type": "application/x-protobuf"}
@@ -121,6 +122,20 @@ def test_malformed_protobuf_and_json_get_400(http: httpx.Client) -> None:
     assert r.status_code == 400 and "protobuf" in r.json()["detail"]
 
 
+def test_server_advertises_the_loss_registry_and_unknown_loss_lists_it(
+    http: httpx.Client, live: LiveServer, model_id: str
+) -> None:
+    caps = httpx.get(
+        f"{live.base_url}/api/v1/get_server_capabilities", headers={"X-API-Key": API_KEY}
+    )
+    assert caps.status_code == 200, caps.text
+    assert caps.json()["supported_loss_fns"] == sorted(LOSSES)
+    seq = _next_seq(live, model_id)
+    r = http.post("/forward_backward", content=_fwdbwd(model_id, seq, loss="grpo"), headers=PROTO)
+    assert r.status_code == 400
+    assert f"unknown loss_fn 'grpo'; valid: {sorted(LOSSES)}" in r.json()["detail"]
+
+
 def test_unknown_model_id_gets_404(http: httpx.Client) -> None:
     r = http.post("/forward_backward", content=_fwdbwd("nope:train:9", 1), headers=PROTO)
     assert r.status_code == 404 and "nope:train:9" in r.json()["detail"]
@@ -133,6 +148,8 @@ def test_unknown_model_id_gets_404(http: httpx.Client) -> None:
     [
         ("cispo", {"clip_high_threshold": 4.0, "bogus": 1.0}, "bogus"),
         ("no_such_loss", None, "no_such_loss"),
+        ("ppo", {"clip_high_threshold": float("nan")}, "clip_high_threshold=nan"),
+        ("cispo", {"kl_coef": float("nan")}, "kl_coef=nan"),
         ("dro", None, "beta"),
         ("importance_sampling", None, "advantages"),
     ],

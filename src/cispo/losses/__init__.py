@@ -6,11 +6,10 @@ defaults, references and the flag map from other frameworks are in docs/losses.m
     cfg = make_loss_config("cispo", {"clip_high_threshold": 4.0}, reduction="token_mean")
     out = compute_loss(LossInputs(logprobs=lp, loss_mask=m, advantages=a, sampler_logprobs=q), cfg,
                        num_tokens=global_valid_tokens)
+
+`LOSSES` (cispo.losses.registry) is the one table from a loss name to its config class,
+per-token term, Tinker keys and required inputs.
 """
-
-from collections.abc import Callable
-
-from torch import Tensor
 
 from cispo.losses.aggregate import (
     reduce,
@@ -26,6 +25,7 @@ from cispo.losses.config import (
     CorrectionConfig,
     CrossEntropyConfig,
     DroConfig,
+    GSPOConfig,
     ImportanceSamplingConfig,
     LossConfig,
     OPSMConfig,
@@ -42,6 +42,7 @@ from cispo.losses.objectives import (
     importance_sampling,
     reinforce,
 )
+from cispo.losses.registry import LOSSES, LossEntry
 
 __all__ = [
     "LOSSES",
@@ -50,8 +51,10 @@ __all__ = [
     "CorrectionConfig",
     "CrossEntropyConfig",
     "DroConfig",
+    "GSPOConfig",
     "ImportanceSamplingConfig",
     "LossConfig",
+    "LossEntry",
     "LossInputs",
     "LossOutput",
     "OPSMConfig",
@@ -73,15 +76,3 @@ __all__ = [
     "token_mean",
     "token_sum",
 ]
-
-# loss_fn name -> per-token objective. Names match Tinker's loss_fn strings where they overlap;
-# "gspo" is the clipped surrogate on the sequence-level ratio (PPOConfig(ratio_level="sequence")).
-LOSSES: dict[str, Callable[..., Tensor]] = {
-    "cross_entropy": cross_entropy,
-    "importance_sampling": importance_sampling,
-    "ppo": clipped_surrogate,
-    "cispo": cispo,
-    "dro": dro,
-    "gspo": clipped_surrogate,
-    "reinforce": reinforce,
-}

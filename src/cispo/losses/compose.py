@@ -1,5 +1,7 @@
 """compute_loss: objective -> correction -> KL/entropy -> reduction, with metrics.
 
+The objective's per-token term comes from the registry (`registry.LOSSES`, by config class).
+
 Order per token: loss_t = objective_t · w_t (correction, detached) · keep_t (OPSM)
 + kl_coef · KL_t - entropy_coef · H_t, then the reduction over active tokens.
 
@@ -18,17 +20,9 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from cispo.losses import aggregate, corrections, metrics, objectives, regularizers
-from cispo.losses.config import (
-    CispoConfig,
-    CrossEntropyConfig,
-    DroConfig,
-    ImportanceSamplingConfig,
-    LossConfig,
-    ObjectiveConfig,
-    PPOConfig,
-    ReinforceConfig,
-)
+from cispo.losses import aggregate, corrections, metrics, regularizers
+from cispo.losses.config import LossConfig
+from cispo.losses.registry import entry_of, objective_inputs
 
 
 @dataclass(frozen=True)
@@ -61,108 +55,12 @@ class LossOutput:
     """Detached floats named "namespace/name"."""
 
 
-@dataclass(frozen=True)
-class _Term:
-    loss: Tensor  # [B, T] per-token objective
-    grad_coef: Tensor  # [B, T] d loss_t / d logp_t, analytic, for the fork-token metric
-    metrics: dict[str, float]
-
-
-_Clean = dict[str, Tensor]
-
-
-def _anchor_name(anchor: str) -> str:
-    return "old_logprobs" if anchor == "old" else "sampler_logprobs"
-
-
-def _cispo(x: _Clean, mask: Tensor, cfg: CispoConfig) -> _Term:
-    lp, anchor, adv = x["logprobs"], x[_anchor_name(cfg.anchor)], x["advantages"]
-    log_ratio = objectives.token_log_ratio(lp, anchor)
-    loss = objectives.cispo(lp, anchor, adv, ratio_min=cfg.ratio_min, ratio_max=cfg.ratio_max)
-    weight = torch.exp(log_ratio.detach()).clamp(cfg.ratio_min, cfg.ratio_max)
-    m = metrics.cispo_metrics(log_ratio, mask, ratio_min=cfg.ratio_min, ratio_max=cfg.ratio_max)
-    return _Term(loss, -weight * adv, m)
-
-
-def _ppo(x: _Clean, mask: Tensor, cfg: PPOConfig) -> _Term:
-    lp, anchor, adv = x["logprobs"], x[_anchor_name(cfg.anchor)], x["advantages"]
-    if cfg.ratio_level == "sequence":
-        log_ratio = objectives.sequence_log_ratio(lp, anchor, mask)
-    else:
-        log_ratio = objectives.token_log_ratio(lp, anchor)
-    loss = objectives.clipped_surrogate(
-        log_ratio, adv, eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip_c=cfg.dual_clip_c
-    )
-    ratio = torch.exp(log_ratio.detach())
-    # The gradient is -r·A except where a clip binds (then 0).
-    binding = ((ratio > 1 + cfg.eps_high) & (adv > 0)) | ((ratio < 1 - cfg.eps_low) & (adv < 0))
-    if cfg.dual_clip_c is not None:
-        binding = binding | ((ratio > cfg.dual_clip_c) & (adv < 0))
-    coef = torch.where(binding, 0.0, -ratio * adv)
-    m = metrics.ppo_clip_metrics(
-        log_ratio,
-        adv,
-        mask,
-        eps_low=cfg.eps_low,
-        eps_high=cfg.eps_high,
-        dual_clip_c=cfg.dual_clip_c,
-    )
-    return _Term(loss, coef, m)
-
-
-def _importance_sampling(x: _Clean, mask: Tensor, cfg: ImportanceSamplingConfig) -> _Term:
-    lp, anchor, adv = x["logprobs"], x[_anchor_name(cfg.anchor)], x["advantages"]
-    log_ratio = objectives.token_log_ratio(lp, anchor)
-    loss = objectives.importance_sampling(
-        log_ratio, adv, ratio_min=cfg.ratio_min, ratio_max=cfg.ratio_max
-    )
-    ratio = torch.exp(log_ratio.detach())
-    inside = (ratio >= cfg.ratio_min) & (ratio <= cfg.ratio_max)
-    coef = torch.where(inside, -ratio * adv, 0.0)
-    return _Term(loss, coef, metrics.mean_metric("is/ratio_mean", ratio, mask))
-
-
-def _reinforce(x: _Clean, mask: Tensor, cfg: ReinforceConfig) -> _Term:
-    return _Term(objectives.reinforce(x["logprobs"], x["advantages"]), -x["advantages"], {})
-
-
-def _cross_entropy(x: _Clean, mask: Tensor, cfg: CrossEntropyConfig) -> _Term:
-    weights = x.get("weights", torch.ones_like(x["logprobs"]))
-    loss = objectives.cross_entropy(x["logprobs"], weights)
-    return _Term(loss, -weights, metrics.mean_metric("sft/nll", -x["logprobs"], mask))
-
-
-def _dro(x: _Clean, mask: Tensor, cfg: DroConfig) -> _Term:
-    lp, anchor, adv = x["logprobs"], x[_anchor_name(cfg.anchor)], x["advantages"]
-    loss = objectives.dro(lp, anchor, adv, beta=cfg.beta)
-    coef = -(adv - cfg.beta * (lp.detach() - anchor))
-    return _Term(loss, coef, {})
-
-
-def _run_objective(x: _Clean, mask: Tensor, cfg: ObjectiveConfig) -> _Term:
-    # Dispatch on the typed config, so each branch is checked against its own fields.
-    if isinstance(cfg, CispoConfig):
-        return _cispo(x, mask, cfg)
-    if isinstance(cfg, PPOConfig):
-        return _ppo(x, mask, cfg)
-    if isinstance(cfg, ImportanceSamplingConfig):
-        return _importance_sampling(x, mask, cfg)
-    if isinstance(cfg, ReinforceConfig):
-        return _reinforce(x, mask, cfg)
-    if isinstance(cfg, CrossEntropyConfig):
-        return _cross_entropy(x, mask, cfg)
-    return _dro(x, mask, cfg)
-
-
 def required_inputs(config: LossConfig) -> dict[str, str]:
-    """Which LossInputs fields `config` reads, each with the reason (for error messages)."""
-    need: dict[str, str] = {}
-    obj = config.objective
-    if not isinstance(obj, CrossEntropyConfig):
-        need["advantages"] = f"loss_fn={config.loss_fn!r}"
-    anchor = getattr(obj, "anchor", None)
-    if anchor is not None:
-        need[_anchor_name(anchor)] = f"anchor={anchor!r} (the ratio's denominator)"
+    """Which LossInputs fields `config` reads, each with the reason (for error messages).
+
+    The objective's own fields come from its registry entry (`registry.objective_inputs`).
+    """
+    need = objective_inputs(config.objective)
     if config.correction is not None:
         need["old_logprobs"] = "correction (w = exp(old - sampler))"
         need["sampler_logprobs"] = "correction (w = exp(old - sampler))"
@@ -221,7 +119,7 @@ def compute_loss(
     mask = active & finite
     x = {k: torch.where(mask, t, t.new_zeros(())) for k, t in tensors.items()}
 
-    term = _run_objective(x, mask, config.objective)
+    term = entry_of(config.objective).term(x, mask, config.objective)
     loss_t, coef = term.loss, term.grad_coef
     out_metrics = dict(term.metrics)
 

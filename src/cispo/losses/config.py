@@ -1,8 +1,13 @@
 """Typed configs for the objectives, with converters from every bound convention in the field.
 
-Each objective has a frozen, kw_only config; `LossConfig` bundles one of them with the reduction,
-the train-vs-sampler correction, the KL and entropy terms and the non-finite policy.
-`make_loss_config` builds a `LossConfig` from a Tinker-style `loss_fn` name and flat key dict.
+Each objective has a frozen, kw_only config whose class carries its one registry name
+(`CispoConfig.name == "cispo"`); `LossConfig` bundles one of them with the reduction, the
+train-vs-sampler correction, the KL and entropy terms and the non-finite policy, and takes its
+name from the objective. `cispo.losses.registry.LOSSES` maps each name to its config class,
+per-token term and Tinker keys; `make_loss_config` builds a `LossConfig` from a name and flat dict.
+
+Every number is checked in `__post_init__`: NaN is always an error, and the error names the
+field, the value and the allowed range.
 
 Two conventions for the CISPO/PPO band exist under similar names (see docs/losses.md):
 absolute bounds on r (TRL/ms-swift `epsilon_high`, Tinker `clip_*_threshold`) and additive
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 Anchor = Literal["old", "sampler"]
 RatioLevel = Literal["token", "sequence"]
@@ -47,9 +52,50 @@ def _fmt(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:g}"
 
 
+def as_number(value: Any) -> Any:
+    """A number (or numeric string, as the wire may send) as float; anything else unchanged, for
+    `check_range` to name. bool stays bool (rejected there)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def check_range(
+    name: str,
+    value: object,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raise ValueError naming `name`, `value` and the interval unless low <=/< value <=/< high.
+
+    NaN and non-numbers are always rejected; +-inf only where the interval is closed at +-inf.
+    """
+    interval = f"{'(' if low_open else '['}{_fmt(low)}, {_fmt(high)}{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name}={value!r} is not a number; allowed range {interval}")
+    if math.isnan(value):
+        raise ValueError(f"{name}=nan is NaN; allowed range {interval}")
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):
+        raise ValueError(f"{name}={value!r} is outside the allowed range {interval}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class CispoConfig:
     """CISPO weight band, in absolute bounds on r (not offsets from 1)."""
+
+    name: ClassVar[str] = "cispo"
 
     ratio_min: float = 0.0
     """Lower bound on the detached weight. 0 = one-sided (no lower bound; MiniMax-M1, ScaleRL)."""
@@ -70,14 +116,14 @@ class CispoConfig:
                 "by its own detached ratio, so a sequence-level ratio is not defined for it; "
                 "use loss_fn='gspo' for a sequence-level clipped ratio"
             )
-        if math.isnan(self.ratio_min) or math.isnan(self.ratio_max):
-            raise ValueError("ratio_min and ratio_max must not be NaN")
         # Always rejected: these do not describe a band at all.
-        if self.ratio_min < 0:
+        if isinstance(self.ratio_min, int | float) and self.ratio_min < 0:
             raise ValueError(
                 f"ratio_min={self.ratio_min} is negative; r = exp(...) > 0, so use 0 for no lower "
                 "bound. Did you pass an additive offset? Use CispoConfig.from_additive."
             )
+        check_range("ratio_min", self.ratio_min, 0.0, math.inf, high_open=True)
+        check_range("ratio_max", self.ratio_max, 0.0, math.inf)
         if self.ratio_min > self.ratio_max:
             raise ValueError(f"ratio_min={self.ratio_min} > ratio_max={self.ratio_max}: empty band")
         if self.allow_degenerate:
@@ -184,34 +230,40 @@ class CispoConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class PPOConfig:
-    """Clipped surrogate (PPO, GRPO, DAPO clip-higher, dual-clip, GSPO): additive offsets."""
+    """Clipped surrogate on the token ratio (PPO, GRPO, DAPO clip-higher, dual-clip): additive
+    offsets. The sequence-level ratio is `GSPOConfig`."""
+
+    name: ClassVar[str] = "ppo"
 
     eps_low: float = 0.2
-    """r is clipped below at 1 - eps_low."""
+    """r is clipped below at 1 - eps_low, in [0, 1]."""
     eps_high: float = 0.2
-    """r is clipped above at 1 + eps_high (DAPO clip-higher: 0.28)."""
+    """r is clipped above at 1 + eps_high, in [0, inf] (DAPO clip-higher: 0.28)."""
     dual_clip_c: float | None = None
-    """Dual-clip bound c > 1 for A < 0 (arXiv:1912.09729); None = off."""
+    """Dual-clip bound c in (1, inf) for A < 0 (arXiv:1912.09729); None = off."""
     anchor: Anchor = "sampler"
     """Denominator of r: "sampler" (Tinker) or "old" (trainer recompute)."""
-    ratio_level: RatioLevel = "token"
-    """"sequence" = GSPO: geometric mean of the sequence's token ratios (GSPO-token form)."""
+
+    @property
+    def ratio_level(self) -> RatioLevel:
+        """Always "token" (GSPOConfig's is "sequence"): fixed by the class, one name per config."""
+        return "token"
 
     def __post_init__(self) -> None:
         _check_anchor(self.anchor)
-        _check_choice("ratio_level", self.ratio_level, RATIO_LEVELS)
-        if not 0 <= self.eps_low <= 1:
-            raise ValueError(f"eps_low={self.eps_low} must be in [0, 1] (lower clip 1 - eps_low)")
-        if self.eps_high < 0:
-            raise ValueError(f"eps_high={self.eps_high} must be >= 0 (upper clip 1 + eps_high)")
-        if self.dual_clip_c is not None and not self.dual_clip_c > 1:
-            raise ValueError(f"dual_clip_c={self.dual_clip_c} must be > 1 or None")
+        check_range("eps_low", self.eps_low, 0.0, 1.0)
+        check_range("eps_high", self.eps_high, 0.0, math.inf)
+        if self.dual_clip_c is not None:
+            check_range(
+                "dual_clip_c", self.dual_clip_c, 1.0, math.inf, low_open=True, high_open=True
+            )
 
     def describe(self) -> str:
         """E.g. "PPO clip [0.8, 1.2] (token ratio), anchor=sampler"."""
         lo, hi = _fmt(1.0 - self.eps_low), _fmt(1.0 + self.eps_high)
         dual = "" if self.dual_clip_c is None else f", dual clip c={_fmt(self.dual_clip_c)}"
-        return f"PPO clip [{lo}, {hi}] ({self.ratio_level} ratio){dual}, anchor={self.anchor}"
+        kind = self.name.upper()
+        return f"{kind} clip [{lo}, {hi}] ({self.ratio_level} ratio){dual}, anchor={self.anchor}"
 
     @classmethod
     def grpo(cls, eps: float = 0.2, *, anchor: Anchor = "old") -> PPOConfig:
@@ -228,9 +280,9 @@ class PPOConfig:
     @classmethod
     def gspo(
         cls, eps_low: float = 3e-4, eps_high: float = 4e-4, *, anchor: Anchor = "old"
-    ) -> PPOConfig:
+    ) -> GSPOConfig:
         """GSPO (arXiv:2507.18071): sequence-level ratio, clip range (3e-4, 4e-4) from the paper."""
-        return cls(eps_low=eps_low, eps_high=eps_high, anchor=anchor, ratio_level="sequence")
+        return GSPOConfig(eps_low=eps_low, eps_high=eps_high, anchor=anchor)
 
     @classmethod
     def from_tinker(
@@ -243,8 +295,28 @@ class PPOConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GSPOConfig(PPOConfig):
+    """GSPO (arXiv:2507.18071): the clipped surrogate on the sequence-level ratio, GSPO-token
+    form: log s_i,t = sg(mean_t log r_t) + logp_t - sg(logp_t). Defaults: the paper's clip range."""
+
+    name: ClassVar[str] = "gspo"
+
+    eps_low: float = 3e-4
+    """s is clipped below at 1 - eps_low, in [0, 1]."""
+    eps_high: float = 4e-4
+    """s is clipped above at 1 + eps_high, in [0, inf]."""
+
+    @property
+    def ratio_level(self) -> RatioLevel:
+        """Always "sequence": the geometric mean of the sequence's token ratios."""
+        return "sequence"
+
+
+@dataclass(frozen=True, kw_only=True)
 class ImportanceSamplingConfig:
     """Tinker `importance_sampling`: loss_t = -r_t * A_t (r not detached)."""
+
+    name: ClassVar[str] = "importance_sampling"
 
     anchor: Anchor = "sampler"
     """Denominator of r."""
@@ -255,7 +327,9 @@ class ImportanceSamplingConfig:
 
     def __post_init__(self) -> None:
         _check_anchor(self.anchor)
-        if not 0 <= self.ratio_min <= self.ratio_max:
+        check_range("ratio_min", self.ratio_min, 0.0, math.inf, high_open=True)
+        check_range("ratio_max", self.ratio_max, 0.0, math.inf)
+        if not self.ratio_min <= self.ratio_max:
             raise ValueError(
                 f"need 0 <= ratio_min <= ratio_max, got [{self.ratio_min}, {self.ratio_max}]"
             )
@@ -265,15 +339,21 @@ class ImportanceSamplingConfig:
 class ReinforceConfig:
     """REINFORCE: loss_t = -A_t * logp_t. Reads no anchor."""
 
+    name: ClassVar[str] = "reinforce"
+
 
 @dataclass(frozen=True, kw_only=True)
 class CrossEntropyConfig:
     """Weighted NLL for SFT: loss_t = -weights_t * logp_t (weights default to 1)."""
 
+    name: ClassVar[str] = "cross_entropy"
+
 
 @dataclass(frozen=True, kw_only=True)
 class DroConfig:
     """DRO (Tinker/verl form): loss_t = -(logp_t * A_t - beta/2 * (logp_t - q_t)^2)."""
+
+    name: ClassVar[str] = "dro"
 
     beta: float
     """Quadratic penalty on the log-ratio to the anchor; Tinker's loss_fn_config key "beta"."""
@@ -282,28 +362,20 @@ class DroConfig:
 
     def __post_init__(self) -> None:
         _check_anchor(self.anchor)
-        if not self.beta >= 0:
-            raise ValueError(f"beta={self.beta} must be >= 0")
+        check_range("beta", self.beta, 0.0, math.inf, high_open=True)
 
 
+# The objective config classes, for type annotations. Their names and everything a name means
+# live in one table, cispo.losses.registry.LOSSES (a test checks the two agree).
 ObjectiveConfig = (
     CispoConfig
     | PPOConfig
+    | GSPOConfig
     | ImportanceSamplingConfig
     | ReinforceConfig
     | CrossEntropyConfig
     | DroConfig
 )
-
-_OBJECTIVE_TYPES: dict[str, type] = {
-    "cispo": CispoConfig,
-    "ppo": PPOConfig,
-    "gspo": PPOConfig,
-    "importance_sampling": ImportanceSamplingConfig,
-    "reinforce": ReinforceConfig,
-    "cross_entropy": CrossEntropyConfig,
-    "dro": DroConfig,
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -330,7 +402,9 @@ class CorrectionConfig:
         _check_choice("correction kind", self.kind, CORRECTION_KINDS)
         _check_choice("correction level", self.level, RATIO_LEVELS)
         _check_choice("sequence_stat", self.sequence_stat, SEQUENCE_STATS)
-        if not 0 <= self.ratio_min <= self.ratio_max:
+        check_range("correction ratio_min", self.ratio_min, 0.0, math.inf, high_open=True)
+        check_range("correction ratio_max", self.ratio_max, 0.0, math.inf)
+        if not self.ratio_min <= self.ratio_max:
             raise ValueError(
                 f"correction band needs 0 <= ratio_min <= ratio_max, got "
                 f"[{self.ratio_min}, {self.ratio_max}]"
@@ -342,58 +416,65 @@ class OPSMConfig:
     """Off-policy sequence masking (DeepSeek-V3.2, arXiv:2512.02556)."""
 
     delta: float = 1e-4
-    """Drop a sequence iff A < 0 and mean_t(sampler - logp) > delta (slime/miles default 1e-4)."""
+    """Drop a sequence iff A < 0 and mean_t(sampler - logp) > delta (slime/miles default 1e-4).
+    In [0, inf): a negative delta would drop on-policy sequences (mean 0)."""
+
+    def __post_init__(self) -> None:
+        check_range("opsm_delta", self.delta, 0.0, math.inf, high_open=True)
 
 
 @dataclass(frozen=True, kw_only=True)
 class LossConfig:
     """Everything `compute_loss` needs besides tensors."""
 
-    loss_fn: str
-    """Registry name, e.g. "cispo" (see cispo.losses.LOSSES)."""
     objective: ObjectiveConfig
-    """Typed config of that objective."""
+    """Typed config of the objective; its class names the loss (`name`)."""
     reduction: str = "sum"
     """One of REDUCTION_NAMES; "sum" is Tinker's."""
     max_len: int | None = None
-    """Dr.GRPO constant L; required by seq_mean_token_sum_norm."""
+    """Dr.GRPO constant L >= 1; required by seq_mean_token_sum_norm."""
     correction: CorrectionConfig | None = None
     """Train-vs-sampler correction; needs old and sampler logprobs and an "old" anchor."""
     opsm: OPSMConfig | None = None
     """Off-policy sequence masking; needs sampler logprobs and advantages."""
     kl_coef: float = 0.0
-    """Coefficient of the KL-to-reference term (reads ref_logprobs when > 0)."""
+    """Coefficient of the KL-to-reference term, in [0, inf) (reads ref_logprobs when > 0)."""
     kl_estimator: str = "k3"
     """"k1", "k2" or "k3" (Schulman, "Approximating KL divergence")."""
     entropy_coef: float = 0.0
-    """Entropy bonus coefficient: loss_t -= entropy_coef * entropy_t (reads entropy when > 0)."""
+    """Entropy bonus coefficient in [0, inf): loss_t -= entropy_coef * entropy_t (reads entropy
+    when > 0)."""
     nonfinite: str = "zero"
     """Active token with a NaN/inf input: "zero" drops it from the loss (counted in
     loss/nonfinite_tokens), "raise" raises ValueError."""
     fork_prob_threshold: float = 0.1
     """Sampler probability below which a token counts as a fork token in the metrics."""
 
+    @property
+    def name(self) -> str:
+        """The registry name of the objective, e.g. "cispo" (Tinker's `loss_fn`)."""
+        return self.objective.name
+
     def __post_init__(self) -> None:
-        _check_choice("loss_fn", self.loss_fn, tuple(_OBJECTIVE_TYPES))
-        expected = _OBJECTIVE_TYPES[self.loss_fn]
-        if not isinstance(self.objective, expected):
+        if not isinstance(self.objective, ObjectiveConfig):
             raise ValueError(
-                f"loss_fn={self.loss_fn!r} needs objective of type {expected.__name__}, "
+                f"objective must be one of the loss configs in cispo.losses.LOSSES, "
                 f"got {type(self.objective).__name__}"
             )
-        if self.loss_fn == "gspo" and getattr(self.objective, "ratio_level", "") != "sequence":
-            raise ValueError("loss_fn='gspo' needs PPOConfig(ratio_level='sequence')")
         _check_choice("reduction", self.reduction, REDUCTION_NAMES)
-        if self.reduction == "seq_mean_token_sum_norm" and (
-            self.max_len is None or self.max_len <= 0
+        if self.max_len is not None and (
+            isinstance(self.max_len, bool) or not isinstance(self.max_len, int) or self.max_len < 1
         ):
-            raise ValueError("reduction='seq_mean_token_sum_norm' needs max_len > 0 (Dr.GRPO L)")
+            raise ValueError(f"max_len={self.max_len!r} must be an integer >= 1 or None")
+        if self.reduction == "seq_mean_token_sum_norm" and self.max_len is None:
+            raise ValueError("reduction='seq_mean_token_sum_norm' needs max_len >= 1 (Dr.GRPO L)")
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
-        if self.kl_coef < 0 or self.entropy_coef < 0:
-            raise ValueError("kl_coef and entropy_coef must be >= 0")
-        if not 0 < self.fork_prob_threshold < 1:
-            raise ValueError("fork_prob_threshold must be in (0, 1)")
+        check_range("kl_coef", self.kl_coef, 0.0, math.inf, high_open=True)
+        check_range("entropy_coef", self.entropy_coef, 0.0, math.inf, high_open=True)
+        check_range(
+            "fork_prob_threshold", self.fork_prob_threshold, 0.0, 1.0, low_open=True, high_open=True
+        )
         anchor = getattr(self.objective, "anchor", None)
         if self.correction is not None:
             if anchor == "sampler":
@@ -401,7 +482,7 @@ class LossConfig:
                     "correction with anchor='sampler' corrects twice: r = exp(logp - sampler) "
                     "already includes exp(old - sampler). Use anchor='old' or drop the correction."
                 )
-            if self.loss_fn == "cross_entropy":
+            if isinstance(self.objective, CrossEntropyConfig):
                 raise ValueError("correction needs sampled tokens; cross_entropy (SFT) has none")
 
     def describe(self) -> str:
@@ -411,7 +492,7 @@ class LossConfig:
             parts = [obj.describe()]
         else:
             anchor = getattr(obj, "anchor", None)
-            parts = [self.loss_fn + ("" if anchor is None else f", anchor={anchor}")]
+            parts = [self.name + ("" if anchor is None else f", anchor={anchor}")]
         if (c := self.correction) is not None:
             stat = f" {c.sequence_stat}" if c.level == "sequence" else ""
             band = f"[{_fmt(c.ratio_min)}, {_fmt(c.ratio_max)}]"

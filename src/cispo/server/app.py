@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from tinker import types as tt
 
+from cispo.losses import LOSSES
 from cispo.server.futures import Result, UserError
 from cispo.server.runtime import Backend, NotFound, ServedModel, ServerConfig, _SampleJob
 from cispo.server.wire import WireError, decode_forward_backward
@@ -173,7 +174,10 @@ def create_app(config: ServerConfig) -> FastAPI:
             "supported_models": [
                 {"model_name": name, "trainable": True, "sampleable": True}
                 for name in config.base_models
-            ]
+            ],
+            # Not in the SDK's response model (it ignores extra fields): the loss_fn names this
+            # server accepts, straight from the loss registry.
+            "supported_loss_fns": sorted(LOSSES),
         }
 
     @app.post(f"{api}/telemetry")
