@@ -262,9 +262,14 @@ def packed_token_logprobs(
     sequences = [row[:n] for row, n in zip(rows_cpu, lengths, strict=True)]
     packed = pack_rows(sequences, group_sizes, share_prefix=share_prefix, row_tokens=row_tokens)
     device = input_ids.device
+    # The additive (eager) mask must be in the hidden states' dtype: the embedding's.
     get_embeddings = getattr(model, "get_input_embeddings", None)
-    embeddings = get_embeddings() if callable(get_embeddings) else None
-    dtype = embeddings.weight.dtype if isinstance(embeddings, nn.Embedding) else torch.float32
+    embedding = getattr(get_embeddings() if callable(get_embeddings) else None, "weight", None)
+    dtype = (
+        embedding.dtype
+        if isinstance(embedding, Tensor)
+        else next(p.dtype for p in model.parameters() if p.is_floating_point())
+    )
     mask = attention_mask_for(model, packed.allowed.to(device), dtype)
     hidden = decoder(
         input_ids=packed.input_ids.to(device),
