@@ -126,7 +126,7 @@ def test_pack_rows_runs_the_prefix_once_with_restarted_positions_and_a_block_mas
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2, 0, 1]]
     assert packed.shared == [2, 2]
     assert packed.index.tolist() == [[0, 1, 2, 3], [0, 1, 4, 0], [5, 6, 0, 0]]
-    allowed = packed.allowed[0, 0].int().tolist()
+    allowed = packed.allowed()[0, 0].int().tolist()
     assert allowed == [
         [1, 0, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0, 0],
@@ -141,7 +141,7 @@ def test_pack_rows_runs_the_prefix_once_with_restarted_positions_and_a_block_mas
 def test_pack_rows_one_group_per_row_pads_rows_that_attend_only_to_pads() -> None:
     packed = pack_rows([[1, 2, 3, 4], [1, 2, 5], [7]], [2, 1])
     assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5], [7, 0, 0, 0, 0]]
-    pad_rows = packed.allowed[1, 0, 1:]  # queries at the pads
+    pad_rows = packed.allowed()[1, 0, 1:]  # queries at the pads
     assert pad_rows.any(dim=1).all() and not pad_rows[:, 0].any()
 
 
@@ -149,7 +149,7 @@ def test_pack_rows_without_sharing_is_padding_free_block_diagonal_packing() -> N
     packed = pack_rows([[1, 2, 3], [1, 2], [4]], [2, 1], share_prefix=False, row_tokens=6)
     assert packed.input_ids.tolist() == [[1, 2, 3, 1, 2, 4]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 0]]
-    blocks = packed.allowed[0, 0].int()
+    blocks = packed.allowed()[0, 0].int()
     assert blocks[3:5, :3].sum() == 0 and blocks[5, :5].sum() == 0
 
 

@@ -59,7 +59,9 @@ class EngineConfig:
     """Tokens per tile of the fused path (None: `cispo.ops` default)."""
     shared_prefix: bool = False
     """Run each group's common prompt once per forward (`cispo.engine.packing`); micro-batches
-    then hold whole groups of datums. False: one right-padded row per datum."""
+    then hold whole groups of consecutive same-prompt datums (a group larger than
+    micro_batch_size runs alone). Same logprobs, losses and gradients as False (one right-padded
+    row per datum) to float rounding; needs SDPA or eager attention with full-attention layers."""
     packed_row_tokens: int | None = None
     """With shared_prefix: pack consecutive groups into one row up to this many tokens (None: one
     group per row)."""

@@ -25,8 +25,9 @@ segment, positions from 0) or with several groups in one row (`row_tokens`): the
 diagonal over groups. Rows of one call are right-padded to the longest; a pad token attends only
 to pads (its row of the mask is never empty, so no NaN from an all-masked softmax row).
 
-Shapes: sequences B, max length T; rows R of width W; `allowed` [R, 1, W, W] bool (True: query w
-may attend key w'); `index` [B, T] int64 into the flattened [R·W] positions. Cost: the mask is a
+Shapes: sequences B, max length T; rows R of width W; `allowed()` [R, 1, W, W] bool (True: query
+w may attend key w'), built on the model's device; `index` [B, T] int64 into the flattened [R·W]
+positions. Cost: the mask is a
 dense [W, W] per row and SDPA/eager attention compute all W² scores whatever the mask, so packing
 many groups into one row trades padding for masked-out work; `row_tokens=None` (one group per row)
 keeps each row's W at S + Σ_g (L_g − S).
@@ -83,12 +84,25 @@ class PackedRows:
     """[R, W] int64; 0 past a row's end."""
     position_ids: Tensor
     """[R, W] int64; restart at 0 per group and at S per suffix; 0 on padding."""
-    allowed: Tensor
-    """[R, 1, W, W] bool; True where the query (dim 2) may attend the key (dim 3)."""
+    segment: Tensor
+    """[R, W] int64; the group a token belongs to (unique over rows); -1 on padding."""
+    owner: Tensor
+    """[R, W] int64; the sequence whose suffix holds the token; -1 in a prefix; -2 on padding."""
     index: Tensor
     """[B, T] int64; flat position r·W + w of token t of sequence b; 0 past its length."""
     shared: list[int]
     """Prefix length S of each group as packed (the whole sequence for a group of one)."""
+
+    def allowed(self, device: torch.device | None = None) -> Tensor:
+        """[R, 1, W, W] bool, built on `device`: True where the query (dim 2) may attend the key
+        (dim 3): same group, key not after the query, key in the prefix or in the query's own
+        suffix. A pad attends to the pads before it, never to a real token, and vice versa."""
+        segment, owner = self.segment.to(device), self.owner.to(device)
+        width = segment.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()
+        same_group = segment[:, :, None] == segment[:, None, :]
+        visible = (owner[:, None, :] == -1) | (owner[:, :, None] == owner[:, None, :])
+        return (same_group & visible & causal)[:, None]
 
     @property
     def packed_tokens(self) -> int:
@@ -162,11 +176,10 @@ def pack_rows(
     num_rows = len(rows)
     input_ids = torch.zeros(num_rows, width, dtype=torch.long)
     position_ids = torch.zeros(num_rows, width, dtype=torch.long)
-    block = torch.full((num_rows, width), -1, dtype=torch.long)  # segment tree id; -1 padding
-    own = torch.full((num_rows, width), -2, dtype=torch.long)  # suffix id; -1 prefix; -2 pad
+    segment = torch.full((num_rows, width), -1, dtype=torch.long)
+    owner = torch.full((num_rows, width), -2, dtype=torch.long)
     max_len = max(len(s) for s in sequences)
     index = torch.zeros(len(sequences), max_len, dtype=torch.long)
-    segment = 0
     for r, row in enumerate(rows):
         w = 0
         for k in row:
@@ -174,8 +187,8 @@ def pack_rows(
             prefix = sequences[members[0]][:shared]
             input_ids[r, w : w + shared] = torch.tensor(prefix, dtype=torch.long)
             position_ids[r, w : w + shared] = torch.arange(shared)
-            block[r, w : w + shared] = segment
-            own[r, w : w + shared] = -1
+            segment[r, w : w + shared] = k
+            owner[r, w : w + shared] = -1
             prefix_start = w
             w += shared
             for b in members:
@@ -183,21 +196,17 @@ def pack_rows(
                 n = len(suffix)
                 input_ids[r, w : w + n] = torch.tensor(suffix, dtype=torch.long)
                 position_ids[r, w : w + n] = torch.arange(shared, shared + n)
-                block[r, w : w + n] = segment
-                own[r, w : w + n] = b
+                segment[r, w : w + n] = k
+                owner[r, w : w + n] = b
                 flat = r * width
                 index[b, :shared] = flat + prefix_start + torch.arange(shared)
                 index[b, shared : shared + n] = flat + w + torch.arange(n)
                 w += n
-            segment += 1
-    causal = torch.ones(width, width, dtype=torch.bool).tril()  # key ≤ query in row order
-    same_block = block[:, :, None] == block[:, None, :]
-    key_visible = (own[:, None, :] == -1) | (own[:, :, None] == own[:, None, :])
-    allowed = (same_block & key_visible & causal)[:, None]  # [R, 1, W, W]
     return PackedRows(
         input_ids=input_ids,
         position_ids=position_ids,
-        allowed=allowed,
+        segment=segment,
+        owner=owner,
         index=index,
         shared=[shared for shared, _ in groups],
     )
@@ -270,7 +279,7 @@ def packed_token_logprobs(
         if isinstance(embedding, Tensor)
         else next(p.dtype for p in model.parameters() if p.is_floating_point())
     )
-    mask = attention_mask_for(model, packed.allowed.to(device), dtype)
+    mask = attention_mask_for(model, packed.allowed(device), dtype)
     hidden = decoder(
         input_ids=packed.input_ids.to(device),
         attention_mask=mask,
