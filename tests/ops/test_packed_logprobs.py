@@ -221,3 +221,13 @@ def test_unsupported_attention_and_sliding_windows_are_refused() -> None:
     qwen.config.layer_types = ["sliding_attention", "full_attention"]
     with pytest.raises(NotImplementedError, match="sliding_attention"):
         attention_mask_for(qwen, torch.ones(1, 1, 2, 2, dtype=torch.bool), torch.float32)
+
+
+def test_lengths_and_loss_mask_past_a_sequence_are_refused_naming_the_values() -> None:
+    model = _model("llama")
+    input_ids, lengths, targets, loss_mask, sizes = _batch(_groups())
+    with pytest.raises(ValueError, match="lengths=\\[3\\] must hold one length"):
+        packed_token_logprobs(model, input_ids, [3], targets, loss_mask, group_sizes=sizes)
+    short = [n - 1 for n in lengths]
+    with pytest.raises(ValueError, match="loss_mask marks positions past"):
+        packed_token_logprobs(model, input_ids, short, targets, loss_mask, group_sizes=sizes)
