@@ -31,9 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from cispo.checkpoint import load_checkpoint, save_named_state
+from cispo.engine.packing import micro_batches, token_logprobs
 from cispo.engine.sampler import sample
 from cispo.losses import LossInputs, compute_loss, make_loss_config
-from cispo.ops import model_token_logprobs
 from cispo.types import (
     AdamParams,
     Datum,
@@ -57,12 +57,22 @@ class EngineConfig:
     naive reference path."""
     logprob_chunk_size: int | None = None
     """Tokens per tile of the fused path (None: `cispo.ops` default)."""
+    shared_prefix: bool = False
+    """Run each group's common prompt once per forward (`cispo.engine.packing`); micro-batches
+    then hold whole groups of consecutive same-prompt datums (a group larger than
+    micro_batch_size runs alone). Same logprobs, losses and gradients as False (one right-padded
+    row per datum) to float rounding; needs SDPA or eager attention with full-attention layers."""
+    packed_row_tokens: int | None = None
+    """With shared_prefix: pack consecutive groups into one row up to this many tokens (None: one
+    group per row)."""
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:
             raise ValueError(f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}")
+        if self.packed_row_tokens is not None and self.packed_row_tokens < 1:
+            raise ValueError(f"packed_row_tokens must be >= 1, got {self.packed_row_tokens}")
 
 
 @dataclass(frozen=True)
@@ -243,15 +253,20 @@ class Engine:
         outputs: list[dict[str, TensorData]] = []
         parts: list[tuple[float, Mapping[str, float]]] = []
         loss_sum = 0.0
-        for start in range(0, len(datums), size):
-            part = _rows(full, start, start + size)
+        shared = self.config.shared_prefix
+        for start, stop, groups in micro_batches(
+            full.input_ids, full.lengths, full.loss_mask, size, shared=shared
+        ):
+            part = _rows(full, start, stop)
             with torch.set_grad_enabled(not forward_only):
-                scored = model_token_logprobs(
+                scored = token_logprobs(
                     self.model,
                     part.input_ids,
                     part.attention_mask,
                     part.targets,
                     part.loss_mask,
+                    groups=groups,
+                    row_tokens=self.config.packed_row_tokens,
                     temperature=temperature,
                     fused=self.config.fused_logprobs,
                     chunk_size=self.config.logprob_chunk_size,

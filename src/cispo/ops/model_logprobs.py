@@ -29,7 +29,7 @@ from cispo.ops.fused_logprobs import (
     naive_logprobs,
 )
 
-__all__ = ["model_token_logprobs", "output_projection"]
+__all__ = ["decoder_and_head", "model_token_logprobs", "output_projection", "score_hidden"]
 
 # Config fields of transformers models whose lm_head output is transformed before the softmax.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
@@ -71,6 +71,58 @@ def output_projection(head: nn.Module) -> tuple[Tensor, Tensor | None]:
     raise TypeError(f"unsupported output projection {type(head).__name__}")
 
 
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The model's decoder (no lm_head) and its output projection module; refuses models whose
+    logits are transformed before the softmax."""
+    config = getattr(model, "config", None)
+    for field in _LOGIT_TRANSFORMS:
+        value = getattr(config, field, None)
+        if value not in (None, 1, 1.0):
+            raise NotImplementedError(f"config.{field}={value}: logits are transformed")
+    get_decoder = getattr(model, "get_decoder", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not callable(get_decoder) or not isinstance(head, nn.Module):
+        raise TypeError(f"{type(model).__name__} has no get_decoder()/get_output_embeddings()")
+    return cast(nn.Module, get_decoder()), head
+
+
+def score_hidden(
+    head: nn.Module,
+    selected: Tensor,
+    selected_targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    fused: bool | None = None,
+    chunk_size: int | None = None,
+    with_entropy: bool = False,
+) -> FusedLogprobOutput:
+    """Logprobs (and entropy) [N] of `selected_targets` [N] from final hidden states [N, H]
+    through `head`, fused or naive as in `model_token_logprobs`."""
+    weight, bias = output_projection(head)
+    num_tokens, vocab_size = selected.shape[0], weight.shape[0]
+    if fused is None:
+        fused = 4 * num_tokens * vocab_size > TILE_BUDGET_BYTES
+    if fused:
+        return fused_logprobs(
+            selected,
+            weight,
+            selected_targets,
+            bias=bias,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            with_entropy=with_entropy,
+        )
+    return naive_logprobs(
+        selected,
+        weight,
+        selected_targets,
+        bias=bias,
+        temperature=temperature,
+        with_entropy=with_entropy,
+    )
+
+
 def model_token_logprobs(
     model: nn.Module,
     input_ids: Tensor,
@@ -97,44 +149,18 @@ def model_token_logprobs(
             i.e. when fusing bounds memory that the naive path would not.
         chunk_size: tokens per tile for the fused path; None means the kernel's default (1024).
     """
-    config = getattr(model, "config", None)
-    for field in _LOGIT_TRANSFORMS:
-        value = getattr(config, field, None)
-        if value not in (None, 1, 1.0):
-            raise NotImplementedError(f"config.{field}={value}: logits are transformed")
-    get_decoder = getattr(model, "get_decoder", None)
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if not callable(get_decoder) or not isinstance(head, nn.Module):
-        raise TypeError(f"{type(model).__name__} has no get_decoder()/get_output_embeddings()")
-    decoder = cast(nn.Module, get_decoder())
+    decoder, head = decoder_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     loss_mask = loss_mask.bool()
-    selected = cast(Tensor, hidden)[loss_mask]  # [N, H]
-    selected_targets = targets[loss_mask]  # [N]
-    weight, bias = output_projection(head)
-    num_tokens, vocab_size = selected.shape[0], weight.shape[0]
-    if fused is None:
-        fused = 4 * num_tokens * vocab_size > TILE_BUDGET_BYTES
-    if fused:
-        out = fused_logprobs(
-            selected,
-            weight,
-            selected_targets,
-            bias=bias,
-            temperature=temperature,
-            chunk_size=chunk_size,
-            with_entropy=with_entropy,
-        )
-    else:
-        out = naive_logprobs(
-            selected,
-            weight,
-            selected_targets,
-            bias=bias,
-            temperature=temperature,
-            with_entropy=with_entropy,
-        )
+    out = score_hidden(
+        head,
+        cast(Tensor, hidden)[loss_mask],  # [N, H]
+        targets[loss_mask],  # [N]
+        temperature=temperature,
+        fused=fused,
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
+    )
 
     def scatter(values: Tensor) -> Tensor:  # [N] -> [B, T], 0 off the mask, differentiable
         zeros = torch.zeros(loss_mask.shape, dtype=values.dtype, device=values.device)
