@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import re
@@ -120,6 +121,21 @@ def test_resuming_may_change_fields_that_cannot_change_the_trajectory(
     train(_config(tmp_path, "--rl.steps=2", *changed), resume=True, echo=lambda _: None)
     assert [r["step"] for r in _metrics(tmp_path)] == [0, 1, 2]
     assert set(loop.RESUME_MAY_CHANGE) >= {"run.dir", "eval.every", "run.threads"}
+
+
+def test_the_loop_and_its_sources_speak_only_the_client_api() -> None:
+    """No client's `.engine` is read in train/ or the two rollout sources: the loop gets parameter
+    counts from `get_info` and the weights to publish from `get_weights`."""
+    src = Path(loop.__file__).parents[1]
+    files = [*sorted((src / "train").glob("*.py")), src / "rollout/source.py"]
+    files.append(src / "asynchronous/source.py")
+    reads = [
+        f"{path.name}:{node.lineno} .{node.attr}"
+        for path in files
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr == "engine"
+    ]
+    assert len(files) >= 7 and not reads, reads
 
 
 def test_an_unknown_override_is_an_error_naming_the_key(tmp_path: Path) -> None:
