@@ -315,6 +315,18 @@ def _rollout(datums: list[Datum]) -> Rollout:
     return Rollout(1, [], [], torch.zeros(3, 4), torch.zeros(3, 4), datums, {}, version=0)
 
 
+def test_a_correction_with_the_sampler_anchor_is_refused_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    refused = r"asynchronous\.correction='tis' needs loss\.anchor='old'"
+    with pytest.raises(ValueError, match=refused):
+        train(
+            _config(tmp_path, "--loss.anchor=sampler", "--asynchronous.correction=tis"),
+            echo=_quiet,
+        )
+    assert not any(tmp_path.iterdir())  # no run directory content, no worker
+
+
 def _sabotage(monkeypatch: pytest.MonkeyPatch, corrupt: bool) -> None:
     real = WeightChannel.publish
     first: dict[str, torch.Tensor] = {}
