@@ -116,9 +116,6 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-@pytest.mark.xfail(
-    strict=True, reason="train.loop <-> train.async_loop: removed when the two loops become one"
-)
 def test_no_two_modules_import_each_other_around_a_circle() -> None:
     # A package's __init__ re-exporting its modules is not a circle of the code itself.
     graph = {

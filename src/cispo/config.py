@@ -283,7 +283,7 @@ class RunConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AsyncConfig:
-    """Asynchronous off-policy training (`cispo.train.async_loop`; docs/async.md)."""
+    """Asynchronous off-policy training (`asynchronous.source.WorkerSource`; docs/async.md)."""
 
     enabled: bool = False
     """Sample in a separate worker process while the trainer updates (False: synchronous loop)."""
@@ -296,8 +296,9 @@ class AsyncConfig:
     """For a stale batch (lag >= 1), recompute `old_logprobs` with the trainer's current weights,
     so that `loss.anchor="old"` anchors on the policy this round of updates starts from."""
     correction: Literal["none", "tis", "mis"] = "none"
-    """Train-vs-sampler correction exp(old - sampler) on stale batches (needs loss.anchor="old";
-    with anchor "sampler" the ratio already contains it)."""
+    """Train-vs-sampler correction exp(old - sampler) (needs loss.anchor="old"; with anchor
+    "sampler" the ratio already contains it). Applied to every batch; it is exactly 1 where old =
+    sampler (an on-policy batch whose old logprobs are not recomputed)."""
     correction_ratio_max: float = 2.0
     """Upper bound of the TIS weight (MIS: weights above it are zeroed)."""
     canary_threshold: float = 1e-3
@@ -308,22 +309,6 @@ class AsyncConfig:
     """torch intra-op threads of the sampler worker (the trainer's are `run.threads`)."""
     worker_timeout_s: float = 600.0
     """The trainer stops with an error when the worker sends nothing for this long."""
-    worker_grad_share: float = 0.0
-    """Share of the first minibatch's sequences (the last ones) whose gradient the sampler worker
-    computes in its idle time. At that moment it holds exactly the weights the trainer's round
-    starts from (version k), so its partial gradient plus the trainer's is the minibatch's
-    gradient (data parallelism over the two processes; float summation order aside). When the
-    round's later optimizer steps need recomputed old logprobs, the worker also computes those of
-    the datums it holds. 0 disables it. With `worker_grad_split="tokens"` it is the upper bound of
-    a share computed per batch."""
-    worker_grad_split: Literal["fixed", "tokens"] = "fixed"
-    """"fixed": every batch's share is `worker_grad_share`. "tokens": each batch's share balances
-    the two processes' work from its own token counts (`asynchronous.worker.balanced_share`, with
-    `worker_gen_cost`): deterministic, and it follows the batch as groups with no signal are
-    dropped (fewer datums to train, the same tokens to sample)."""
-    worker_gen_cost: float = 0.3
-    """Cost of sampling one token relative to a forward + backward pass over one position, for
-    `worker_grad_split="tokens"` (0.3 measured on the reference CPU; docs/async.md)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -346,21 +331,6 @@ class AsyncConfig:
             self.worker_threads >= 1,
             "asynchronous.worker_threads",
             f"must be >= 1, got {self.worker_threads}",
-        )
-        _check(
-            0.0 <= self.worker_grad_share < 1.0,
-            "asynchronous.worker_grad_share",
-            f"must be in [0, 1), got {self.worker_grad_share}",
-        )
-        _check(
-            self.worker_grad_split in ("fixed", "tokens"),
-            "asynchronous.worker_grad_split",
-            f"must be 'fixed' or 'tokens', got {self.worker_grad_split!r}",
-        )
-        _check(
-            self.worker_gen_cost >= 0,
-            "asynchronous.worker_gen_cost",
-            f"must be >= 0, got {self.worker_gen_cost}",
         )
         _check(
             self.correction_ratio_max > 0,

@@ -210,6 +210,29 @@ class SaveWeightsResponse:
     path: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class ModelData:
+    arch: str | None = None
+    """The architecture (`config.model_type`: "llama", "qwen2")."""
+    model_name: str | None = None
+    tokenizer_id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class GetInfoResponse:
+    """Tinker's `TrainingClient.get_info()` answer, with parameter counts added (our extension)."""
+
+    model_data: ModelData
+    model_id: str
+    is_lora: bool | None = None
+    lora_rank: int | None = None
+    model_name: str | None = None
+    num_parameters: int = 0
+    """Every parameter of the model (LoRA adapters included)."""
+    num_trainable_parameters: int = 0
+    """The parameters the optimizer updates."""
+
+
 @dataclass(frozen=True)
 class SampleResponse:
     sequences: list[SampledSequence]

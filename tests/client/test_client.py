@@ -52,7 +52,7 @@ def test_deferred_sampling_batches_requests_and_equals_one_engine_batch(tmp_path
     params = SamplingParams(max_tokens=5, temperature=1.0, seed=11)
     futures = [sampler.sample(ModelInput.from_ints(p), 3, params) for p in prompts]
     got = [f.result().sequences for f in futures]
-    want = training.engine.sample(sampler.model, prompts, 3, params)
+    want = training.engine.sampler().sample(prompts, 3, params)
     assert [[s.tokens for s in g] for g in got] == [[s.tokens for s in g] for g in want]
     assert [[s.logprobs for s in g] for g in got] == [[s.logprobs for s in g] for g in want]
 
@@ -87,3 +87,32 @@ def test_save_state_then_load_state_restores_weights_and_optimizer(tmp_path: Pat
     training.optim_step(adam).result()
     for k, v in training.engine.model.state_dict().items():
         assert torch.equal(v, after_save[k]), k
+
+
+def test_get_info_names_the_model_and_counts_its_parameters(tmp_path: Path) -> None:
+    full = _client(tmp_path / "full")
+    lora = ServiceClient(checkpoint_root=tmp_path / "lora").create_lora_training_client(
+        "tiny", rank=4, model_overrides=SMALL
+    )
+    a, b = full.get_info(), lora.get_info()
+    total = sum(p.numel() for p in full.engine.model.parameters())
+    assert a.num_parameters == a.num_trainable_parameters == total > 0
+    assert not a.is_lora and a.lora_rank is None and a.model_name == "tiny"
+    assert a.model_data.arch == "llama"
+    assert b.is_lora and b.lora_rank == 4
+    assert 0 < b.num_trainable_parameters < total < b.num_parameters  # adapters only; added
+    trainable = sum(p.numel() for p in lora.engine.model.parameters() if p.requires_grad)
+    assert b.num_trainable_parameters == trainable
+
+
+def test_get_weights_waits_for_submitted_steps_and_returns_the_current_weights(
+    tmp_path: Path,
+) -> None:
+    training = _client(tmp_path)
+    before = {k: v.clone() for k, v in training.get_weights().items()}
+    training.forward_backward(random_datums(4), "cispo", {"reduction": "token_mean"})
+    training.optim_step(AdamParams(learning_rate=5e-2))  # not waited for
+    after = training.get_weights()
+    assert after.keys() == before.keys()
+    assert any(not torch.equal(after[k], before[k]) for k in after)
+    assert all(torch.equal(after[k], v) for k, v in training.engine.model.state_dict().items())

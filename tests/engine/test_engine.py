@@ -71,7 +71,7 @@ def test_sampler_logprobs_equal_trainer_logprobs_on_policy(temperature: float) -
     engine = tiny_engine()
     prompts = [[1, 20, 21], [1, 22], [1, 23, 24, 25, 26]]  # mixed lengths: padding is exercised
     params = SamplingParams(max_tokens=6, temperature=temperature, seed=3, stop=[])
-    groups = engine.sample(engine.sampler_model(), prompts, 4, params)
+    groups = engine.sampler().sample(prompts, 4, params)
     datums = [
         rl_datum(prompt, seq.tokens, seq.logprobs, 1.0)
         for prompt, group in zip(prompts, groups, strict=True)

@@ -226,7 +226,7 @@ def test_shared_prefix_trainer_logprobs_equal_the_sampler_logprobs_on_policy() -
     engine = tiny_engine(shared_prefix=True)
     prompts = [[1, 20, 21], [1, 22], [1, 23, 24, 25, 26]]
     params = SamplingParams(max_tokens=6, temperature=0.8, seed=3)
-    groups = engine.sample(engine.sampler_model(), prompts, 4, params)
+    groups = engine.sampler().sample(prompts, 4, params)
     datums = [
         rl_datum(prompt, seq.tokens, seq.logprobs, 1.0)
         for prompt, group in zip(prompts, groups, strict=True)

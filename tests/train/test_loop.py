@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from safetensors.torch import load_file
 
 from cispo.config import TrainConfig
 from cispo.configs import apply_overrides, load_recipe
+from cispo.train import loop
 from cispo.train.loop import train
 from tests.train.helpers import TINY_RUN, run_config
 
@@ -41,12 +44,34 @@ def test_a_short_run_writes_metrics_curves_samples_and_checkpoints(tmp_path: Pat
     assert 0.0 <= summary.accuracy_end <= 1.0
 
 
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+    """The loop's update raises on RL step `steps` (0-based): the run stops after `steps` steps,
+    as a killed process would, its checkpoints written."""
+    real, calls = loop.train_on_rollout, [0]
+
+    def update(*args: object, **kwargs: object) -> dict[str, float]:
+        calls[0] += 1
+        if calls[0] > steps:
+            raise _Interrupted
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "train_on_rollout", update)
+
+
 def test_resume_after_half_the_steps_is_bitwise_equal_to_an_uninterrupted_run(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     full, half = tmp_path / "full", tmp_path / "half"
     train(_config(full, "--rl.steps=4"), echo=lambda _: None)
-    train(_config(half, "--rl.steps=2"), echo=lambda _: None)
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 2)
+        with pytest.raises(_Interrupted):
+            train(_config(half, "--rl.steps=4"), echo=lambda _: None)
+    assert [r["step"] for r in _metrics(half)] == [0, 1, 2]
     train(_config(half, "--rl.steps=4"), resume=True, echo=lambda _: None)
     a, b = _weights(full), _weights(half)
     assert a.keys() == b.keys()
@@ -62,6 +87,55 @@ def test_resume_after_half_the_steps_is_bitwise_equal_to_an_uninterrupted_run(
         for r in _metrics(half)
     ]
     assert rows_a == rows_b
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("--rl.steps=5", "rl.steps: 3 -> 5"),
+        ("--optim.learning_rate=2e-2", "optim.learning_rate: 0.01 -> 0.02"),
+        ("--optim.decay=constant", "optim.decay: 'cosine' -> 'constant'"),
+    ],
+)
+def test_resuming_with_a_config_that_changes_the_schedule_is_refused_naming_the_field(
+    tmp_path: Path, change: str, named: str
+) -> None:
+    train(_config(tmp_path, "--rl.steps=3", "--eval.every=3"), echo=lambda _: None)
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=re.escape(named)):
+        train(_config(tmp_path, "--rl.steps=3", change), resume=True, echo=lambda _: None)
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == files  # refused before anything in the run directory changed
+
+
+def test_resuming_may_change_fields_that_cannot_change_the_trajectory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """eval.every, run.threads, rl.micro_batch_size, checkpointing and logging may differ
+    (`RESUME_MAY_CHANGE` says why); the resumed run goes on to its last step."""
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 1)
+        with pytest.raises(_Interrupted):
+            train(_config(tmp_path, "--rl.steps=2"), echo=lambda _: None)
+    changed = ["--eval.every=1", "--run.threads=1", "--rl.micro_batch_size=7", "--run.keep_last=3"]
+    train(_config(tmp_path, "--rl.steps=2", *changed), resume=True, echo=lambda _: None)
+    assert [r["step"] for r in _metrics(tmp_path)] == [0, 1, 2]
+    assert set(loop.RESUME_MAY_CHANGE) >= {"run.dir", "eval.every", "run.threads"}
+
+
+def test_the_loop_and_its_sources_speak_only_the_client_api() -> None:
+    """No client's `.engine` is read in train/ or the two rollout sources: the loop gets parameter
+    counts from `get_info` and the weights to publish from `get_weights`."""
+    src = Path(loop.__file__).parents[1]
+    files = [*sorted((src / "train").glob("*.py")), src / "rollout/source.py"]
+    files.append(src / "asynchronous/source.py")
+    reads = [
+        f"{path.name}:{node.lineno} .{node.attr}"
+        for path in files
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr == "engine"
+    ]
+    assert len(files) >= 7 and not reads, reads
 
 
 def test_an_unknown_override_is_an_error_naming_the_key(tmp_path: Path) -> None:

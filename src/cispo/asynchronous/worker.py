@@ -1,15 +1,12 @@
 """The sampler worker: a separate process with its own copy of the weights, producing batches.
 
 The trainer publishes weights into shared-memory buffers (`WeightChannel`) with a version (trainer
-steps done); the worker copies the newest into its model before each batch, scores a fixed probe
-batch, reports that (`SyncReport`), and samples the batch with `cispo.train.loop.collect_rollout`
-(same data stream and sampling seeds as the synchronous loop).
-`cispo.asynchronous.staleness.StalenessGate` paces it. Messages go back on one queue, in order: a
-batch's `SyncReport` always precedes it.
-
-With a `GradChannel` (`asynchronous.worker_grad_share > 0`) the worker also computes its share of
-each batch's gradient at the weights the trainer's update starts from and leaves it in shared
-buffers, announced by a `GradReport` (`_produce` has the order of work).
+rounds done); the worker loads the newest into its `Sampler` (`load_weights`) before each batch,
+scores a fixed probe batch, reports that with the sampler's weight fingerprint (`SyncReport`), and
+samples the batch with `cispo.rollout.rollouts.collect_rollout` (same data stream and sampling
+seeds as the in-process source). `cispo.asynchronous.staleness.StalenessGate` paces it. Messages
+go back on one queue, in order: a batch's `SyncReport` always precedes it. The trainer's side is
+`cispo.asynchronous.source.WorkerSource`.
 
 Why shared memory and not a queue for weights: one in-place copy per sync on each side, no
 pickling, and the worker reads the newest weights only when it starts a batch (a version it never
@@ -31,29 +28,22 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.multiprocessing
-from torch import Tensor, nn
+from torch import Tensor
 
 from cispo.asynchronous.staleness import NO_WEIGHTS, StalenessGate
 from cispo.client.service import SamplingClient
 from cispo.config import TrainConfig
-from cispo.engine.engine import Engine, EngineConfig, freeze_heap, loss_totals
-from cispo.engine.sampler import compute_logprobs
+from cispo.engine.engine import freeze_heap
+from cispo.engine.sampler import HFSampler, Sampler
 from cispo.models import load_bundle
-from cispo.rollout.rollouts import (
-    Rollout,
-    collect_rollout,
-    minibatch_size,
-    output_logprobs,
-    with_old_logprobs,
-)
+from cispo.rollout.rollouts import Rollout, collect_rollout
 from cispo.tasks import make_task
-from cispo.types import ForwardBackwardOutput
 
 SPAWN = torch.multiprocessing.get_context("spawn")
 _POLL_S = 0.5  # how often a waiting side re-checks for stop requests and dead peers
@@ -65,11 +55,6 @@ class WorkerError(RuntimeError):
 
 class WeightSyncError(RuntimeError):
     """The weight-sync canary fired: the sampler's weights are not the trainer's."""
-
-
-def weight_fingerprint(state: Mapping[str, Tensor]) -> float:
-    """Sum of every entry in float64, in state_dict order: equal on both sides of an exact copy."""
-    return float(sum(float(t.detach().double().sum()) for t in state.values()))
 
 
 @dataclass(frozen=True)
@@ -141,145 +126,13 @@ class WeightChannel:
         with self._cond:
             return int(self._published.value)
 
-    def load_into(self, model: nn.Module) -> int:
-        """Copy the newest published weights into `model`; returns their version."""
-        with self._cond, torch.no_grad():
-            for name, tensor in model.state_dict().items():
-                tensor.copy_(self._buffers[name])
-            return int(self._published.value)
-
-
-def loss_fn_config(config: TrainConfig) -> dict[str, Any]:
-    """The loss config of the async loop: `config.loss`'s plus the train-vs-sampler correction."""
-    out = config.loss.loss_fn_config()
-    run = config.asynchronous
-    if run.correction != "none":
-        out |= {"correction": run.correction, "correction_ratio_max": run.correction_ratio_max}
-    return out
-
-
-def recomputes_old_logprobs(config: TrainConfig, lag: int) -> bool:
-    """Whether a batch trained `lag` versions after it was sampled gets fresh `old_logprobs`."""
-    run = config.asynchronous
-    return config.rl.recompute_old_logprobs or (
-        lag > 0 and run.recompute_old_logprobs and config.loss.anchor == "old"
-    )
-
-
-def worker_share_count(num_datums: int, share: float) -> int:
-    """How many of a batch's datums (the last ones) the worker computes the gradient of."""
-    return math.floor(num_datums * share)
-
-
-@dataclass(frozen=True)
-class GradReport:
-    """The worker's part of step `step`'s gradient is in the `GradChannel` buffers."""
-
-    step: int
-    count: int  # datums it covered: the last `count` of the first minibatch
-    metrics: dict[str, float]  # its forward_backward metrics
-    seconds: float
-    fingerprint: float = 0.0
-    """`GradChannel.fingerprint()` right after the worker wrote its gradient."""
-    old_logprobs: list[list[float]] | None = None
-    """Recomputed old logprobs (at the round's starting weights) of the datums from its share on
-    to the end of the batch, for the round's later optimizer steps; None when not needed."""
-
-
-def balanced_share(
-    sampled: float, first: float, later: float, recomputed: float, *, gen_cost: float
-) -> float:
-    """The share s of the first optimizer step's work to give the worker.
-
-    In units of one forward + backward pass over one position (a forward alone costs a third):
-    `first` is the first step's work, `later` the work of the round's later steps (trainer only),
-    `recomputed` the positions whose old logprobs the worker recomputes for them; the worker also
-    samples `sampled` tokens at `gen_cost` each. Two conditions:
-
-    - equal work:  trainer (1 − s)·first + later = worker c·sampled + s·first + recomputed / 3
-      ⇒  s_work = (first + later − c·sampled − recomputed / 3) / (2·first);
-    - no waiting:  the worker's report (its recompute, then its share; it samples afterwards)
-      must be ready when the trainer finishes its part of the first step:
-      recomputed / 3 + s·first ≤ (1 − s)·first  ⇒  s_ready = (first − recomputed / 3) / (2·first).
-
-    s = min(s_work, s_ready), clipped to [0, 1]. Examples: first = 4000, sampled = 3000, c = 0.3,
-    nothing later: s = min(3100, 4000) / 8000 = 0.3875; with later = recomputed = 4000:
-    s = min(5766.7, 2666.7) / 8000 = 0.3333.
-    """
-    if first <= 0:
-        return 0.0
-    work = first + later - gen_cost * sampled - recomputed / 3
-    ready = first - recomputed / 3
-    return min(1.0, max(0.0, min(work, ready) / (2 * first)))
-
-
-def share_layout(rollout: Rollout, config: TrainConfig, recompute: bool) -> tuple[int, int]:
-    """(datums per minibatch, datums of the first minibatch the worker takes: its last ones).
-
-    Both processes call it on the same batch and get the same answer."""
-    datums, run = rollout.datums, config.asynchronous
-    per = minibatch_size(len(datums), config)
-    share = run.worker_grad_share
-    if run.worker_grad_split == "tokens" and per:
-        positions = [d.model_input.length for d in datums]
-        first, rest, epochs = sum(positions[:per]), sum(positions[per:]), config.rl.epochs
-        balanced = balanced_share(
-            rollout.metrics.get("rl/tokens", 0.0),
-            first * (4 / 3 if recompute else 1.0),  # a recompute adds a forward pass
-            rest + (first + rest) * (epochs - 1),
-            rest if later_steps_need_old_logprobs(config, recompute) else 0.0,
-            gen_cost=run.worker_gen_cost,
-        )
-        share = min(share, balanced)
-    return per, worker_share_count(per, share)
-
-
-def later_steps_need_old_logprobs(config: TrainConfig, recompute: bool) -> bool:
-    """Whether a round has optimizer steps after its first that read recomputed old logprobs."""
-    return recompute and config.rl.epochs * config.rl.minibatches > 1
-
-
-class GradChannel:
-    """Shared-memory gradient buffers, one per trainable parameter: worker → trainer.
-
-    Protocol: the worker writes its gradient, then sends a `GradReport` on the message queue; the
-    trainer adds the buffers into its `.grad` only after reading that report, and the worker
-    writes again only for a later step, which needs weights the trainer publishes after that.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self._buffers = {
-            name: _shared_copy(torch.zeros_like(p))
-            for name, p in model.named_parameters()
-            if p.requires_grad
-        }
-
-    def write_from(self, model: nn.Module) -> float:
-        """Worker: move the `.grad` of `model`'s parameters into the buffers (zeros if None);
-        returns the buffers' fingerprint, which the trainer checks before using them."""
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in self._buffers:
-                    if p.grad is None:
-                        self._buffers[name].zero_()
-                    else:
-                        self._buffers[name].copy_(p.grad)
-                    p.grad = None
-        return self.fingerprint()
-
-    def fingerprint(self) -> float:
-        """`weight_fingerprint` of the buffers: equal on both sides when the transfer worked."""
-        return weight_fingerprint(self._buffers)
-
-    def add_into(self, model: nn.Module) -> None:
-        """Trainer: `.grad += buffer` for every trainable parameter of `model`."""
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in self._buffers:
-                    if p.grad is None:
-                        p.grad = self._buffers[name].clone()
-                    else:
-                        p.grad.add_(self._buffers[name])
+    def load_into(self, sampler: Sampler) -> int:
+        """`sampler.load_weights` of the newest published weights (under the lock, so that no
+        publish overwrites them mid-copy); returns their version."""
+        with self._cond:
+            version = int(self._published.value)
+            sampler.load_weights(self._buffers, version)
+            return version
 
 
 def max_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
@@ -357,17 +210,15 @@ class SamplerWorker:
         start: int,
         probe_tokens: list[list[int]],
         weights: Mapping[str, Tensor],
-        grads: GradChannel | None = None,
     ) -> None:
         self.channel = WeightChannel(weights, consumed=start)
-        self.grads = grads
         self.messages: Any = SPAWN.Queue()
         self.timeout_s = config.asynchronous.worker_timeout_s
         self.process = SPAWN.Process(
             target=_worker_main,
             name="cispo-sampler",
             daemon=True,
-            args=(_WorkerSpec(config, start, probe_tokens), self.channel, self.messages, grads),
+            args=(_WorkerSpec(config, start, probe_tokens), self.channel, self.messages),
         )
         self.pid: int | None = None
 
@@ -389,7 +240,7 @@ class SamplerWorker:
     def mark_consumed(self, count: int) -> None:
         self.channel.mark_consumed(count)
 
-    def next_message(self) -> SyncReport | Rollout | GradReport:
+    def next_message(self) -> SyncReport | Rollout:
         """The worker's next message; raises `WorkerError` if it failed, died or went silent."""
         deadline = time.monotonic() + self.timeout_s
         while True:
@@ -407,7 +258,7 @@ class SamplerWorker:
                         "(asynchronous.worker_timeout_s)"
                     ) from None
                 continue
-            message: SyncReport | Rollout | GradReport | WorkerFailure = pickle.loads(payload)
+            message: SyncReport | Rollout | WorkerFailure = pickle.loads(payload)
             if isinstance(message, WorkerFailure):
                 raise WorkerError(f"the sampler worker failed:\n{message.traceback}")
             return message
@@ -444,25 +295,18 @@ class SamplerWorker:
         self.close()
 
 
-def _worker_main(
-    spec: _WorkerSpec, channel: WeightChannel, messages: Any, grads: GradChannel | None
-) -> None:
+def _worker_main(spec: _WorkerSpec, channel: WeightChannel, messages: Any) -> None:
     signal.signal(
         signal.SIGINT, signal.SIG_IGN
     )  # Ctrl-C hits the whole group; the trainer stops us
     try:
-        _produce(spec, channel, messages, grads)
+        _produce(spec, channel, messages)
     except BaseException:  # everything goes back to the trainer, which raises it
         _send(messages, WorkerFailure(traceback.format_exc()))
 
 
-def _produce(
-    spec: _WorkerSpec, channel: WeightChannel, messages: Any, grads: GradChannel | None
-) -> None:
-    """Generate batches `spec.start`.. as the gate allows; with a `GradChannel`, also compute the
-    worker's share of each batch's gradient once the weights that batch is trained at (version =
-    its step) are published. That share goes first: the trainer waits for it, while the next
-    batch is only needed at the next step."""
+def _produce(spec: _WorkerSpec, channel: WeightChannel, messages: Any) -> None:
+    """Generate batches `spec.start`.. as the gate allows, each with the newest weights."""
     config, run = spec.config, spec.config.asynchronous
     torch.set_num_threads(run.worker_threads)
     bundle = load_bundle(
@@ -471,130 +315,38 @@ def _produce(
         seed=config.run.seed,
         overrides=config.model.overrides(),
     )
-    engine = Engine(
+    sampler = HFSampler(
         bundle.model,
         eos_token_id=bundle.tokenizer.eos_token_id,
         pad_token_id=int(bundle.tokenizer.pad_token_id or 0),
         tokenizer=bundle.tokenizer,
-        config=EngineConfig(micro_batch_size=config.rl.micro_batch_size),
-        seed=config.run.seed,
+        generator=torch.Generator().manual_seed(config.run.seed),
+        version=NO_WEIGHTS,
     )
-    model = bundle.model.eval()
-    if grads is None:
-        for p in model.parameters():
-            p.requires_grad_(False)
     task = make_task(config.task.name, **config.task.kwargs())
     gate = StalenessGate(run.max_staleness, run.queue_size)
-    loaded = NO_WEIGHTS
-    pending: dict[int, Rollout] = {}  # generated batches whose gradient share is still due
-    step = spec.start  # the next batch to generate
     freeze_heap()
     cpu0 = time.process_time()
-
-    def load_newest() -> int:
-        t = time.perf_counter()
-        version = channel.load_into(model)
-        seconds = time.perf_counter() - t
-        probe = compute_logprobs(model, spec.probe_tokens, temperature=config.sampling.temperature)
-        fingerprint = weight_fingerprint(model.state_dict())
-        _send(messages, SyncReport(version, fingerprint, probe, seconds))
-        return version
-
-    while step < config.rl.steps or pending:
+    for step in range(spec.start, config.rl.steps):
         t0 = time.perf_counter()
-        due = min(pending) if pending else None
-
-        def ready(published: int, consumed: int, due: int | None = due, step: int = step) -> bool:
-            share_due = due is not None and published == due
-            return share_due or (
-                step < config.rl.steps and gate.may_start(step, published, consumed)
-            )
-
-        if not channel.wait_until(ready):
+        if not channel.wait_to_start(gate, step):
             return
         waited = time.perf_counter() - t0
-        if channel.published() != loaded:
-            loaded = load_newest()
-        if due is not None and loaded == due:
-            assert grads is not None  # `pending` is filled only when there is a GradChannel
-            _send(messages, _gradient_share(engine, pending.pop(due), config, grads))
-            model.eval()
-            continue
-        engine.version = loaded  # SamplingClient stamps its rollouts with the engine's version
-        rollout = collect_rollout(SamplingClient(engine, model, bundle), task, step, config)
+        if channel.published() != sampler.version:
+            t = time.perf_counter()
+            version = channel.load_into(sampler)
+            seconds = time.perf_counter() - t
+            probe = sampler.compute_logprobs(
+                spec.probe_tokens, temperature=config.sampling.temperature
+            )
+            _send(messages, SyncReport(version, sampler.fingerprint(), probe, seconds))
+        rollout = collect_rollout(SamplingClient(sampler, bundle.tokenizer), task, step, config)
         rollout.metrics["time/generator_wait"] = waited
         rollout.metrics["time/worker_cpu_total"] = time.process_time() - cpu0  # since the 1st batch
         _send(messages, rollout)
-        if grads is not None:
-            pending[step] = rollout
-        step += 1
 
 
-def _gradient_share(
-    engine: Engine, rollout: Rollout, config: TrainConfig, grads: GradChannel
-) -> GradReport:
-    """The worker's part of the first optimizer step of `rollout`'s round, at the weights loaded
-    now (the trainer's, version = rollout.step): the gradient of the last datums of the first
-    minibatch, normalised by that minibatch's totals, and, when the round's later steps need
-    recomputed old logprobs, those of every datum from its share on."""
-    t = time.perf_counter()
-    datums = rollout.datums
-    recompute = recomputes_old_logprobs(config, rollout.step - rollout.version)
-    per, count = share_layout(rollout, config, recompute)
-    metrics: dict[str, float] = {}
-    tail_old: list[list[float]] = []
-    fingerprint = 0.0
-    if count:
-        tail = datums[per - count : per]
-        out, recomputed = part_gradient(
-            engine.forward_backward, tail, loss_totals(datums[:per]), config, recompute
-        )
-        fingerprint = grads.write_from(engine.model)
-        metrics, tail_old = dict(out.metrics), recomputed or []
-    old = None
-    if later_steps_need_old_logprobs(config, recompute):
-        old, rest = tail_old, datums[per:]
-        if rest:
-            temperature = config.sampling.temperature
-            scored = engine.forward_backward(
-                rest, "cross_entropy", forward_only=True, temperature=temperature
-            )
-            old = tail_old + output_logprobs(scored.loss_fn_outputs)
-    return GradReport(rollout.step, count, metrics, time.perf_counter() - t, fingerprint, old)
-
-
-def part_gradient(
-    forward_backward: Callable[..., ForwardBackwardOutput],
-    part: Sequence[Any],
-    totals: tuple[float, float],
-    config: TrainConfig,
-    recompute: bool,
-) -> tuple[ForwardBackwardOutput, list[list[float]] | None]:
-    """Accumulate the gradient of `part` of a minibatch whose loss tokens and sequences are
-    `totals` (`loss_totals` of the whole minibatch), recomputing its old logprobs first if
-    `recompute`; returns the output and the recomputed old logprobs (None if not recomputed).
-
-    `forward_backward` has `Engine.forward_backward`'s signature (the trainer passes its client's
-    calls, the worker its engine's), so both sides of the gradient share run the same steps.
-    """
-    temperature = config.sampling.temperature
-    old = None
-    if recompute:
-        scored = forward_backward(part, "cross_entropy", forward_only=True, temperature=temperature)
-        old = output_logprobs(scored.loss_fn_outputs)
-        part = with_old_logprobs(part, old)
-    out = forward_backward(
-        part,
-        config.loss.name,
-        loss_fn_config(config),
-        temperature=temperature,
-        num_tokens=totals[0],
-        num_sequences=totals[1],
-    )
-    return out, old
-
-
-def _send(messages: Any, message: SyncReport | Rollout | GradReport | WorkerFailure) -> None:
+def _send(messages: Any, message: SyncReport | Rollout | WorkerFailure) -> None:
     # Pickled by value here: a queue would share tensors through file descriptors that vanish
     # when this process exits before the trainer reads its last batch.
     messages.put(pickle.dumps(message))

@@ -30,17 +30,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor
 
 from cispo.checkpoint import load_checkpoint
 from cispo.client.futures import APIFuture, OrderedWorker, completed
 from cispo.engine.engine import Engine, EngineConfig, load_engine_state, save_engine_state
-from cispo.engine.sampler import compute_logprobs
+from cispo.engine.sampler import HFSampler, Sampler
 from cispo.models import ModelBundle, load_bundle
 from cispo.types import (
     AdamParams,
     Datum,
     ForwardBackwardOutput,
+    GetInfoResponse,
+    ModelData,
     ModelInput,
     OptimStepResponse,
     SampleResponse,
@@ -111,14 +114,15 @@ class ServiceClient:
             overrides=checkpoint.trainer_state.get("model_overrides"),
         )
         bundle.model.load_state_dict(checkpoint.model_state, strict=False)
-        engine = Engine(
+        sampler = HFSampler(
             bundle.model,
             eos_token_id=bundle.tokenizer.eos_token_id,
             pad_token_id=int(bundle.tokenizer.pad_token_id or 0),
             tokenizer=bundle.tokenizer,
-            seed=self.seed,
+            generator=torch.Generator().manual_seed(self.seed),
+            version=int(checkpoint.trainer_state.get("version", 0)),
         )
-        return SamplingClient(engine, engine.sampler_model(), bundle)
+        return SamplingClient(sampler, bundle.tokenizer)
 
 
 class TrainingClient:
@@ -132,6 +136,32 @@ class TrainingClient:
 
     def get_tokenizer(self) -> Any:
         return self.bundle.tokenizer
+
+    def get_info(self) -> GetInfoResponse:
+        """The model's name, architecture, LoRA rank and parameter counts (Tinker's `get_info`;
+        the counts are our extension)."""
+        model = self.engine.model
+        params = list(model.parameters())
+        peft = getattr(model, "peft_config", None)
+        rank = int(next(iter(peft.values())).r) if peft else None
+        arch = getattr(getattr(model, "config", None), "model_type", None)
+        return GetInfoResponse(
+            model_data=ModelData(arch=arch, model_name=self.bundle.spec),
+            model_id=self.checkpoint_dir.name,
+            is_lora=rank is not None,
+            lora_rank=rank,
+            model_name=self.bundle.spec,
+            num_parameters=sum(p.numel() for p in params),
+            num_trainable_parameters=sum(p.numel() for p in params if p.requires_grad),
+        )
+
+    def get_weights(self) -> dict[str, Tensor]:
+        """The current weights by state-dict name, after every call submitted so far (our
+        extension, for publishing them to another process's `Sampler.load_weights`).
+
+        The tensors are the model's own storage, not copies: read them before submitting more
+        training calls, which change them in place."""
+        return self._worker.submit(lambda: dict(self.engine.model.state_dict())).result()
 
     def forward_backward(
         self,
@@ -226,7 +256,7 @@ class TrainingClient:
     def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
         """A sampling client on the current weights (after every call submitted so far)."""
         self._worker.submit(lambda: None).result()  # barrier: pending steps land first
-        return SamplingClient(self.engine, self.engine.sampler_model(), self.bundle)
+        return SamplingClient(self.engine.sampler(), self.bundle.tokenizer)
 
     def close(self) -> None:
         self._worker.shutdown()
@@ -241,18 +271,19 @@ class _Pending:
 
 
 class SamplingClient:
-    """Samples from one fixed set of weights, batching deferred requests into one KV-cached pass."""
+    """Samples from one fixed set of weights (any `Sampler`), batching deferred requests into one
+    pass of the sampler."""
 
-    def __init__(self, engine: Engine, model: nn.Module, bundle: ModelBundle) -> None:
-        self.engine = engine
-        self.model = model
-        self.bundle = bundle
-        self.version = engine.version
+    def __init__(self, sampler: Sampler, tokenizer: Any) -> None:
+        self.sampler = sampler
+        self.tokenizer = tokenizer
+        self.version = sampler.version
+        """The policy version of the weights, stamped on rollouts sampled here."""
         self._pending: list[_Pending] = []
         self._lock = threading.Lock()
 
     def get_tokenizer(self) -> Any:
-        return self.bundle.tokenizer
+        return self.tokenizer
 
     def sample(
         self,
@@ -265,7 +296,7 @@ class SamplingClient:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if include_prompt_logprobs:
             tokens = prompt.to_ints()
-            prompt_lp: list[float | None] = [None, *compute_logprobs(self.model, [tokens])[0]]
+            prompt_lp: list[float | None] = [None, *self.sampler.compute_logprobs([tokens])[0]]
             response = self._sample_now(tokens, num_samples, sampling_params)
             return completed(SampleResponse(response.sequences, prompt_logprobs=prompt_lp))
         future: concurrent.futures.Future[SampleResponse] = concurrent.futures.Future()
@@ -274,7 +305,7 @@ class SamplingClient:
         return APIFuture(future, on_wait=self.flush)
 
     def _sample_now(self, tokens: list[int], n: int, params: SamplingParams) -> SampleResponse:
-        sequences = self.engine.sample(self.model, [tokens], n, params)[0]
+        sequences = self.sampler.sample([tokens], n, params)[0]
         return SampleResponse(sequences=sequences)
 
     def flush(self) -> None:
@@ -287,7 +318,7 @@ class SamplingClient:
         for (n, _), requests in groups.items():
             params = requests[0].params
             try:
-                results = self.engine.sample(self.model, [r.prompt for r in requests], n, params)
+                results = self.sampler.sample([r.prompt for r in requests], n, params)
             except BaseException as error:  # delivered to every waiter, then re-raised
                 for r in requests:
                     r.future.set_exception(error)
@@ -297,5 +328,5 @@ class SamplingClient:
 
     def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
         """Teacher-forced logprob of every token of `prompt` (the first is None)."""
-        values = compute_logprobs(self.model, [prompt.to_ints()])[0]
+        values = self.sampler.compute_logprobs([prompt.to_ints()])[0]
         return completed([None, *values])

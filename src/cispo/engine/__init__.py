@@ -2,7 +2,9 @@
 
 - `engine.py`: `Engine` (forward_backward / optim_step / sample / state), collation of `Datum`s into
   padded tensors, metrics merging, engine state save/load.
-- `sampler.py`: the KV-cached HF sampler (`sample`, `compute_logprobs`).
+- `sampler.py`: the `Sampler` protocol (what the client, the async worker and the server sample
+  through) and its first implementation, `HFSampler`: the KV-cached HF sampler (`sample`,
+  `compute_logprobs`).
 
 `cispo.client` (in process) and `cispo.server` (over HTTP) both sit on it; nothing here imports
 them.
@@ -17,11 +19,13 @@ from cispo.engine.engine import (
     merge_metrics,
     save_engine_state,
 )
-from cispo.engine.sampler import compute_logprobs, sample
+from cispo.engine.sampler import HFSampler, Sampler, compute_logprobs, sample, weight_fingerprint
 
 __all__ = [
     "Engine",
     "EngineConfig",
+    "HFSampler",
+    "Sampler",
     "compute_logprobs",
     "freeze_heap",
     "load_engine_state",
@@ -29,4 +33,5 @@ __all__ = [
     "merge_metrics",
     "sample",
     "save_engine_state",
+    "weight_fingerprint",
 ]

@@ -32,14 +32,12 @@ from torch import Tensor, nn
 
 from cispo.checkpoint import load_checkpoint, save_named_state
 from cispo.engine.packing import micro_batches, token_logprobs
-from cispo.engine.sampler import sample
+from cispo.engine.sampler import HFSampler
 from cispo.losses import LossInputs, compute_loss, make_loss_config
 from cispo.types import (
     AdamParams,
     Datum,
     ForwardBackwardOutput,
-    SampledSequence,
-    SamplingParams,
     TensorData,
 )
 
@@ -219,7 +217,7 @@ class Engine:
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-12)
         self.sample_generator = torch.Generator().manual_seed(seed)
-        self._sampler: tuple[int, nn.Module] | None = None
+        self._sampler: HFSampler | None = None
 
     # ---------------------------------------------------------------- training
     def forward_backward(
@@ -334,35 +332,21 @@ class Engine:
     # ---------------------------------------------------------------- sampling
     def sampler_model(self) -> nn.Module:
         """A frozen copy of the current weights for sampling, refreshed when the version changes."""
-        if self._sampler is None or self._sampler[0] != self.version:
-            snapshot = copy.deepcopy(self.model).eval()
-            for p in snapshot.parameters():
-                p.requires_grad_(False)
-            self._sampler = (self.version, snapshot)
-        return self._sampler[1]
+        return self.sampler().model
 
-    def sample(
-        self,
-        model: nn.Module,
-        prompts: list[list[int]],
-        num_samples: int,
-        params: SamplingParams,
-    ) -> list[list[SampledSequence]]:
-        generator = (
-            torch.Generator().manual_seed(params.seed)
-            if params.seed is not None
-            else self.sample_generator
-        )
-        return sample(
-            model,
-            prompts,
-            num_samples,
-            params,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id,
-            generator=generator,
-            tokenizer=self.tokenizer,
-        )
+    def sampler(self) -> HFSampler:
+        """An `HFSampler` on a frozen copy of the current weights (one per version), drawing
+        unseeded samples from the engine's checkpointed generator."""
+        if self._sampler is None or self._sampler.version != self.version:
+            self._sampler = HFSampler(
+                copy.deepcopy(self.model),
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                tokenizer=self.tokenizer,
+                generator=self.sample_generator,
+                version=self.version,
+            )
+        return self._sampler
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:

@@ -6,6 +6,12 @@ whose cache is then repeated G times, then one token per step against a transfor
 pay for the rows still running. `compute_logprobs` is the
 teacher-forced counterpart (Tinker's `SamplingClient.compute_logprobs`).
 
+`Sampler` is the protocol everything above the engine samples through (the client's
+`SamplingClient`, the async worker, the server): sample, compute_logprobs, load_weights(source,
+version), fingerprint, close. `HFSampler` implements it with the two functions above on one frozen
+transformers model; other implementations (vLLM, sharded) plug in behind the same protocol, and
+tests/engine/test_sampler_protocol.py is the conformance test each must pass.
+
 The logprob of a sampled token is log softmax(logits / temperature)[token] in float32, which is what
 a trainer computes by running prompt + completion through the same model once. With left padding,
 an explicit attention mask and position ids counted from each row's first real token, padded rows
@@ -22,13 +28,131 @@ CUDA graphs, and per-row RNG streams (a row's sample depends on the whole batch 
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from collections.abc import Mapping
+from typing import Literal, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache, PretrainedConfig, PreTrainedTokenizerBase
 
 from cispo.types import SampledSequence, SamplingParams
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """One set of policy weights that samples completions and scores sequences.
+
+    Conventions every implementation keeps (the conformance test checks each):
+    - `sample(prompts [P][T_p], n, params)` returns [P][n] sequences, each with one float32
+      logprob per completion token, log softmax(logits / temperature)[token] over the full
+      vocabulary (the trainer's `forward` logprob, so on-policy ratios are 1); `stop_reason` is
+      "stop" when eos / a stop token / a stop string ended it, "length" when `max_tokens` did.
+      With `params.seed` set the result is a function of (weights, prompts, n, params).
+    - `compute_logprobs(sequences [N][T_i], temperature)` returns [N][T_i - 1]: the teacher-forced
+      logprob of tokens 1..T_i - 1, same convention.
+    - `load_weights(source, version)` replaces every weight by `source[name]` (the trainer's
+      state-dict names) and sets `version` (the policy version stamped on its samples).
+    - `fingerprint()` is `weight_fingerprint` of its weights: after an exact load it equals the
+      fingerprint of `source`.
+    - `close()` releases the weights; the sampler is unusable afterwards.
+    """
+
+    version: int
+
+    def sample(
+        self, prompts: list[list[int]], num_samples: int, params: SamplingParams
+    ) -> list[list[SampledSequence]]: ...
+
+    def compute_logprobs(
+        self, sequences: list[list[int]], *, temperature: float = 1.0
+    ) -> list[list[float]]: ...
+
+    def load_weights(self, source: Mapping[str, Tensor], version: int) -> None: ...
+
+    def fingerprint(self) -> float: ...
+
+    def close(self) -> None: ...
+
+
+def weight_fingerprint(state: Mapping[str, Tensor]) -> float:
+    """Sum of every entry in float64, in `state`'s order: equal on both sides of an exact copy."""
+    return float(sum(float(t.detach().double().sum()) for t in state.values()))
+
+
+class HFSampler:
+    """`Sampler` over one transformers model (frozen here: eval mode, no gradients), with the
+    KV-cached `sample` and `compute_logprobs` of this module.
+
+    `generator` draws the samples of requests without a seed (the engine passes its own, so that
+    it is checkpointed with the engine's state); `tokenizer` is needed only for stop strings.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        eos_token_id: int | None,
+        pad_token_id: int,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        generator: torch.Generator | None = None,
+        version: int = 0,
+    ) -> None:
+        self._model: torch.nn.Module | None = model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.tokenizer = tokenizer
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.version = version
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            raise RuntimeError("this sampler is closed")
+        return self._model
+
+    def sample(
+        self, prompts: list[list[int]], num_samples: int, params: SamplingParams
+    ) -> list[list[SampledSequence]]:
+        return sample(
+            self.model,
+            prompts,
+            num_samples,
+            params,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            generator=self.generator,
+            tokenizer=self.tokenizer,
+        )
+
+    def compute_logprobs(
+        self, sequences: list[list[int]], *, temperature: float = 1.0
+    ) -> list[list[float]]:
+        return compute_logprobs(self.model, sequences, temperature=temperature)
+
+    def load_weights(self, source: Mapping[str, Tensor], version: int) -> None:
+        """Copy `source` into the model in place (every key, matching shapes: else an error that
+        names them, and nothing is loaded)."""
+        model = self.model
+        own = model.state_dict()
+        missing, extra = sorted(own.keys() - source.keys()), sorted(source.keys() - own.keys())
+        wrong = [k for k in own.keys() & source.keys() if own[k].shape != source[k].shape]
+        if missing or extra or wrong:
+            raise ValueError(
+                f"load_weights: the source does not fit this model (missing {missing[:3]}, "
+                f"unexpected {extra[:3]}, wrong shape {sorted(wrong)[:3]})"
+            )
+        with torch.no_grad():
+            for name, tensor in own.items():
+                tensor.copy_(source[name])
+        self.version = version
+
+    def fingerprint(self) -> float:
+        return weight_fingerprint(self.model.state_dict())
+
+    def close(self) -> None:
+        self._model = None
 
 
 def sample(

@@ -6,10 +6,7 @@ importance-sampling correction on, CISPO weights clipped to [1 - 1.0, 1 + 5.0] =
 arithmetic task: a sampler worker process generates batch k+1 with weights one trainer step old
 while the trainer makes two optimizer steps on batch k, anchored on recomputed old logprobs
 (`loss.anchor="old"`), with truncated IS exp(old − sampler) ≤ 2 on the stale tokens. One torch
-thread for the trainer and one for the worker: the two cores of the reference machine. The worker
-also computes part of the first minibatch's gradient (balanced per batch from its token counts,
-about a third) and the recomputed old logprobs of the datums it holds (`worker_grad_share`: the
-same update, split over the two processes; docs/async.md).
+thread for the trainer and one for the worker: the two cores of the reference machine.
 """
 
 from dataclasses import replace
@@ -29,7 +26,5 @@ def recipe() -> TrainConfig:
             max_staleness=1,
             correction="tis",
             worker_threads=1,
-            worker_grad_share=0.5,
-            worker_grad_split="tokens",
         ),
     )

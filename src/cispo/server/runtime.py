@@ -2,7 +2,8 @@
 
 Each trained model is a `cispo.engine.engine.Engine` (the same engine the in-process client drives:
 no second loss or sampler here) with its own `ModelSequencer`, so its requests run in seq_id order
-on its own thread. Sampling goes through `cispo.engine.sampler.sample` on one sampling thread,
+on its own thread. Sampling goes through a `cispo.engine.sampler.Sampler` (`HFSampler`) on one
+sampling thread,
 which batches every queued request with the same (sampler, num_samples, params) into one
 KV-cached pass.
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from cispo.engine.engine import Engine, EngineConfig
-from cispo.engine.sampler import compute_logprobs, sample
+from cispo.engine.sampler import HFSampler
 from cispo.losses import make_loss_config, required_inputs
 from cispo.models import TINY, apply_lora, load_bundle
 from cispo.server.futures import FutureTable, ModelSequencer, Result, UserError
@@ -122,11 +123,8 @@ class SamplerSession:
     sampler_id: str
     base_model: str
     model_path: str | None
-    model: nn.Module
+    sampler: HFSampler
     tokenizer: Any
-    eos_token_id: int | None
-    pad_token_id: int
-    generator: torch.Generator
     vocab_size: int
 
 
@@ -445,11 +443,14 @@ class Backend:
             sampler_id=sampler_id,
             base_model=base_model,
             model_path=model_path,
-            model=model,
+            sampler=HFSampler(
+                model,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=int(tokenizer.pad_token_id or 0),
+                tokenizer=tokenizer,
+                generator=torch.Generator().manual_seed(seed),
+            ),
             tokenizer=tokenizer,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=int(tokenizer.pad_token_id or 0),
-            generator=torch.Generator().manual_seed(seed),
             vocab_size=_vocab_size(model),
         )
 
@@ -500,15 +501,8 @@ class Backend:
             first = group[0]
             s = first.sampler
             try:
-                results = sample(
-                    s.model,
-                    [j.prompt for j in group],
-                    first.num_samples,
-                    first.params,
-                    eos_token_id=s.eos_token_id,
-                    pad_token_id=s.pad_token_id,
-                    generator=s.generator,
-                    tokenizer=s.tokenizer,
+                results = s.sampler.sample(
+                    [j.prompt for j in group], first.num_samples, first.params
                 )
                 encoded = [
                     encode_sample_response(seqs, self._prompt_logprobs(j))
@@ -525,7 +519,7 @@ class Backend:
     def _prompt_logprobs(job: _SampleJob) -> list[float | None] | None:
         if not job.prompt_logprobs:
             return None
-        values: list[float | None] = [None, *compute_logprobs(job.sampler.model, [job.prompt])[0]]
+        values: list[float | None] = [None, *job.sampler.sampler.compute_logprobs([job.prompt])[0]]
         if job.prompt_logprobs_last_n is not None:
             cut = len(values) - job.prompt_logprobs_last_n
             values = [None if i < cut else v for i, v in enumerate(values)]

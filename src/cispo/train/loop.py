@@ -1,27 +1,34 @@
-"""The RL loop: sample → reward → advantages → datums → CISPO updates → metrics → checkpoint.
+"""The RL loop: rollout batch → CISPO updates → metrics → checkpoint, over a rollout source.
 
 Written only against the Tinker-style client API (`cispo.client`), like tinker-cookbook's
 `recipes/rl_loop.py`, so the same loop can drive a remote server. One run = an optional supervised
 warm start (cross_entropy on the task's answers, so that a random model gets some reward), then
-`rl.steps` rollout batches. Each batch is sampled from the current weights; `rl.epochs ×
-rl.minibatches` optimizer steps follow, and every step after the first of a batch is off-policy: the
-ratio is anchored on `old_logprobs`, which equal the sampler's logprobs (the sampler is numerically
-the trainer here; set `rl.recompute_old_logprobs` when it is not).
+`rl.steps` rollout batches, each followed by `rl.epochs × rl.minibatches` optimizer steps
+(`cispo.train.update.train_on_rollout`).
 
-Deliberately left out: multi-turn environments and a value function (GAE). The stages live in
-`rollouts.py`, `warm_start.py` and `evaluate.py`; async generation is `async_loop.py`.
+The batches come from a `cispo.rollout.source.RolloutSource`: the in-process source samples each
+with the current weights (lag 0, the synchronous loop); with `asynchronous.enabled` the worker
+source (`cispo.asynchronous.source.WorkerSource`) gets them from a sampler worker process running
+up to `asynchronous.max_staleness` rounds ahead (docs/async.md). Everything else (set-up, warm
+start, evaluation, logging, checkpoints, the staleness check and lag statistics, the summary) is
+the same code for both: synchronous training is lag 0 of this loop.
+
+Deliberately left out: multi-turn environments and a value function (GAE).
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cispo.asynchronous.source import WorkerSource
+from cispo.asynchronous.staleness import LagStats, StalenessGate
 from cispo.checkpoint import latest_named_state
 from cispo.client import ServiceClient
 from cispo.client.service import TrainingClient
@@ -29,7 +36,8 @@ from cispo.config import TrainConfig
 from cispo.configs import config_to_dict
 from cispo.engine.engine import EngineConfig, freeze_heap
 from cispo.logging import Progress, RunLogger
-from cispo.rollout.rollouts import Rollout, collect_rollout, sample_rows
+from cispo.rollout.rollouts import Rollout, sample_rows
+from cispo.rollout.source import InProcessSource, RolloutSource
 from cispo.tasks import Problem, Task, make_task
 from cispo.train.evaluate import evaluate
 from cispo.train.update import train_on_rollout
@@ -42,6 +50,16 @@ class RunSummary:
     accuracy_start: float
     accuracy_end: float
     seconds: float
+    lag_mean: float = 0.0
+    """Token-weighted mean lag (trainer version − sampling version) over the run."""
+    lag_max: int = 0
+    """Largest lag of any token trained on."""
+    discarded: int = 0
+    """Batches refused by the staleness check and resampled in process (pacing keeps it 0)."""
+    trainer_wait_s: float = 0.0
+    """Time the trainer waited for batches (in process: all of the sampling and scoring)."""
+    generator_wait_s: float = 0.0
+    """Time the sampler worker was paused by the staleness gate (in process: 0)."""
 
 
 @dataclass
@@ -100,7 +118,8 @@ class OpenRun:
 
 def open_run(config: TrainConfig, *, resume: bool, echo: Callable[[str], None]) -> OpenRun:
     """Threads and seeds, the task, a training client on the model, the logger; on `resume`, the
-    latest checkpoint's weights, optimizer and step, else a fresh `config.json`."""
+    latest checkpoint's weights, optimizer and step (refused, before anything changes, if the
+    config changes the run's trajectory: `check_resume_config`), else a fresh `config.json`."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     torch.manual_seed(config.run.seed)
@@ -115,74 +134,169 @@ def open_run(config: TrainConfig, *, resume: bool, echo: Callable[[str], None]) 
         engine_config=EngineConfig(micro_batch_size=config.rl.micro_batch_size),
         model_overrides=config.model.overrides(),
     )
+    latest = latest_named_state(training.checkpoint_dir) if resume else None
+    saved = run_dir / "config.json"
+    data = config_to_dict(config)
+    if latest is not None and saved.exists():
+        try:
+            check_resume_config(json.loads(saved.read_text()), data)
+        except ValueError:
+            training.close()
+            raise
     logger = RunLogger(
         run_dir, tensorboard=config.run.tensorboard, wandb_project=config.run.wandb_project
     )
     start, state = 0, {}
-    latest = latest_named_state(training.checkpoint_dir) if resume else None
     if latest is not None:
         state = training.load_state(str(latest)).result()
         start = int(state["step"])
         logger.resume(start)
         echo(f"resumed from {latest} at step {start}")
-    else:
-        (run_dir / "config.json").write_text(config_json(config_to_dict(config)))
+    if latest is None or not saved.exists():
+        saved.write_text(json.dumps(data, indent=2, sort_keys=True))
     test = task.problems("test", seed=config.run.seed, n=config.eval.num_problems)
     freeze_heap()
     return OpenRun(run_dir, task, training, logger, start, state, test)
+
+
+RESUME_MAY_CHANGE = {
+    "run.dir": "where the run lives, not what it computes",
+    "run.threads": "torch threads: float summation order only, not the data or the schedule",
+    "rl.micro_batch_size": "sequences per forward pass: float summation order only",
+    "run.tensorboard": "a logging sink",
+    "run.wandb_project": "a logging sink",
+    "run.checkpoint_every": "which checkpoints are written (resume is exact from any)",
+    "run.keep_last": "which checkpoints are kept",
+    "eval.every": "held-out evaluation: fixed seeds, reads no training state or RNG",
+    "eval.num_problems": "held-out evaluation: fixed seeds, reads no training state or RNG",
+    "eval.pass_k": "held-out evaluation: fixed seeds, reads no training state or RNG",
+    "asynchronous.worker_threads": "the sampler worker's torch threads (summation order only)",
+    "asynchronous.worker_timeout_s": "a time-out, not a computation",
+    "asynchronous.canary_threshold": "a check of the weight sync, not a computation",
+    "asynchronous.probe_size": "a check of the weight sync, not a computation",
+}
+"""Config fields a resumed run may change, and why none of them changes the trajectory (the
+batches, the updates, the learning rates). Every other field must equal the run's config.json."""
+
+
+def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Raise ValueError naming every field (dotted) whose value in `current` differs from the
+    run's saved config, except `RESUME_MAY_CHANGE`. Fields the saved config lacks count as
+    changed; fields only the saved config has (removed from the program since) are ignored."""
+    changed = [
+        f"{key}: {old!r} -> {new!r}"
+        for key, new in _flatten(current).items()
+        if key not in RESUME_MAY_CHANGE and (old := _flatten(saved).get(key, "<absent>")) != new
+    ]
+    if changed:
+        raise ValueError(
+            "resuming with a config that changes the run's trajectory (compared with its "
+            "config.json): " + "; ".join(changed) + ". Resume with the run's own config, or "
+            f"start a new run directory. Fields that may change: {', '.join(RESUME_MAY_CHANGE)}"
+        )
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def train(
     config: TrainConfig, *, resume: bool = False, echo: Callable[[str], None] = print
 ) -> RunSummary:
     """Run (or resume) the whole job described by `config`."""
-    if config.asynchronous.enabled:
-        from cispo.train.async_loop import train_async  # it imports this module
-
-        return train_async(config, resume=resume, echo=echo)
+    run = config.asynchronous
+    if run.correction != "none" and config.loss.anchor != "old":
+        raise ValueError(
+            f"asynchronous.correction={run.correction!r} needs loss.anchor='old': "
+            "with the sampler anchor the ratio already contains exp(old − sampler)"
+        )
     started = time.perf_counter()
-    run = open_run(config, resume=resume, echo=echo)
-    run_dir, task, training, logger = run.run_dir, run.task, run.training, run.logger
-    start, rl = run.start, config.rl
+    opened = open_run(config, resume=resume, echo=echo)
+    training, rl = opened.training, config.rl
     echo(describe_plan(config, training))
-    first = run.warm_start_and_evaluate(config, echo)
-    last = first
-    progress = Progress(
-        rl.steps, initial=start, desc="CISPO" if config.loss.name == "cispo" else config.loss.name
-    )
-    for step in range(start, rl.steps):
-        t = time.perf_counter()
-        rollout = collect_rollout(
-            training.save_weights_and_get_sampling_client(), task, step, config
+    in_process = InProcessSource(training, opened.task, config)
+    source: RolloutSource = in_process
+    try:
+        if run.enabled:  # started before the warm start: its start-up overlaps it
+            source = WorkerSource(training, opened.task, config, start=opened.start)
+        echo(source.describe())
+        first = opened.warm_start_and_evaluate(config, echo)
+        last = first
+        gate, lags = StalenessGate(source.max_staleness), LagStats(source.max_staleness)
+        source.after_step(opened.start)
+        rl_started, waits, generator_waits = time.perf_counter(), 0.0, 0.0
+        name = "CISPO" if config.loss.name == "cispo" else config.loss.name
+        progress = Progress(
+            rl.steps,
+            initial=opened.start,
+            desc=f"{name} (lag ≤ {source.max_staleness})" if source.max_staleness else name,
         )
-        metrics = rollout.metrics | train_on_rollout(training, rollout, config)
-        metrics["time/step"] = time.perf_counter() - t
-        last = run.end_step(config, step + 1, metrics, rollout) or last
-        progress.update(
-            {
-                "reward": metrics["reward/mean"],
-                "acc": metrics["reward/accuracy"],
-                "s/step": metrics["time/step"],
-            }
-        )
-    progress.close()
-    logger.plot()
-    logger.close()
-    training.close()
+        for step in range(opened.start, rl.steps):
+            t = time.perf_counter()
+            rollout = source.next(step)
+            wait = time.perf_counter() - t
+            if not gate.admits(step, rollout.version):  # pacing makes this unreachable; counted
+                lags.discarded += 1
+                rollout = in_process.next(step)
+            lag = step - rollout.version
+            metrics = rollout.metrics | train_on_rollout(training, rollout, config, lag=lag)
+            metrics |= source.after_step(step + 1)
+            metrics |= lags.add(step, [(rollout.version, int(rollout.metrics["rl/tokens"]))])
+            metrics["time/wait_for_batch"] = wait
+            waits += wait
+            generator_waits += rollout.metrics.get("time/generator_wait", 0.0)
+            metrics["time/step"] = time.perf_counter() - t
+            if step + 1 == rl.steps:
+                metrics |= {
+                    "staleness/run_lag_mean": lags.mean,
+                    "staleness/run_lag_max": float(lags.max),
+                    "time/rl_steps_per_s": (rl.steps - opened.start)
+                    / (time.perf_counter() - rl_started),
+                }
+            last = opened.end_step(config, step + 1, metrics, rollout) or last
+            progress.update(
+                {
+                    "reward": metrics["reward/mean"],
+                    "acc": metrics["reward/accuracy"],
+                    "lag": lag,
+                    "s/step": metrics["time/step"],
+                }
+            )
+        progress.close()
+        opened.logger.plot()
+    finally:
+        source.close()
+        training.close()
+        opened.logger.close()
     summary = RunSummary(
-        rl.steps, first["eval/accuracy"], last["eval/accuracy"], time.perf_counter() - started
+        rl.steps,
+        first["eval/accuracy"],
+        last["eval/accuracy"],
+        time.perf_counter() - started,
+        lag_mean=lags.mean,
+        lag_max=lags.max,
+        discarded=lags.discarded,
+        trainer_wait_s=waits,
+        generator_wait_s=generator_waits,
     )
     echo(
         f"held-out greedy accuracy: {summary.accuracy_start:.1%} -> {summary.accuracy_end:.1%} "
-        f"in {summary.seconds:.0f} s; run directory: {run_dir}"
+        f"in {summary.seconds:.0f} s; lag mean {summary.lag_mean:.2f}, max {summary.lag_max} "
+        f"(bound {source.max_staleness}), {summary.discarded} batch(es) discarded; trainer "
+        f"waited {waits:.1f} s for batches; run directory: {opened.run_dir}"
     )
     return summary
 
 
 def describe_plan(config: TrainConfig, training: TrainingClient) -> str:
-    rl = config.rl
-    params = sum(p.numel() for p in training.engine.model.parameters())
-    trainable = sum(p.numel() for p in training.engine.model.parameters() if p.requires_grad)
+    rl, info = config.rl, training.get_info()
+    params, trainable = info.num_parameters, info.num_trainable_parameters
     return "\n".join(
         [
             f"model: {config.model.base_model} ({params / 1e6:.2f}M parameters, "
@@ -198,9 +312,3 @@ def describe_plan(config: TrainConfig, training: TrainingClient) -> str:
             f"run directory: {config.run.dir}",
         ]
     )
-
-
-def config_json(data: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(data, indent=2, sort_keys=True)

@@ -4,65 +4,67 @@ training client (the second stage of an RL step; `cispo.rollout` is the first)."
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from cispo.client import AdamParams, TrainingClient
 from cispo.config import TrainConfig
 from cispo.rollout.rollouts import Rollout, minibatch_size, output_logprobs, with_old_logprobs
 
-FirstStep = Callable[[list[Any]], tuple[list[Any], dict[str, float]]]
-"""Accumulates the gradient of a round's first minibatch some other way (the async loop's
-gradient share): given the round's datums, returns them with any recomputed `old_logprobs` and
-the metrics of that first forward/backward."""
-
 
 def train_on_rollout(
-    training: TrainingClient,
-    rollout: Rollout,
-    config: TrainConfig,
-    *,
-    loss_fn_config: dict[str, Any] | None = None,
-    first_step: FirstStep | None = None,
+    training: TrainingClient, rollout: Rollout, config: TrainConfig, *, lag: int = 0
 ) -> dict[str, float]:
     """`rl.epochs × rl.minibatches` optimizer steps on one rollout batch; returns metrics.
 
-    `loss_fn_config` replaces `config.loss.loss_fn_config()` (the async loop adds corrections).
-    `first_step`, when given, is called once (even for an empty batch) instead of the old-logprob
-    recompute and the first minibatch's forward/backward.
+    `lag`: trainer version − the version that sampled the batch (0: on-policy). A stale batch gets
+    old logprobs recomputed at the current weights when `recomputes_old_logprobs` says so; the
+    loss is `loss_fn_config(config)`, the configured loss plus any train-vs-sampler correction.
     """
     rl, datums = config.rl, list(rollout.datums)
-    if loss_fn_config is None:
-        loss_fn_config = config.loss.loss_fn_config()
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
-    first: dict[str, float] | None = None
-    if first_step is not None:
-        datums, first = first_step(datums)
-    elif datums and rl.recompute_old_logprobs:
+    if datums and recomputes_old_logprobs(config, lag):
         old = training.forward(datums, "cross_entropy", temperature=config.sampling.temperature)
         datums = with_old_logprobs(datums, output_logprobs(old.result().loss_fn_outputs))
     if datums:
         adam = adam_params(config, rollout.step)
+        loss_config = loss_fn_config(config)
         per = minibatch_size(len(datums), config)
         for epoch in range(rl.epochs):
             for start in range(0, len(datums), per):
-                shared = first is not None and epoch == 0 and start == 0
-                fwd = None  # the first step's gradient is already accumulated when `shared`
-                if not shared:
-                    fwd = training.forward_backward(
-                        datums[start : start + per],
-                        config.loss.name,
-                        loss_fn_config,
-                        temperature=config.sampling.temperature,
-                    )
+                fwd = training.forward_backward(
+                    datums[start : start + per],
+                    config.loss.name,
+                    loss_config,
+                    temperature=config.sampling.temperature,
+                )
                 opt = training.optim_step(adam)
                 if epoch == 0 and start == 0:
-                    out = first if fwd is None else fwd.result().metrics
-                    metrics |= {k.replace(":sum", ""): v for k, v in (out or {}).items()}
+                    out = fwd.result().metrics
+                    metrics |= {k.replace(":sum", ""): v for k, v in out.items()}
                 metrics |= opt.result().metrics or {}
     metrics["time/train"] = time.perf_counter() - t0
     return metrics
+
+
+def loss_fn_config(config: TrainConfig) -> dict[str, Any]:
+    """The loss config of every update: `config.loss`'s plus the train-vs-sampler correction
+    `asynchronous.correction` (TIS/MIS on exp(old − sampler); exactly 1 where old = sampler)."""
+    out = config.loss.loss_fn_config()
+    run = config.asynchronous
+    if run.correction != "none":
+        out |= {"correction": run.correction, "correction_ratio_max": run.correction_ratio_max}
+    return out
+
+
+def recomputes_old_logprobs(config: TrainConfig, lag: int) -> bool:
+    """Whether a batch trained `lag` versions after it was sampled gets fresh `old_logprobs`:
+    always with `rl.recompute_old_logprobs`; for a stale batch with
+    `asynchronous.recompute_old_logprobs` and the old anchor."""
+    run = config.asynchronous
+    return config.rl.recompute_old_logprobs or (
+        lag > 0 and run.recompute_old_logprobs and config.loss.anchor == "old"
+    )
 
 
 def adam_params(config: TrainConfig, step: int) -> AdamParams:
