@@ -102,6 +102,7 @@ def main(out_dir: Path) -> None:
     export = export_engine_hf(resumed, out_dir / "hf")
     every_rank_draws = cispo.distributed.gather_objects(saved_draws)
     refusals = cispo.distributed.gather_objects(refused)
+    rng_back = cispo.distributed.gather_objects(loaded.rng_restored and loaded_draws == saved_draws)
     if rank == 0:
         from transformers import AutoModelForCausalLM
 
@@ -118,7 +119,7 @@ def main(out_dir: Path) -> None:
             optimizer_steps=float(max(v for k, v in whole_optim.items() if k.endswith("step."))),
             version=resumed.version,
             trainer_state=loaded.trainer_state,
-            rng_restored=loaded.rng_restored and loaded_draws == saved_draws,
+            rng_restored_on_every_rank=all(rng_back),
             ranks_rng_differ=every_rank_draws[0] != every_rank_draws[1],
             overwrite_refused_on_every_rank=all(refusals),
             hf_files=sorted(p.name for p in export.iterdir()),

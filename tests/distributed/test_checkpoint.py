@@ -37,7 +37,7 @@ def test_sharded_resume_is_bitwise_identical_to_an_uninterrupted_run(
 
 def test_every_ranks_rng_is_restored_from_its_own_file(results: dict[str, Any]) -> None:
     assert results["ranks_rng_differ"]
-    assert results["rng_restored"]
+    assert results["rng_restored_on_every_rank"]
 
 
 def test_saving_over_an_existing_checkpoint_is_refused_on_every_rank(
