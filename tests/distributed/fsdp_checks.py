@@ -1,8 +1,9 @@
-"""Launched by test_fsdp_engine.py: `torchrun --nproc-per-node 2 fsdp_checks.py OUT.json`.
+"""Launched by test_fsdp_engine.py: `torchrun --nproc-per-node 2 fsdp_checks.py OUT.json [W.pt]`.
 
 Rank 0 first trains single-process references (no process group yet: the engine's plain path),
 then every rank joins the group and trains the same steps on its share of each batch. Rank 0
-writes the differences to OUT.json; the test reads them and applies the tolerances.
+writes the differences to OUT.json; the test reads them and applies the tolerances. With W.pt,
+rank 0 also saves the final weights of every case there (the two-node test compares them).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def metric_diffs(ref: list[dict[str, float]], got: list[dict[str, float]]) -> di
     return out
 
 
-def main(out_path: Path) -> None:
+def main(out_path: Path, weights_path: Path | None) -> None:
     import os
 
     rank = int(os.environ["RANK"])
@@ -92,6 +93,7 @@ def main(out_path: Path) -> None:
     info = cispo.distributed.init_from_env()
     assert info.world_size == 2 and cispo.distributed.active()
     results: dict[str, Any] = {"backend": info.backend, "cases": {}}
+    finals: dict[str, dict[str, torch.Tensor]] = {}
 
     for family, tied, reduction, clip in CASES:
         engine = tiny_engine(family, tied=tied, micro_batch_size=MICRO)
@@ -106,6 +108,7 @@ def main(out_path: Path) -> None:
             for b in batches()
         ]
         tokens = cispo.distributed.gather_objects(local_tokens)
+        finals[f"{family}/{reduction}"] = weights
         if rank == 0:
             start, final, ref_history, ref_grads = refs[f"{family}/{reduction}"]
             results["cases"][f"{family}/{reduction}"] = {
@@ -168,9 +171,11 @@ def main(out_path: Path) -> None:
             "forward_only_left_no_grads": no_grads,
         }
         out_path.write_text(json.dumps(results, indent=1))
+        if weights_path is not None:
+            torch.save(finals, weights_path)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)
