@@ -3,6 +3,8 @@
 - `engine.py`: `Engine` (forward_backward / optim_step / sample / state), collation of `Datum`s into
   padded tensors, metrics merging, engine state save/load.
 - `sampler.py`: the KV-cached HF sampler (`sample`, `compute_logprobs`).
+- `sharded_state.py`: an engine's state as a sharded DCP checkpoint, and the HF export, under
+  torchrun (`cispo.distributed`; docs/distributed.md).
 
 `cispo.client` (in process) and `cispo.server` (over HTTP) both sit on it; nothing here imports
 them.

@@ -15,6 +15,10 @@ Contracts:
 - The loss mask of a datum is `loss_fn_inputs["mask"]` if given, else `weights > 0` if given, else
   every position of the datum (Tinker's semantics, where masking is done by zero advantages or
   weights).
+- Under a process group (torchrun, `cispo.distributed`), each rank passes its share of the datums;
+  the model is sharded with FSDP2, the normalisers are summed over the ranks and the merged
+  metrics are the same on every rank, so the gradient is the single-process one
+  (docs/distributed.md).
 """
 
 from __future__ import annotations
