@@ -139,6 +139,16 @@ def main(out_path: Path, weights_path: Path | None) -> None:
     if rank == 0:
         results["per_rank_mean_weight_diff"] = max_diff(weights, refs["llama/token_mean"][1])
 
+    # Ranks that built different initial weights are refused on every rank, before sharding.
+    try:
+        tiny_engine("llama", seed=rank)
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
+    refusals = cispo.distributed.gather_objects(refused)
+    if rank == 0:
+        results["different_weights_refusals"] = refusals
+
     # The fused logprob path through the FSDP root: values and gradients against the naive
     # single-process reference.
     engine = tiny_engine("llama", micro_batch_size=MICRO, fused_logprobs=True)

@@ -84,3 +84,11 @@ def test_fused_logprobs_through_the_fsdp_root_equal_the_naive_single_process_pat
     assert fused["forward_only_diff"] <= 1e-5
     assert fused["grad_diff"] <= 1e-6 * max(1.0, fused["grad_scale"])
     assert fused["forward_only_left_no_grads"]
+
+
+def test_ranks_with_different_initial_weights_are_refused_on_every_rank(
+    results: dict[str, Any],
+) -> None:
+    refusals = results["different_weights_refusals"]
+    assert len(refusals) == 2
+    assert all("rank 1 holds different initial weights from rank 0" in r for r in refusals)

@@ -27,7 +27,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from cispo.distributed.group import active, current_world_size
 from cispo.ops import model_token_logprobs
 
-__all__ = ["TokenLogprobs", "decoder_layers", "shard_model"]
+__all__ = ["TokenLogprobs", "check_same_weights", "decoder_layers", "shard_model"]
 
 
 class TokenLogprobs(nn.Module):
@@ -80,6 +80,33 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
+def check_same_weights(model: nn.Module, device: torch.device) -> None:
+    """Refuse, on every rank, to shard models whose ranks hold different weights.
+
+    `fully_shard` keeps each rank's slice of its *own* local model and broadcasts nothing, so ranks
+    that built their models from different seeds would train an inconsistent patchwork. One
+    all-gather of (Σ w, Σ |w|) per parameter, float64, compared exactly (the same weights give
+    the same sums bit for bit).
+    """
+    named = list(model.named_parameters())
+    local = torch.stack(
+        [
+            torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()])
+            for _, p in named
+        ]
+    ).to(device)  # [P, 2]
+    table = [torch.empty_like(local) for _ in range(current_world_size())]
+    torch.distributed.all_gather(table, local)
+    for r, other in enumerate(table[1:], start=1):
+        differs = (other != table[0]).any(dim=1).nonzero()
+        if len(differs):
+            name = named[int(differs[0])][0]
+            raise ValueError(
+                f"rank {r} holds different initial weights from rank 0 (first: {name!r}): build "
+                "the model identically on every rank (same seed, same files) before sharding"
+            )
+
+
 def shard_model(model: nn.Module, *, bf16: bool = False) -> TokenLogprobs:
     """Shard `model` in place over the current process group; return the FSDP root to call.
 
@@ -92,6 +119,7 @@ def shard_model(model: nn.Module, *, bf16: bool = False) -> TokenLogprobs:
     device_type = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
     if bf16 and device_type != "cuda":
         raise ValueError("bf16 mixed precision is for CUDA (nccl) only; on CPU/gloo use float32")
+    check_same_weights(model, torch.device(device_type))
     mesh = init_device_mesh(device_type, (current_world_size(),))
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
