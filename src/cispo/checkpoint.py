@@ -21,7 +21,8 @@ reader restores them as the same tensor, so `model.load_state_dict` sees every k
 `save_named_state(root, name, ...)` / `latest_named_state(root)` are the same machinery under
 any directory and name (the Tinker-style `TrainingClient.save_state(name)`).
 
-Left out: sharded (multi-rank) checkpoints and async writes; one process writes.
+Left out: async writes; one process writes. Sharded (multi-rank) checkpoints are
+`cispo.distributed.checkpoint` (DCP).
 """
 
 from __future__ import annotations

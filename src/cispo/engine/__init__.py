@@ -5,6 +5,8 @@
 - `sampler.py`: the `Sampler` protocol (what the client, the async worker and the server sample
   through) and its first implementation, `HFSampler`: the KV-cached HF sampler (`sample`,
   `compute_logprobs`).
+- `sharded_state.py`: an engine's state as a sharded DCP checkpoint, and the HF export, under
+  torchrun (`cispo.distributed`; docs/distributed.md).
 
 `cispo.client` (in process) and `cispo.server` (over HTTP) both sit on it; nothing here imports
 them.

@@ -15,6 +15,10 @@ Contracts:
 - The loss mask of a datum is `loss_fn_inputs["mask"]` if given, else `weights > 0` if given, else
   every position of the datum (Tinker's semantics, where masking is done by zero advantages or
   weights).
+- Under a process group (torchrun, `cispo.distributed`), each rank passes its share of the datums;
+  the model is sharded with FSDP2, the normalisers are summed over the ranks and the merged
+  metrics are the same on every rank, so the gradient is the single-process one
+  (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cispo import distributed
 from cispo.checkpoint import load_checkpoint, save_named_state
 from cispo.engine.packing import micro_batches, token_logprobs
 from cispo.engine.sampler import HFSampler
 from cispo.losses import LossInputs, compute_loss, make_loss_config
+from cispo.ops import FusedLogprobOutput
 from cispo.types import (
     AdamParams,
     Datum,
@@ -63,6 +69,9 @@ class EngineConfig:
     packed_row_tokens: int | None = None
     """With shared_prefix: pack consecutive groups into one row up to this many tokens (None: one
     group per row)."""
+    bf16: bool = False
+    """Under a process group on CUDA (NCCL): FSDP2 mixed precision, bf16 compute and fp32
+    gradient reduction (`cispo.distributed.fsdp`). Refused without one and on CPU."""
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:
@@ -210,6 +219,17 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
+        # Under a process group the model is sharded in place with FSDP2 and scored through this
+        # root module (docs/distributed.md); without one, None and nothing changes.
+        self._sharded: distributed.TokenLogprobs | None = None
+        if distributed.active():
+            if self.config.shared_prefix:
+                raise ValueError(
+                    "EngineConfig.shared_prefix=True is not supported under a process group yet"
+                )
+            self._sharded = distributed.shard_model(model, bf16=self.config.bf16)
+        elif self.config.bf16:
+            raise ValueError("EngineConfig.bf16=True needs a process group on CUDA (torchrun)")
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.version = 0
@@ -248,17 +268,27 @@ class Engine:
         seqs_total = nonempty if num_sequences is None else num_sequences
         self.model.train(not forward_only)
         size = self.config.micro_batch_size
+        plan = micro_batches(
+            full.input_ids, full.lengths, full.loss_mask, size, shared=self.config.shared_prefix
+        )
+        # Under a process group, the normalisers are summed over the ranks (each rank's datums,
+        # or its `num_tokens`/`num_sequences`, are its share of the step) and every rank runs as
+        # many micro-batches as the busiest one: the extra ones score datum 0 with weight 0, so
+        # each rank joins the same FSDP collectives. The loss is multiplied by the world size
+        # because FSDP averages gradients over the ranks. Without one, all of this is the identity.
+        tokens_total, seqs_total, steps = distributed.all_reduce_totals(
+            tokens_total, seqs_total, len(plan)
+        )
+        world = distributed.current_world_size()
         outputs: list[dict[str, TensorData]] = []
         parts: list[tuple[float, Mapping[str, float]]] = []
         loss_sum = 0.0
-        shared = self.config.shared_prefix
-        for start, stop, groups in micro_batches(
-            full.input_ids, full.lengths, full.loss_mask, size, shared=shared
-        ):
+        for index in range(steps):
+            padding = index >= len(plan)
+            start, stop, groups = (0, 1, None) if padding else plan[index]
             part = _rows(full, start, stop)
             with torch.set_grad_enabled(not forward_only):
-                scored = token_logprobs(
-                    self.model,
+                scored = self._token_logprobs(
                     part.input_ids,
                     part.attention_mask,
                     part.targets,
@@ -285,7 +315,10 @@ class Engine:
                     inputs, config, num_tokens=tokens_total, num_sequences=seqs_total
                 )
                 if not forward_only:
-                    out.loss.backward()  # type: ignore[no-untyped-call]
+                    loss = out.loss if world == 1 else out.loss * (0.0 if padding else world)
+                    loss.backward()  # type: ignore[no-untyped-call]
+            if padding:
+                continue
             loss_sum += float(out.loss.detach())
             part_metrics = dict(out.metrics)
             if "logprobs" in part.fields and bool(part.loss_mask.any()):
@@ -293,12 +326,41 @@ class Engine:
             parts.append((float(part.loss_mask.sum()), part_metrics))
             for i, n in enumerate(part.lengths):
                 outputs.append({"logprobs": TensorData.from_torch(logprobs[i, :n].detach())})
+        seen = float(full.loss_mask.sum())
+        if world > 1:  # every rank's micro-batch metrics, merged as one process would
+            ranks = distributed.gather_objects((parts, loss_sum, seen))
+            parts = [p for rank_parts, _, _ in ranks for p in rank_parts]
+            loss_sum, seen = sum(r[1] for r in ranks), sum(r[2] for r in ranks)
         metrics = merge_metrics(parts)
         metrics["loss:sum"] = loss_sum
-        metrics["train/num_tokens"] = float(full.loss_mask.sum())
+        metrics["train/num_tokens"] = seen
         return ForwardBackwardOutput(
             loss_fn_output_type="target_token_logprobs", loss_fn_outputs=outputs, metrics=metrics
         )
+
+    def _token_logprobs(
+        self,
+        *args: Any,
+        groups: Sequence[int] | None,
+        row_tokens: int | None,
+        **kwargs: Any,
+    ) -> FusedLogprobOutput:
+        """Token logprobs of a micro-batch: `cispo.engine.packing.token_logprobs` (packed rows when
+        `groups` is given), or the FSDP root when sharded (padded rows only, for now)."""
+        if self._sharded is None:
+            return token_logprobs(self.model, *args, groups=groups, row_tokens=row_tokens, **kwargs)
+        if groups is not None:
+            raise ValueError("shared_prefix is not supported under a process group yet")
+        logprobs, entropy = self._sharded(*args, **kwargs)
+        return FusedLogprobOutput(logprobs=logprobs, entropy=entropy)
+
+    def _refuse_when_sharded(self, what: str) -> None:
+        if self._sharded is not None:
+            raise NotImplementedError(
+                f"Engine.{what} on a sharded (FSDP2) engine: use cispo.engine.sharded_state "
+                "(save_sharded_engine_state / load_sharded_engine_state / export_hf); sampling "
+                "under torchrun is not built yet (docs/distributed.md)"
+            )
 
     def optim_step(self, adam: AdamParams) -> dict[str, float]:
         """Apply the accumulated gradients with AdamW, then zero them."""
@@ -309,13 +371,17 @@ class Engine:
             if grads
             else torch.tensor(0.0)
         )
+        if self._sharded is not None:  # DTensor gradients: a replicated DTensor norm
+            norm = distributed.full_value(norm)
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(
                 f"non-finite gradient norm ({float(norm)}); "
                 "the step was skipped and gradients cleared"
             )
-        if adam.grad_clip_norm > 0:
+        if adam.grad_clip_norm > 0 and self._sharded is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, adam.grad_clip_norm, norm)
+        elif adam.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, adam.grad_clip_norm)
         for group in self.optimizer.param_groups:
             group.update(
@@ -337,6 +403,7 @@ class Engine:
     def sampler(self) -> HFSampler:
         """An `HFSampler` on a frozen copy of the current weights (one per version), drawing
         unseeded samples from the engine's checkpointed generator."""
+        self._refuse_when_sharded("sampler")
         if self._sampler is None or self._sampler.version != self.version:
             self._sampler = HFSampler(
                 copy.deepcopy(self.model),
@@ -350,6 +417,7 @@ class Engine:
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
+        self._refuse_when_sharded("state")
         return {
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
@@ -358,6 +426,7 @@ class Engine:
         }
 
     def load_state(self, state: Mapping[str, Any], *, optimizer: bool = True) -> None:
+        self._refuse_when_sharded("load_state")
         self.model.load_state_dict(state["model"])
         if optimizer and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])

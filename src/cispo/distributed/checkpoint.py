@@ -1,0 +1,190 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP), and a Hugging Face export.
+
+Layout of a checkpoint directory `path` (every rank writes into it: on several nodes it must be a
+shared file system):
+
+    path/.metadata, path/__R_0.distcp   DCP: model and optimizer state, keyed by the model's
+                                        parameter names, each rank writing its own shards
+    path/rng_rank_R.pt                  rank R's RNG states (`cispo.checkpoint.capture_rng_state`)
+    path/state.json                     {"world_size", "trainer_state"} (rank 0)
+
+The directory is written as `.tmp-<name>` beside `path` and renamed by rank 0 after every rank
+has finished (a barrier), so a visible `path` is complete.
+
+Resuming with a different world size (or without a process group): DCP re-shards the model and
+optimizer state onto the new layout by parameter name (the values are the same; what a rank holds
+changes). The per-rank RNG states are restored only when the world size matches the one saved;
+otherwise they are left as they are and `load_sharded` says so (`rng_restored=False`). Each
+rank's share of a batch changes with the world size too, so such a resume continues the same run
+mathematically (up to float summation order), not bitwise.
+
+`export_hf` gathers the full weights to rank 0 (CPU) and writes `model.safetensors` + `config.json`
+that `from_pretrained` loads; a tied LM head is stored once, under the embedding's name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+from cispo.checkpoint import capture_rng_state, restore_rng_state
+from cispo.distributed.group import active, current_rank, current_world_size
+
+__all__ = ["LoadedShardedState", "export_hf", "load_sharded", "save_sharded"]
+
+_STATE_FILE = "state.json"
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng_rank_{rank}.pt"
+
+
+def _barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def _fsync_tree(path: Path) -> None:
+    for item in path.iterdir():
+        if item.is_file():
+            with open(item, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_sharded(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    trainer_state: Mapping[str, Any],
+    generators: Mapping[str, torch.Generator] | None = None,
+) -> Path:
+    """Write model + optimizer (DCP), this rank's RNG and `trainer_state` (JSON) to `path`.
+
+    Every rank calls it with the same `path` and `trainer_state`. An existing `path` is refused
+    (rank 0 checks, every rank raises).
+    """
+    path = Path(path)
+    tmp = path.parent / f".tmp-{path.name}"
+    problem = None
+    if current_rank() == 0:
+        if path.exists():
+            problem = f"checkpoint directory {str(path)!r} already exists"
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a stale, incomplete attempt
+            tmp.mkdir()
+    problems = [problem]
+    if active():
+        dist.broadcast_object_list(problems, src=0)
+    if problems[0] is not None:
+        raise FileExistsError(problems[0])
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp_save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+    torch.save(capture_rng_state(generators), tmp / _rng_file(current_rank()))
+    _barrier()
+    if current_rank() == 0:
+        payload = {"world_size": current_world_size(), "trainer_state": dict(trainer_state)}
+        (tmp / _STATE_FILE).write_text(json.dumps(payload, indent=1))
+        _fsync_tree(tmp)
+        os.replace(tmp, path)
+    _barrier()
+    return path
+
+
+@dataclass(frozen=True)
+class LoadedShardedState:
+    trainer_state: dict[str, Any]
+    """The JSON state given to `save_sharded`."""
+    saved_world_size: int
+    """World size of the job that wrote the checkpoint."""
+    rng_restored: bool
+    """False when the world size differs from the saved one: RNG states were left alone."""
+
+
+def load_sharded(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    generators: Mapping[str, torch.Generator] | None = None,
+) -> LoadedShardedState:
+    """Load what `save_sharded` wrote into `model` (sharded or not) and `optimizer` (if given).
+
+    Every rank calls it. Re-shards across world sizes (module docstring).
+    """
+    path = Path(path)
+    state_file = path / _STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a sharded checkpoint (no {_STATE_FILE})")
+    payload = json.loads(state_file.read_text())
+    if optimizer is None:
+        model_state = get_model_state_dict(model)
+        dcp_load({"model": model_state}, checkpoint_id=str(path))
+        set_model_state_dict(model, model_state)
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state: dict[str, Any] = {"model": model_state, "optimizer": optim_state}
+        dcp_load(state, checkpoint_id=str(path))
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+        )
+    saved_world = int(payload["world_size"])
+    restored = saved_world == current_world_size()
+    if restored:
+        rng = torch.load(path / _rng_file(current_rank()), weights_only=True)
+        restore_rng_state(rng, generators)
+    return LoadedShardedState(dict(payload["trainer_state"]), saved_world, restored)
+
+
+def export_hf(path: Path, model: nn.Module) -> Path | None:
+    """Gather the full weights on rank 0 and write a `from_pretrained` directory there.
+
+    Every rank calls it (the gather is a collective); rank 0 writes `model.safetensors` and
+    `config.json` into `path` and returns it, the other ranks return None. With tied word
+    embeddings `lm_head.weight` is left out: `from_pretrained` ties it back to the embedding.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        raise TypeError(f"{type(model).__name__} has no transformers config to export")
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    if current_rank() != 0:
+        _barrier()
+        return None
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    tensors = {
+        name: tensor.detach().contiguous()
+        for name, tensor in state.items()
+        if isinstance(tensor, Tensor) and not (tied and name == "lm_head.weight")
+    }
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(str(path))
+    _barrier()
+    return path

@@ -1,0 +1,133 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) of a transformers causal LM for the engine.
+
+Layout: one FSDP unit per decoder layer, and a root unit that holds the rest (embeddings, final
+norm, the LM head, tied or not). The root is not the causal LM itself but `TokenLogprobs`, a module
+whose forward is "input ids -> per-token logprobs": the fused logprob path
+(`cispo.ops.model_token_logprobs`) calls the decoder and reads the head weight directly, never the
+causal LM's own forward, so with the LM as root its pre-forward hook (which all-gathers the root's
+parameters) never runs and the embedding sees a sharded DTensor (`aten.embedding.default got mixed
+torch.Tensor and DTensor`). With `TokenLogprobs` as root the hook runs around the whole path.
+
+Gradients: FSDP2 reduce-scatters with an average over the ranks. The engine normalises each rank's
+loss by the *global* token (or sequence) count and multiplies it by the world size, so the average
+is Σ_ranks ∂(local sum)/∂θ / global count: the single-process gradient. (Setting the gradient
+divide factor to 1 instead needs PREMUL_SUM or force-sum on every unit, which gloo does not offer.)
+
+Mixed precision (CUDA only): parameters all-gathered and computed in bf16, gradients reduced in
+fp32, the sharded fp32 parameters stay the optimizer's master weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from cispo.distributed.group import active, current_world_size
+from cispo.ops import model_token_logprobs
+
+__all__ = ["TokenLogprobs", "check_same_weights", "decoder_layers", "shard_model"]
+
+
+class TokenLogprobs(nn.Module):
+    """`model_token_logprobs(model, ...)` as a module, so that it can be the FSDP root.
+
+    forward returns (logprobs [B, T], entropy [B, T] | None), fp32 (a tuple, so FSDP's hooks see
+    the output tensors).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        targets: Tensor,
+        loss_mask: Tensor,
+        *,
+        temperature: float = 1.0,
+        fused: bool | None = None,
+        chunk_size: int | None = None,
+        with_entropy: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        out = model_token_logprobs(
+            self.model,
+            input_ids,
+            attention_mask,
+            targets,
+            loss_mask,
+            temperature=temperature,
+            fused=fused,
+            chunk_size=chunk_size,
+            with_entropy=with_entropy,
+        )
+        return out.logprobs, out.entropy
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a transformers causal LM (`model.get_decoder().layers`)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise TypeError(
+            f"{type(model).__name__}: expected a transformers causal LM with "
+            "get_decoder().layers (a non-empty ModuleList) to shard per decoder layer"
+        )
+    return list(layers)
+
+
+def check_same_weights(model: nn.Module, device: torch.device) -> None:
+    """Refuse, on every rank, to shard models whose ranks hold different weights.
+
+    `fully_shard` keeps each rank's slice of its *own* local model and broadcasts nothing, so ranks
+    that built their models from different seeds would train an inconsistent patchwork. One
+    all-gather of (Σ w, Σ |w|) per parameter, float64, compared exactly (the same weights give
+    the same sums bit for bit).
+    """
+    named = list(model.named_parameters())
+    local = torch.stack(
+        [
+            torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()])
+            for _, p in named
+        ]
+    ).to(device)  # [P, 2]
+    table = [torch.empty_like(local) for _ in range(current_world_size())]
+    torch.distributed.all_gather(table, local)
+    for r, other in enumerate(table[1:], start=1):
+        differs = (other != table[0]).any(dim=1).nonzero()
+        if len(differs):
+            name = named[int(differs[0])][0]
+            raise ValueError(
+                f"rank {r} holds different initial weights from rank 0 (first: {name!r}): build "
+                "the model identically on every rank (same seed, same files) before sharding"
+            )
+
+
+def shard_model(model: nn.Module, *, bf16: bool = False) -> TokenLogprobs:
+    """Shard `model` in place over the current process group; return the FSDP root to call.
+
+    The parameters of `model` become sharded DTensors (build the optimizer over them afterwards);
+    `model.state_dict()` then holds the local shards. Needs an active process group of more than
+    one rank. bf16: mixed precision (CUDA only).
+    """
+    if not active():
+        raise RuntimeError("shard_model needs an initialised process group of more than one rank")
+    device_type = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    if bf16 and device_type != "cuda":
+        raise ValueError("bf16 mixed precision is for CUDA (nccl) only; on CPU/gloo use float32")
+    check_same_weights(model, torch.device(device_type))
+    mesh = init_device_mesh(device_type, (current_world_size(),))
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16
+        else MixedPrecisionPolicy()
+    )
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    root = TokenLogprobs(model)
+    fully_shard(root, mesh=mesh, mp_policy=policy)
+    return root

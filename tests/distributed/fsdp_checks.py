@@ -1,0 +1,191 @@
+"""Launched by test_fsdp_engine.py: `torchrun --nproc-per-node 2 fsdp_checks.py OUT.json [W.pt]`.
+
+Rank 0 first trains single-process references (no process group yet: the engine's plain path),
+then every rank joins the group and trains the same steps on its share of each batch. Rank 0
+writes the differences to OUT.json; the test reads them and applies the tolerances. With W.pt,
+rank 0 also saves the final weights of every case there (the two-node test compares them).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import cispo.distributed
+from cispo.engine import Engine
+from cispo.types import AdamParams
+from tests.distributed.common import full_weights, max_diff, random_datums, tiny_engine
+
+STEPS = 3
+LR = 1e-3
+BATCH = 7  # 4 datums on rank 0, 3 on rank 1: unequal token counts
+MICRO = 3  # rank 0 runs 2 micro-batches, rank 1 one real + one padding micro-batch
+CASES = [  # (family, tied head, reduction, grad clip)
+    ("llama", True, "token_mean", 0.0),
+    ("llama", True, "seq_mean_token_mean", 0.0),
+    ("qwen2", False, "token_mean", 0.5),
+    ("qwen2", False, "seq_mean_token_sum", 0.0),
+]
+
+
+def batches() -> list[list[Any]]:
+    return [random_datums(BATCH, seed=10 + step) for step in range(STEPS)]
+
+
+def train(
+    engine: Engine, reduction: str, clip: float, share: bool
+) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
+    """STEPS AdamW steps on the whole batch, or on this rank's share of it: (metrics of each
+    step, the full gradient of the first step)."""
+    cfg = {"reduction": reduction, "anchor": "old"}
+    adam = AdamParams(learning_rate=LR, grad_clip_norm=clip)
+    history = []
+    first: dict[str, torch.Tensor] = {}
+    for batch in batches():
+        datums = cispo.distributed.rank_share(batch) if share else batch
+        out = engine.forward_backward(datums, "cispo", cfg)
+        first = first or grads_full(engine)
+        history.append({**out.metrics, **engine.optim_step(adam)})
+    return history, first
+
+
+def grads_full(engine: Engine) -> dict[str, torch.Tensor]:
+    return {
+        n: cispo.distributed.full_value(p.grad).detach().clone()
+        for n, p in engine.model.named_parameters()
+        if p.grad is not None
+    }
+
+
+def metric_diffs(ref: list[dict[str, float]], got: list[dict[str, float]]) -> dict[str, float]:
+    """Largest relative difference per metric key over the steps (keys of the reference)."""
+    out: dict[str, float] = {}
+    for r, g in zip(ref, got, strict=True):
+        for key, value in r.items():
+            if key not in g:
+                out[key] = float("inf")
+                continue
+            scale = max(abs(value), 1e-6)
+            out[key] = max(out.get(key, 0.0), abs(g[key] - value) / scale)
+    return out
+
+
+def main(out_path: Path, weights_path: Path | None) -> None:
+    import os
+
+    rank = int(os.environ["RANK"])
+    refs: dict[str, Any] = {}
+    if rank == 0:  # single-process references, before any process group exists
+        for family, tied, reduction, clip in CASES:
+            engine = tiny_engine(family, tied=tied, micro_batch_size=MICRO)
+            start = full_weights(engine)
+            history, grads = train(engine, reduction, clip, share=False)
+            refs[f"{family}/{reduction}"] = (start, full_weights(engine), history, grads)
+        ref = tiny_engine("llama", micro_batch_size=MICRO, fused_logprobs=False)
+        batch = batches()[0]
+        out = ref.forward_backward(batch, "cispo", {"reduction": "token_mean", "anchor": "old"})
+        refs["fused"] = ([o["logprobs"].to_torch() for o in out.loss_fn_outputs], grads_full(ref))
+
+    info = cispo.distributed.init_from_env()
+    assert info.world_size == 2 and cispo.distributed.active()
+    results: dict[str, Any] = {"backend": info.backend, "cases": {}}
+    finals: dict[str, dict[str, torch.Tensor]] = {}
+
+    for family, tied, reduction, clip in CASES:
+        engine = tiny_engine(family, tied=tied, micro_batch_size=MICRO)
+        sharded = any(type(p).__name__ == "DTensor" for p in engine.model.parameters())
+        history, grads = train(engine, reduction, clip, share=True)
+        weights = full_weights(engine)
+        local_tokens = [
+            sum(
+                float(d.loss_fn_inputs["mask"].to_torch().sum())
+                for d in cispo.distributed.rank_share(b)
+            )
+            for b in batches()
+        ]
+        tokens = cispo.distributed.gather_objects(local_tokens)
+        finals[f"{family}/{reduction}"] = weights
+        if rank == 0:
+            start, final, ref_history, ref_grads = refs[f"{family}/{reduction}"]
+            results["cases"][f"{family}/{reduction}"] = {
+                "sharded": sharded,
+                "moved": max_diff(final, start),
+                "weight_diff": max_diff(weights, final),
+                "grad_diff": max_diff(grads, ref_grads),
+                "grad_scale": max(float(g.abs().max()) for g in ref_grads.values()),
+                "metric_diffs": metric_diffs(ref_history, history),
+                "tokens_per_rank": tokens,
+            }
+
+    # The per-rank-mean mistake: each rank normalises by its own token count (the totals are not
+    # summed over the ranks), then FSDP averages. The same run must land far from the reference.
+    real = cispo.distributed.all_reduce_totals
+
+    def local_totals(tokens: float, sequences: float, micro: int) -> tuple[float, float, int]:
+        _, _, steps = real(tokens, sequences, micro)
+        return tokens * cispo.distributed.current_world_size() / 2, sequences, steps
+
+    cispo.distributed.all_reduce_totals = local_totals  # type: ignore[assignment]
+    try:
+        engine = tiny_engine("llama", micro_batch_size=MICRO)
+        train(engine, "token_mean", 0.0, share=True)
+        weights = full_weights(engine)
+    finally:
+        cispo.distributed.all_reduce_totals = real  # type: ignore[assignment]
+    if rank == 0:
+        results["per_rank_mean_weight_diff"] = max_diff(weights, refs["llama/token_mean"][1])
+
+    # Ranks that built different initial weights are refused on every rank, before sharding.
+    try:
+        tiny_engine("llama", seed=rank)
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
+    refusals = cispo.distributed.gather_objects(refused)
+    if rank == 0:
+        results["different_weights_refusals"] = refusals
+
+    # The fused logprob path through the FSDP root: values and gradients against the naive
+    # single-process reference.
+    engine = tiny_engine("llama", micro_batch_size=MICRO, fused_logprobs=True)
+    batch = batches()[0]
+    mine = cispo.distributed.rank_share(batch)
+    out = engine.forward_backward(mine, "cispo", {"reduction": "token_mean", "anchor": "old"})
+    logprobs = cispo.distributed.gather_objects(
+        [o["logprobs"].to_torch() for o in out.loss_fn_outputs]
+    )
+    grads = grads_full(engine)
+    engine.optimizer.zero_grad(set_to_none=True)
+    only = engine.forward_backward(mine, "cispo", {"reduction": "token_mean"}, forward_only=True)
+    forward_only = cispo.distributed.gather_objects(
+        [o["logprobs"].to_torch() for o in only.loss_fn_outputs]
+    )
+    no_grads = all(p.grad is None for p in engine.model.parameters())
+    if rank == 0:
+        ref_logprobs, ref_grads = refs["fused"]
+        got = [t for part in logprobs for t in part]
+        got_forward = [t for part in forward_only for t in part]
+        results["fused"] = {
+            "logprob_diff": max(
+                float((a - b).abs().max()) for a, b in zip(got, ref_logprobs, strict=True)
+            ),
+            "forward_only_diff": max(
+                float((a - b).abs().max()) for a, b in zip(got_forward, ref_logprobs, strict=True)
+            ),
+            "grad_diff": max_diff(grads, ref_grads),
+            "grad_scale": max(float(g.abs().max()) for g in ref_grads.values()),
+            "forward_only_left_no_grads": no_grads,
+        }
+        out_path.write_text(json.dumps(results, indent=1))
+        if weights_path is not None:
+            torch.save(finals, weights_path)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)
