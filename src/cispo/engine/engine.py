@@ -360,7 +360,7 @@ class Engine:
 
     def load_state(self, state: Mapping[str, Any], *, optimizer: bool = True) -> None:
         self.model.load_state_dict(state["model"])
-        if False and optimizer and state.get("optimizer") is not None:  # SCRATCH: broken on purpose
+        if optimizer and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.version = int(state.get("version", 0))
         if "sample_generator" in state:
