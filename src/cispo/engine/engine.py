@@ -363,7 +363,7 @@ class Engine:
         if optimizer and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.version = int(state.get("version", 0))
-        if False and "sample_generator" in state:  # SCRATCH: broken on purpose
+        if "sample_generator" in state:
             self.sample_generator.set_state(state["sample_generator"])
         self._sampler = None
 
