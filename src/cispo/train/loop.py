@@ -153,8 +153,8 @@ def train(
     for step in range(start, rl.steps):
         t = time.perf_counter()
         rollout = collect_rollout(
-            training.save_weights_and_get_sampling_client(), task, step - start, config
-        )  # SCRATCH: the data position restarts at 0 on resume
+            training.save_weights_and_get_sampling_client(), task, step, config
+        )
         metrics = rollout.metrics | train_on_rollout(training, rollout, config)
         metrics["time/step"] = time.perf_counter() - t
         last = run.end_step(config, step + 1, metrics, rollout) or last
