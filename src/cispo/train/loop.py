@@ -119,7 +119,7 @@ def open_run(config: TrainConfig, *, resume: bool, echo: Callable[[str], None]) 
         run_dir, tensorboard=config.run.tensorboard, wandb_project=config.run.wandb_project
     )
     start, state = 0, {}
-    latest = None  # SCRATCH: resume starts over
+    latest = latest_named_state(training.checkpoint_dir) if resume else None
     if latest is not None:
         state = training.load_state(str(latest)).result()
         start = int(state["step"])
