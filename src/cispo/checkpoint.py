@@ -80,7 +80,7 @@ class Checkpoint:
     optimizer_state: StateDict
     """`torch.optim.Optimizer.state_dict()`, tensors on `map_location`."""
     rng_state: StateDict
-    """The RNG states given to `save_named_state` (uint8 tensors), on the CPU."""
+    """The RNG-state dict given to `save_named_state`, tensors on the CPU."""
     trainer_state: StateDict
     """The JSON-able state given to `save_named_state`."""
 
