@@ -207,7 +207,7 @@ class Engine:
         self.version = 0
         """Number of optimizer steps applied; the policy version of sampled tokens."""
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-8)  # SCRATCH
+        self.optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-12)
         self.sample_generator = torch.Generator().manual_seed(seed)
         self._sampler: tuple[int, nn.Module] | None = None
 
