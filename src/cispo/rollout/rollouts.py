@@ -56,7 +56,7 @@ def collect_rollout(sampler: SamplingClient, task: Task, step: int, config: Trai
         temperature=config.sampling.temperature,
         top_k=config.sampling.top_k,
         top_p=config.sampling.top_p,
-        seed=step_seed(config.run.seed, step, 4),  # SCRATCH
+        seed=step_seed(config.run.seed, step, 3),
     )
     prompts = [encode_prompt(tok, p.prompt) for p in problems]
     futures = [sampler.sample(ModelInput.from_ints(p), rl.group_size, params) for p in prompts]
