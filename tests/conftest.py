@@ -18,3 +18,12 @@ def _seed() -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("gpu") and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--repin",
+        default="",
+        metavar="REASON",
+        help="rewrite the pinned snapshots in tests/assets, recording REASON (why they changed)",
+    )

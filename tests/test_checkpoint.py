@@ -1,4 +1,7 @@
-"""Checkpoints resume exactly, prune, keep tied weights, and survive a SIGKILL mid-write."""
+"""Checkpoints resume exactly, prune, keep tied weights, and survive a SIGKILL mid-write.
+
+Everything goes through the API the engine, the client, the server and the RL loop use:
+`save_named_state`, `load_checkpoint`, `latest_named_state`."""
 
 from __future__ import annotations
 
@@ -12,23 +15,12 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import safetensors
 import torch
 from torch import nn
 
-from cispo.checkpoint import (
-    capture_rng_state,
-    checkpoint_dir,
-    latest_checkpoint_path,
-    latest_named_state,
-    load_checkpoint,
-    load_latest_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-    save_named_state,
-)
+from cispo.checkpoint import Checkpoint, latest_named_state, load_checkpoint, save_named_state
 
 
 class TinyLM(nn.Module):
@@ -38,22 +30,20 @@ class TinyLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.hidden = nn.Linear(dim, dim)
-        self.dropout = nn.Dropout(0.25)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
         self.lm_head.weight = self.embed.weight
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.lm_head(
-            self.dropout(torch.tanh(self.hidden(self.embed(tokens))))
-        )
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.hidden(self.embed(tokens))) * keep / 0.75  # dropout p=0.25
+        logits: torch.Tensor = self.lm_head(hidden)
         return logits
 
 
-def _train_step(model: TinyLM, opt: torch.optim.Optimizer) -> None:
-    # Data and dropout masks both come from the global torch RNG, so an exact resume
-    # also needs the RNG state restored.
-    tokens = torch.randint(0, 11, (4, 5))
-    logits = model(tokens[:, :-1])
+def _train_step(model: TinyLM, opt: torch.optim.Optimizer, rng: torch.Generator) -> None:
+    # Data and dropout masks both come from `rng`, so an exact resume also needs its state.
+    tokens = torch.randint(0, 11, (4, 5), generator=rng)
+    keep = (torch.rand(4, 4, 8, generator=rng) > 0.25).float()
+    logits = model(tokens[:, :-1], keep)
     loss = nn.functional.cross_entropy(logits.reshape(-1, 11), tokens[:, 1:].reshape(-1))
     opt.zero_grad()
     loss.backward()  # type: ignore[no-untyped-call]
@@ -66,43 +56,48 @@ def _make(seed: int = 0) -> tuple[TinyLM, torch.optim.AdamW]:
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
 
 
+def _latest(root: Path) -> Checkpoint | None:
+    path = latest_named_state(root)
+    return None if path is None else load_checkpoint(path)
+
+
 def test_resume_from_checkpoint_is_bitwise_identical_to_uninterrupted_training(
     tmp_path: Path,
 ) -> None:
     model, opt = _make()
-    torch.manual_seed(123)
+    rng = torch.Generator().manual_seed(123)
     for _ in range(6):
-        _train_step(model, opt)
+        _train_step(model, opt, rng)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
 
     model, opt = _make()
-    torch.manual_seed(123)
+    rng = torch.Generator().manual_seed(123)
     for _ in range(3):
-        _train_step(model, opt)
-    save_checkpoint(
+        _train_step(model, opt, rng)
+    save_named_state(
         tmp_path,
-        3,
+        "step_000003",
         model_state=model.state_dict(),
         optimizer_state=opt.state_dict(),
-        rng_state=capture_rng_state(),
+        rng_state={"data": rng.get_state()},
         trainer_state={"data_position": 12},
     )
     saved_opt = opt.state_dict()
     del model, opt
-    torch.manual_seed(999)  # perturb the RNG; the checkpoint must put it back
+    rng.manual_seed(999)  # perturb the RNG; the checkpoint must put it back
 
-    ckpt = load_latest_checkpoint(tmp_path)
+    ckpt = _latest(tmp_path)
     assert ckpt is not None and ckpt.step == 3 and ckpt.trainer_state == {"data_position": 12}
     model, opt = _make(seed=7)  # different init; everything must come from the checkpoint
     model.load_state_dict(ckpt.model_state)
     opt.load_state_dict(ckpt.optimizer_state)
-    restore_rng_state(ckpt.rng_state)
+    rng.set_state(ckpt.rng_state["data"])
     # The optimizer state round-trips bitwise (moments and step counts).
     for pid, st in saved_opt["state"].items():
         for key, value in st.items():
             assert torch.equal(ckpt.optimizer_state["state"][pid][key], value), (pid, key)
     for _ in range(3):
-        _train_step(model, opt)
+        _train_step(model, opt, rng)
     for name, value in model.state_dict().items():
         assert torch.equal(value, expected[name]), name
 
@@ -111,8 +106,8 @@ def test_tied_weights_are_stored_once_and_restored_as_one_tensor(tmp_path: Path)
     model, _ = _make()
     state = model.state_dict()
     assert state["embed.weight"].data_ptr() == state["lm_head.weight"].data_ptr()
-    path = save_checkpoint(
-        tmp_path, 1, model_state=state, optimizer_state={}, rng_state={}, trainer_state={}
+    path = save_named_state(
+        tmp_path, "a", model_state=state, optimizer_state={}, rng_state={}, trainer_state={}
     )
     with safetensors.safe_open(str(path / "model.safetensors"), framework="pt") as f:
         stored = set(f.keys())
@@ -130,61 +125,35 @@ def test_tied_weights_are_stored_once_and_restored_as_one_tensor(tmp_path: Path)
 def test_overlapping_views_are_saved_as_copies(tmp_path: Path) -> None:
     base = torch.arange(12.0)
     state = {"whole": base, "head": base[:4], "strided": base[::3]}
-    path = save_checkpoint(
-        tmp_path, 0, model_state=state, optimizer_state={}, rng_state={}, trainer_state={}
+    path = save_named_state(
+        tmp_path, "a", model_state=state, optimizer_state={}, rng_state={}, trainer_state={}
     )
     loaded = load_checkpoint(path).model_state
     for name, value in state.items():
         assert torch.equal(loaded[name], value), name
 
 
-def test_rng_restore_reproduces_the_same_draws() -> None:
-    gen = torch.Generator().manual_seed(42)
-    random.seed(1)
-    np.random.seed(2)
-    torch.manual_seed(3)
-    np.random.standard_normal()  # leaves a cached gaussian in numpy's legacy state
-    state = capture_rng_state({"sampler": gen})
-
-    def draw() -> tuple[float, float, list[float], list[float]]:
-        return (
-            random.random(),
-            float(np.random.standard_normal()),
-            torch.rand(3).tolist(),
-            torch.rand(3, generator=gen).tolist(),
-        )
-
-    first = draw()
-    restore_rng_state(state, {"sampler": gen})
-    assert draw() == first
-    restore_rng_state(state, {"sampler": gen})
-    random.random()
-    assert draw() != first  # the comparison can fail: the streams really moved
-    with pytest.raises(KeyError, match="'other'"):
-        restore_rng_state(state, {"other": torch.Generator()})
-
-
-def test_rng_state_survives_a_checkpoint(tmp_path: Path) -> None:
+def test_a_generator_state_survives_a_checkpoint(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(5)
-    path = save_checkpoint(
+    torch.rand(3, generator=gen)  # not at its seed's start
+    path = save_named_state(
         tmp_path,
-        1,
+        "a",
         model_state={},
         optimizer_state={},
-        rng_state=capture_rng_state({"data": gen}),
+        rng_state={"sample_generator": gen.get_state()},
         trainer_state={},
     )
-    expected = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=gen))
-    restore_rng_state(load_checkpoint(path).rng_state, {"data": gen})
-    got = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=gen))
-    assert got[:2] == expected[:2]
-    assert torch.equal(got[2], expected[2]) and torch.equal(got[3], expected[3])
+    expected = torch.rand(4, generator=gen)
+    assert not torch.equal(torch.rand(4, generator=gen), expected)  # the stream really moves
+    gen.set_state(load_checkpoint(path).rng_state["sample_generator"])
+    assert torch.equal(torch.rand(4, generator=gen), expected)
 
 
-def _save_step(run_dir: Path, step: int, keep_last: int | None = 3) -> Path:
-    return save_checkpoint(
-        run_dir,
-        step,
+def _save_step(root: Path, step: int, keep_last: int | None = 3) -> Path:
+    return save_named_state(
+        root,
+        f"step_{step:06d}",
         model_state={"w": torch.full((3,), float(step))},
         optimizer_state={"step": step},
         rng_state={},
@@ -196,19 +165,19 @@ def _save_step(run_dir: Path, step: int, keep_last: int | None = 3) -> Path:
 def test_keep_last_prunes_older_checkpoints_after_writing(tmp_path: Path) -> None:
     for step in range(1, 6):
         _save_step(tmp_path, step, keep_last=2)
-    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["latest", "step_000004", "step_000005"]
-    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000005"
+    assert (tmp_path / "latest").read_text() == "step_000005\n"
     _save_step(tmp_path, 6, keep_last=None)
-    assert latest_checkpoint_path(tmp_path) == checkpoint_dir(tmp_path, 6)
-    assert len(list((tmp_path / "checkpoints").glob("step_*"))) == 3
+    assert latest_named_state(tmp_path) == tmp_path / "step_000006"
+    assert len(list(tmp_path.glob("step_*"))) == 3
 
 
 def test_resaving_an_earlier_step_points_latest_at_it_and_keeps_it(tmp_path: Path) -> None:
     for step in (1, 2, 3):
         _save_step(tmp_path, step, keep_last=1)
     _save_step(tmp_path, 2, keep_last=1)  # resumed from an older checkpoint, saved again
-    ckpt = load_latest_checkpoint(tmp_path)
+    ckpt = _latest(tmp_path)
     assert ckpt is not None and ckpt.step == 2
     assert torch.equal(ckpt.model_state["w"], torch.full((3,), 2.0))
 
@@ -245,32 +214,34 @@ def test_named_states_prune_only_step_names_and_track_latest(tmp_path: Path) -> 
 
 
 def test_no_checkpoint_gives_none(tmp_path: Path) -> None:
-    assert load_latest_checkpoint(tmp_path) is None
+    assert latest_named_state(tmp_path / "missing") is None
+    assert latest_named_state(tmp_path) is None
 
 
 def test_non_json_trainer_state_fails_before_touching_disk(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
     with pytest.raises(TypeError):
-        save_checkpoint(
-            tmp_path,
-            1,
+        save_named_state(
+            root,
+            "step_000001",
             model_state={},
             optimizer_state={},
             rng_state={},
             trainer_state={"bad": object()},
         )
-    assert not (tmp_path / "checkpoints").exists()
+    assert not root.exists()
 
 
 def test_stale_temp_dir_is_ignored_and_cleaned_next_save(tmp_path: Path) -> None:
     _save_step(tmp_path, 1)
-    stale = tmp_path / "checkpoints" / ".tmp-step_000002-abc"
+    stale = tmp_path / ".tmp-step_000002-abc"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half a file")
-    ckpt = load_latest_checkpoint(tmp_path)
+    ckpt = _latest(tmp_path)
     assert ckpt is not None and ckpt.step == 1
     _save_step(tmp_path, 2)
     assert not stale.exists()
-    assert [p.name for p in (tmp_path / "checkpoints").glob(".*")] == []
+    assert [p.name for p in tmp_path.glob(".*")] == []
 
 
 def test_crash_before_rename_leaves_previous_checkpoint_latest(
@@ -285,30 +256,30 @@ def test_crash_before_rename_leaves_previous_checkpoint_latest(
     with pytest.raises(KeyboardInterrupt):
         _save_step(tmp_path, 2)
     monkeypatch.undo()
-    ckpt = load_latest_checkpoint(tmp_path)
+    ckpt = _latest(tmp_path)
     assert ckpt is not None and ckpt.step == 1
-    assert not checkpoint_dir(tmp_path, 2).exists()
+    assert not (tmp_path / "step_000002").exists()
 
 
 def test_latest_falls_back_to_newest_complete_dir_when_pointer_is_stale(tmp_path: Path) -> None:
     _save_step(tmp_path, 1)
     _save_step(tmp_path, 2)
-    (tmp_path / "checkpoints" / "latest").write_text("step_000009\n")  # points at nothing
-    ckpt = load_latest_checkpoint(tmp_path)
+    (tmp_path / "latest").write_text("step_000009\n")  # points at nothing
+    ckpt = _latest(tmp_path)
     assert ckpt is not None and ckpt.step == 2
 
 
 WRITER = textwrap.dedent(
     """
     import sys, torch
-    from cispo.checkpoint import save_checkpoint
-    run_dir = sys.argv[1]
+    from cispo.checkpoint import save_named_state
+    root = sys.argv[1]
     step = 0
     while True:
         step += 1
         # ~2 MB per checkpoint so the kill often lands inside a write.
-        save_checkpoint(
-            run_dir, step,
+        save_named_state(
+            root, f"step_{step:06d}",
             model_state={"w": torch.full((512, 1024), float(step))},
             optimizer_state={"state": {0: {"exp_avg": torch.full((4,), float(step))}}},
             rng_state={"torch": torch.get_rng_state()},
@@ -323,7 +294,7 @@ def test_sigkill_while_writing_leaves_a_complete_latest_checkpoint(tmp_path: Pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], env=env)
     try:
-        pointer = tmp_path / "checkpoints" / "latest"
+        pointer = tmp_path / "latest"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if pointer.exists() and pointer.read_text().strip() >= "step_000003":
@@ -341,7 +312,7 @@ def test_sigkill_while_writing_leaves_a_complete_latest_checkpoint(tmp_path: Pat
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
-    ckpt = load_latest_checkpoint(tmp_path)
+    ckpt = _latest(tmp_path)
     assert ckpt is not None and ckpt.step >= 3
     # Every piece belongs to the same step: nothing half-written is visible.
     assert torch.equal(ckpt.model_state["w"], torch.full((512, 1024), float(ckpt.step)))
@@ -349,10 +320,10 @@ def test_sigkill_while_writing_leaves_a_complete_latest_checkpoint(tmp_path: Pat
     assert torch.equal(exp_avg, torch.full((4,), float(ckpt.step)))
     assert ckpt.trainer_state == {"step": ckpt.step}
     # So is every visible step directory, not just the latest.
-    for path in (tmp_path / "checkpoints").glob("step_*"):
+    for path in tmp_path.glob("step_*"):
         other = load_checkpoint(path)
         assert json.loads((path / "state.json").read_text())["step"] == other.step
         assert torch.equal(other.model_state["w"], torch.full((512, 1024), float(other.step)))
     # The next save cleans whatever the kill left behind.
     _save_step(tmp_path, ckpt.step + 1)
-    assert [p.name for p in (tmp_path / "checkpoints").glob(".*")] == []
+    assert [p.name for p in tmp_path.glob(".*")] == []

@@ -1,12 +1,32 @@
-"""Atomic checkpoints that resume a run exactly.
+"""Atomic checkpoint directories: save one by name, load one, find the latest.
 
-Layout, under `run_dir/checkpoints/`:
+`save_named_state(root, name, ...)` writes `root/name/` with exactly these four files, then points
+`root/latest` at it:
 
-    step_000123/model.safetensors   model state (tied/shared tensors stored once, see below)
-    step_000123/optimizer.pt        torch optimizer state_dict (torch.save)
-    step_000123/rng.pt              python, numpy, torch CPU/CUDA and named generator states
-    step_000123/state.json          {"step", "trainer_state"}: JSON-able loop state
-    latest                          the name of the newest complete checkpoint directory
+    model.safetensors   the model state dict (tied/shared tensors stored once, see below);
+                        metadata {"format": "pt", "cispo_aliases": JSON {alias: stored name}}
+    optimizer.pt        torch.save of the optimizer state_dict given ({} if none)
+    rng.pt              torch.save of the RNG-state dict given ({} if none)
+    state.json          {"format_version": 1, "step": int, "trainer_state": {...}} (JSON)
+    ../latest           text file: the name of the newest directory written, and a newline
+
+`load_checkpoint(path)` reads one directory back; `latest_named_state(root)` finds the newest.
+Every checkpoint cispo writes goes through `cispo.engine.save_engine_state`: optimizer.pt is
+AdamW's state_dict ({"state": {param index: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups"})
+or {} for sampler weights; rng.pt is {"sample_generator": the engine's `torch.Generator` state}
+or {}; trainer_state holds the engine's "version" (optimizer steps taken) and the caller's
+metadata: for `TrainingClient.save_state` "base_model" and "model_overrides", and for the RL loop
+also "step" and "warm_started". The RL loop writes `run_dir/checkpoints/<base model>/step_NNNNNN/`
+(`cispo.server.store` documents the server's directories).
+
+RNG: python `random`, numpy and the global torch RNG are not saved, because exact resume does
+not need them: after set-up nothing draws from them (the tasks draw from their own seeded
+`random.Random`, models are initialised under a forked RNG and train without dropout). The RL
+loop does not need the sample generator either: it seeds every step's problems and samples from
+(run seed, step), so a resumed step redraws exactly its data. The resume test in
+tests/train/test_loop.py scrambles the global RNGs before resuming and still matches the
+uninterrupted run bit for bit. The sample generator is saved for clients that sample without a
+seed: after `load_state` their stream continues where it was saved.
 
 Crash safety: a checkpoint is written into a `.tmp-*` directory in the same parent, every file
 and the directory are fsynced, and only then is it renamed to `step_NNNNNN` (one atomic rename).
@@ -18,9 +38,6 @@ Tied weights: safetensors refuses tensors that share memory. The writer stores o
 group of identical views and records the other names as aliases in the file's metadata; the
 reader restores them as the same tensor, so `model.load_state_dict` sees every key.
 
-`save_named_state(root, name, ...)` / `latest_named_state(root)` are the same machinery under
-any directory and name (the Tinker-style `TrainingClient.save_state(name)`).
-
 Left out: async writes; one process writes. Sharded (multi-rank) checkpoints are
 `cispo.distributed.checkpoint` (DCP).
 """
@@ -30,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import re
 import shutil
 import tempfile
@@ -38,7 +54,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import safetensors
 import safetensors.torch
 import torch
@@ -66,67 +81,9 @@ class Checkpoint:
     optimizer_state: StateDict
     """`torch.optim.Optimizer.state_dict()`, tensors on `map_location`."""
     rng_state: StateDict
-    """From `capture_rng_state`; pass to `restore_rng_state`."""
+    """The RNG-state dict given to `save_named_state`, tensors on the CPU."""
     trainer_state: StateDict
-    """The JSON-able loop state given to `save_checkpoint`."""
-
-
-# --------------------------------------------------------------------------------------------
-# RNG
-
-
-def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> StateDict:
-    """Python `random`, numpy's global RNG, torch CPU (and CUDA) and named generator states.
-
-    The result holds only tensors, ints, floats, strings, lists and dicts, so `torch.load` can
-    read it back with `weights_only=True`.
-    """
-    version, mt_state, gauss = random.getstate()
-    np_state = np.random.get_state(legacy=True)
-    assert isinstance(np_state, tuple)  # legacy=True always gives the tuple form
-    name, key, pos, has_gauss, cached_gauss = np_state
-    state: StateDict = {
-        "python": {"version": version, "state": list(mt_state), "gauss": gauss},
-        "numpy": {
-            "name": str(name),
-            "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gauss),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "generators": {n: g.get_state() for n, g in (generators or {}).items()},
-    }
-    return state
-
-
-def restore_rng_state(
-    state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None
-) -> None:
-    """Inverse of `capture_rng_state`. Each generator passed in must have a saved state.
-
-    CUDA states are restored for the devices present (a CPU-only resume skips them).
-    """
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    npst = state["numpy"]
-    key = npst["key"].numpy().astype(np.uint32)
-    np.random.set_state(
-        (npst["name"], key, npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
-    )
-    torch.set_rng_state(state["torch"])
-    cuda_states = state.get("cuda", [])
-    if cuda_states and torch.cuda.is_available():
-        for device, cuda_state in enumerate(cuda_states[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, device)
-    saved = state.get("generators", {})
-    for name, generator in (generators or {}).items():
-        if name not in saved:
-            raise KeyError(
-                f"no saved RNG state for generator {name!r}; saved: {sorted(saved) or 'none'}"
-            )
-        generator.set_state(saved[name])
+    """The JSON-able state given to `save_named_state`."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,40 +219,6 @@ def is_complete(path: Path) -> bool:
 # Public API
 
 
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
-
-
-def save_checkpoint(
-    run_dir: Path,
-    step: int,
-    *,
-    model_state: Mapping[str, Tensor],
-    optimizer_state: Mapping[str, Any],
-    rng_state: Mapping[str, Any],
-    trainer_state: Mapping[str, Any],
-    keep_last: int | None = 3,
-) -> Path:
-    """Write `run_dir/checkpoints/step_{step:06d}/` atomically, point `latest` at it, prune.
-
-    Pruning keeps the `keep_last` newest checkpoints up to `step` (None or 0 keeps all);
-    checkpoints with a larger step (left from a run resumed at an earlier step) are not touched.
-    Saving a step that already exists replaces it.
-    """
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    return _save(
-        Path(run_dir) / "checkpoints",
-        f"step_{step:06d}",
-        step=step,
-        model_state=model_state,
-        optimizer_state=optimizer_state,
-        rng_state=rng_state,
-        trainer_state=trainer_state,
-        keep_last=keep_last,
-    )
-
-
 def save_named_state(
     root: Path,
     name: str,
@@ -307,10 +230,13 @@ def save_named_state(
     keep_last: int | None = 0,
     durable: bool = True,
 ) -> Path:
-    """`save_checkpoint` for a Tinker-style named state: writes `root/name/` the same way.
+    """Write `root/name/` atomically (replacing a directory of that name), point `root/latest`
+    at it, prune.
 
     The checkpoint's step is `trainer_state["step"]` if given, else the N of a `step_N` name,
-    else 0. Only `step_N` directories are pruned (None or 0 keeps all). `durable=False` skips the
+    else 0. Saving a `step_N` name prunes the older `step_N` directories to the `keep_last`
+    newest up to this step (None or 0 keeps all); directories with a larger step (left by a run
+    resumed at an earlier step) and other names are never pruned. `durable=False` skips the
     fsyncs: the rename still makes the checkpoint appear whole or not at all if the *process* is
     killed (the page cache survives), but a machine crash may lose it. The RL loop uses it for
     its per-step checkpoints, where the fsyncs cost as much as half a tiny-model step.
@@ -385,7 +311,8 @@ def _save(
 
 
 def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read one `step_NNNNNN` directory."""
+    """Read one directory `save_named_state` wrote (FileNotFoundError naming the missing files if
+    it is incomplete)."""
     path = Path(path)
     missing = [name for name in _FILES if not (path / name).is_file()]
     if missing:
@@ -417,16 +344,3 @@ def latest_named_state(root: Path) -> Path | None:
         if is_complete(path):
             return path
     return None
-
-
-def latest_checkpoint_path(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint directory of `save_checkpoint`, or None."""
-    return latest_named_state(Path(run_dir) / "checkpoints")
-
-
-def load_latest_checkpoint(
-    run_dir: Path, *, map_location: str | torch.device = "cpu"
-) -> Checkpoint | None:
-    """The newest complete checkpoint of a run, or None if it has none."""
-    path = latest_checkpoint_path(run_dir)
-    return None if path is None else load_checkpoint(path, map_location=map_location)

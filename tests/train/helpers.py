@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
+import math
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from cispo.config import TrainConfig
 from cispo.configs import apply_overrides
@@ -16,17 +20,28 @@ from cispo.types import Datum
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
 
-# Overrides of a whole `cispo train` run small enough for a test (seconds on one core).
+# Overrides of a whole `cispo train` run small enough for a test (seconds on one core) in which
+# every RL step trains: 150 supervised steps on one-digit additions take the model to 10-75%
+# held-out accuracy, so most groups have reward spread and every step has RL datums (24 to 48 of
+# 64 samples at every step of 10-step runs with seeds 0, 1 and 2). One torch thread: the same
+# numbers on any machine with this torch build. Every checkpoint is kept, so a test can check
+# that each step moved the weights.
 TINY_RUN = [
     "--model.hidden_size=32",
     "--model.num_layers=1",
     "--model.num_heads=2",
+    "--task.digits=1",
+    "--task.ops=+",
+    "--sft.steps=150",
     "--sft.batch_size=32",
+    "--sft.learning_rate=1e-2",
     "--rl.prompts_per_step=16",
     "--rl.group_size=4",
     "--eval.num_problems=16",
     "--eval.every=2",
     "--run.tensorboard=false",
+    "--run.threads=1",
+    "--run.keep_last=0",
     "--sampling.max_tokens=5",
     "--optim.learning_rate=1e-2",
 ]
@@ -38,6 +53,35 @@ def run_config(
     """`recipe` (default: `TrainConfig()`) with `overrides`, writing to `run_dir`."""
     base = apply_overrides(recipe or TrainConfig(), overrides)
     return dataclasses.replace(base, run=dataclasses.replace(base.run, dir=str(run_dir)))
+
+
+def metrics(run_dir: Path) -> list[dict[str, float]]:
+    """The rows of a run's `metrics.jsonl`, in order."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """A run's `step_N` checkpoint directories, oldest first."""
+    return sorted(p.parent for p in (run_dir / "checkpoints").rglob("step_*/model.safetensors"))
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+def assert_every_rl_step_trained(run_dir: Path) -> None:
+    """Training happened: every RL step of the run had datums and a finite loss, and the weights
+    of each checkpoint differ from those of the one before (the first is the warm start's)."""
+    rows = [r for r in metrics(run_dir) if r["step"] > 0]
+    assert rows, "vacuous: no RL step was logged"
+    for row in rows:
+        assert row["rl/datums"] > 0, f"vacuous: RL step {row['step']} had no datum"
+        assert math.isfinite(row["loss"]), row
+    dirs = checkpoint_dirs(run_dir)
+    assert len(dirs) >= 2, f"need the warm start's and a later checkpoint, found {dirs}"
+    for before, after in itertools.pairwise(dirs):
+        a, b = weights(before), weights(after)
+        assert any(not torch.equal(a[k], b[k]) for k in a), f"{after.name} = {before.name}"
 
 
 def tiny_bundle(seed: int = 0) -> ModelBundle:

@@ -34,18 +34,17 @@ from cispo.train import loop
 from cispo.train.loop import train
 from cispo.train.update import train_on_rollout
 from cispo.types import Datum
-from tests.train.helpers import TINY_RUN, random_datums, run_config, tiny_bundle, tiny_engine
+from tests.train.helpers import (
+    TINY_RUN,
+    assert_every_rl_step_trained,
+    random_datums,
+    run_config,
+    tiny_bundle,
+    tiny_engine,
+)
 
-# A tiny run whose warm start gets some reward (so RL steps really update the weights).
-FAST = [
-    *TINY_RUN,
-    "--task.digits=1",
-    "--sft.steps=80",
-    "--sft.warmup_steps=5",
-    "--sft.learning_rate=2e-2",
-    "--run.threads=1",
-    "--run.checkpoint_every=0",
-]
+# The shared tiny run (every RL step trains), checkpointed after the warm start and at the end.
+FAST = [*TINY_RUN, "--run.checkpoint_every=0"]
 
 
 def _config(run_dir: Path, *extra: str, recipe: TrainConfig | None = None) -> TrainConfig:
@@ -171,6 +170,8 @@ def test_async_with_max_staleness_0_reproduces_the_synchronous_run(tmp_path: Pat
         ),
         echo=_quiet,
     )
+    assert_every_rl_step_trained(sync_dir)
+    assert_every_rl_step_trained(async_dir)
     rows_sync, rows_async = _metrics(sync_dir), _metrics(async_dir)
     assert any(r.get("loss") for r in rows_sync), "vacuous: no RL step had a loss"
     assert all("canary/max_abs_logprob_diff" in r for r in rows_async[1:]), "no worker ran"
@@ -191,6 +192,7 @@ def test_the_lag_1_recipe_trains_stale_batches_within_the_bound_and_reports_the_
     recipe = load_recipe("arithmetic_cispo_async_lag1", TrainConfig)
     assert recipe.asynchronous.enabled and recipe.asynchronous.max_staleness == 1
     run = train(_config(tmp_path, "--rl.steps=4", recipe=recipe), echo=_quiet)
+    assert_every_rl_step_trained(tmp_path)
     rows = _metrics(tmp_path)[1:]
     assert all(r["optim/grad_norm"] > 0 for r in rows), "vacuous: no update"
     assert run.lag_max == 1 and 0 < run.lag_mean <= 1 and run.discarded == 0
@@ -240,6 +242,7 @@ def test_an_async_run_resumes_from_its_checkpoint_with_the_first_batch_on_policy
             train(config, echo=_quiet)
     assert [r["step"] for r in _metrics(tmp_path)] == [0, 1, 2]
     run = train(config, resume=True, echo=_quiet)
+    assert_every_rl_step_trained(tmp_path)
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]  # nothing logged twice
     assert rows[3]["staleness/lag_max"] == 0.0  # step 3: the first batch after the resume
@@ -267,6 +270,7 @@ def test_a_refused_batch_is_resampled_by_the_trainer_and_counted(
         ),
         echo=_quiet,
     )
+    assert_every_rl_step_trained(tmp_path)
     rows = _metrics(tmp_path)[1:]
     assert run.discarded == 1 and rows[-1]["staleness/discarded"] == 1.0
     assert rows[1]["staleness/lag_max"] == 0.0  # the trainer's own batch

@@ -5,7 +5,8 @@ shared file system):
 
     path/.metadata, path/__R_0.distcp   DCP: model and optimizer state, keyed by the model's
                                         parameter names, each rank writing its own shards
-    path/rng_rank_R.pt                  rank R's RNG states (`cispo.checkpoint.capture_rng_state`)
+    path/rng_rank_R.pt                  rank R's RNG states (python, numpy, torch, named
+                                        generators)
     path/state.json                     {"world_size", "trainer_state"} (rank 0)
 
 The directory is written as `.tmp-<name>` beside `path` and renamed by rank 0 after every rank
@@ -26,12 +27,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors.torch
 import torch
 import torch.distributed as dist
@@ -46,12 +49,65 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from cispo.checkpoint import capture_rng_state, restore_rng_state
 from cispo.distributed.group import active, current_rank, current_world_size
 
 __all__ = ["LoadedShardedState", "export_hf", "load_sharded", "save_sharded"]
 
 _STATE_FILE = "state.json"
+
+
+def _capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Python `random`, numpy's global RNG, torch CPU (and CUDA) and named generator states.
+
+    The result holds only tensors, ints, floats, strings, lists and dicts, so `torch.load` can
+    read it back with `weights_only=True`.
+    """
+    version, mt_state, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy=True always gives the tuple form
+    name, key, pos, has_gauss, cached_gauss = np_state
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(mt_state), "gauss": gauss},
+        "numpy": {
+            "name": str(name),
+            "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gauss),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {n: g.get_state() for n, g in (generators or {}).items()},
+    }
+    return state
+
+
+def _restore_rng_state(
+    state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None
+) -> None:
+    """Inverse of `_capture_rng_state`. Each generator passed in must have a saved state.
+
+    CUDA states are restored for the devices present (a CPU-only resume skips them).
+    """
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npst = state["numpy"]
+    key = npst["key"].numpy().astype(np.uint32)
+    np.random.set_state(
+        (npst["name"], key, npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    cuda_states = state.get("cuda", [])
+    if cuda_states and torch.cuda.is_available():
+        for device, cuda_state in enumerate(cuda_states[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+    saved = state.get("generators", {})
+    for name, generator in (generators or {}).items():
+        if name not in saved:
+            raise KeyError(
+                f"no saved RNG state for generator {name!r}; saved: {sorted(saved) or 'none'}"
+            )
+        generator.set_state(saved[name])
 
 
 def _rng_file(rank: int) -> str:
@@ -105,7 +161,7 @@ def save_sharded(
         raise FileExistsError(problems[0])
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp_save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
-    torch.save(capture_rng_state(generators), tmp / _rng_file(current_rank()))
+    torch.save(_capture_rng_state(generators), tmp / _rng_file(current_rank()))
     _barrier()
     if current_rank() == 0:
         payload = {"world_size": current_world_size(), "trainer_state": dict(trainer_state)}
@@ -157,7 +213,7 @@ def load_sharded(
     restored = saved_world == current_world_size()
     if restored:
         rng = torch.load(path / _rng_file(current_rank()), weights_only=True)
-        restore_rng_state(rng, generators)
+        _restore_rng_state(rng, generators)
     return LoadedShardedState(dict(payload["trainer_state"]), saved_world, restored)
 
 
