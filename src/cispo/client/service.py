@@ -130,6 +130,12 @@ class TrainingClient:
         self.checkpoint_dir = checkpoint_dir
         self._worker = OrderedWorker("cispo-train")
 
+    def result(self, timeout: float | None = None) -> TrainingClient:
+        """This client. The tinker SDK (0.38) returns a future of the client from
+        `create_lora_training_client`; here the client is ready at once, and `.result()` lets
+        code written for the SDK run unchanged (examples/rl_loop.py)."""
+        return self
+
     def get_tokenizer(self) -> Any:
         return self.bundle.tokenizer
 
@@ -250,6 +256,11 @@ class SamplingClient:
         self.version = engine.version
         self._pending: list[_Pending] = []
         self._lock = threading.Lock()
+
+    def result(self, timeout: float | None = None) -> SamplingClient:
+        """This client (the SDK's `save_weights_and_get_sampling_client` returns a future of it;
+        see `TrainingClient.result`)."""
+        return self
 
     def get_tokenizer(self) -> Any:
         return self.bundle.tokenizer
