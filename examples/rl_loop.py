@@ -55,9 +55,9 @@ class Config:
     """Held-out problems answered greedily before and after RL."""
 
 
-def make_training_client(cfg: Config) -> tuple[Any, Any]:
-    """(training client, API module). `cispo.client` and `tinker` export the same names
-    (ServiceClient, Datum, ModelInput, SamplingParams, AdamParams), so the loop is shared."""
+def make_clients(cfg: Config) -> tuple[Any, Any, Any]:
+    """(service client, training client, API module). `cispo.client` and `tinker` export the same
+    names (ServiceClient, Datum, ModelInput, SamplingParams, AdamParams): the loop is shared."""
     api: Any
     if cfg.base_url is None:
         import cispo.client
@@ -71,12 +71,12 @@ def make_training_client(cfg: Config) -> tuple[Any, Any]:
         service = api.ServiceClient(base_url=cfg.base_url, api_key=cfg.api_key)
     # rank=0 trains every weight: LoRA on a 0.54M-parameter model learns too slowly.
     training = service.create_lora_training_client(cfg.base_model, rank=0, seed=cfg.seed).result()
-    return training, api
+    return service, training, api
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = tyro.cli(Config, args=argv)
-    training, api = make_training_client(cfg)
+    service, training, api = make_clients(cfg)
     tok = training.get_tokenizer()
     task = ArithmeticTask(digits=1, operators="+-")  # "7-9=" -> "-2", reward 1 for exact answers
     rng = random.Random(cfg.seed)  # every problem and sampling seed comes from here
@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps.append(metrics)
         print("  ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
 
-    return {"sft_nll": sft_nll, **before, **evaluate(sampler, "after"), "steps": steps}
+    after = evaluate(sampler, "after")
+    service.close("success").result()  # ends the session (on a server: frees its models)
+    return {"sft_nll": sft_nll, **before, **after, "steps": steps}
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import torch
 
 from cispo.client import AdamParams, ModelInput, SamplingParams, ServiceClient
@@ -87,3 +88,26 @@ def test_save_state_then_load_state_restores_weights_and_optimizer(tmp_path: Pat
     training.optim_step(adam).result()
     for k, v in training.engine.model.state_dict().items():
         assert torch.equal(v, after_save[k]), k
+
+
+def test_clients_answer_result_with_themselves_like_the_sdks_client_futures(
+    tmp_path: Path,
+) -> None:
+    """tinker 0.38 returns futures of clients (`create_lora_training_client(...).result()`)."""
+    training = _client(tmp_path)
+    assert training.result() is training
+    sampler = training.save_weights_and_get_sampling_client()
+    assert sampler.result() is sampler
+
+
+def test_close_finishes_submitted_calls_then_refuses_new_ones(tmp_path: Path) -> None:
+    service = ServiceClient(checkpoint_root=tmp_path)
+    training = service.create_lora_training_client("tiny", rank=0, model_overrides=SMALL)
+    pending = training.forward_backward(random_datums(2), "cispo", {"reduction": "token_mean"})
+    with pytest.raises(ValueError, match=r"success.*errored.*interrupted.*'finished'"):
+        service.close("finished")
+    training.optim_step(AdamParams(learning_rate=1e-3)).result()  # a refused close changed nothing
+    assert service.close("success").result() is None
+    assert pending.done() and training.engine.version == 1
+    with pytest.raises(RuntimeError, match="shutdown"):
+        training.forward(random_datums(1))

@@ -50,6 +50,9 @@ from cispo.types import (
 
 __all__ = ["SamplingClient", "ServiceClient", "TrainingClient"]
 
+CLOSE_STATUSES = ("success", "errored", "interrupted")
+"""The finish reasons `ServiceClient.close` takes (tinker 0.38's)."""
+
 
 class ServiceClient:
     """Creates training and sampling clients over local models."""
@@ -57,6 +60,18 @@ class ServiceClient:
     def __init__(self, *, checkpoint_root: str | Path = "runs/_client", seed: int = 0) -> None:
         self.checkpoint_root = Path(checkpoint_root)
         self.seed = seed
+        self._training_clients: list[TrainingClient] = []
+
+    def close(self, status: str = "success", detail: str | None = None) -> APIFuture[None]:
+        """Finish: every training client made here runs what was submitted, then stops taking
+        calls (the SDK's `close` ends the server session the same way). `status` is one of the
+        SDK's "success", "errored", "interrupted"; `detail` is accepted and unused."""
+        if status not in CLOSE_STATUSES:
+            raise ValueError(f"close status must be one of {list(CLOSE_STATUSES)}, got {status!r}")
+        for training in self._training_clients:
+            training.close()
+        self._training_clients.clear()
+        return completed(None)
 
     def create_lora_training_client(
         self,
@@ -96,7 +111,9 @@ class ServiceClient:
             config=engine_config,
             seed=self.seed,
         )
-        return TrainingClient(engine, bundle, self.checkpoint_root / name.replace("/", "_"))
+        training = TrainingClient(engine, bundle, self.checkpoint_root / name.replace("/", "_"))
+        self._training_clients.append(training)
+        return training
 
     def create_sampling_client(
         self, model_path: str, base_model: str | None = None
