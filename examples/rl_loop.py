@@ -11,8 +11,8 @@ through the client API, so the same script drives the in-process client (`cispo.
     cispo serve --api-key tml-local --port 8000 &
     python examples/rl_loop.py --base-url http://127.0.0.1:8000 --api-key tml-local
 
-From the package it takes only pure helpers: the task and its verifier (`cispo.tasks`),
-failure-safe scoring (`cispo.rewards`) and the GRPO advantage (`cispo.advantages`).
+From the package it takes only pure helpers: the task and its verifier (`cispo.tasks`), failure-safe
+scoring (`cispo.rewards`) and the GRPO advantage (`cispo.advantages`).
 """
 
 from __future__ import annotations
@@ -54,6 +54,12 @@ class Config:
     eval_problems: int = 64
     """Held-out problems answered greedily before and after RL."""
 
+    def __post_init__(self) -> None:  # G >= 2: a group's rewards are compared with each other
+        for name in ("group_size", "prompts_per_step", "sft_batch_size", "eval_problems"):
+            low = 2 if name == "group_size" else 1
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+
 
 def make_clients(cfg: Config) -> tuple[Any, Any, Any]:
     """(service client, training client, API module). `cispo.client` and `tinker` export the same
@@ -69,7 +75,7 @@ def make_clients(cfg: Config) -> tuple[Any, Any, Any]:
 
         api = tinker
         service = api.ServiceClient(base_url=cfg.base_url, api_key=cfg.api_key)
-    # rank=0 trains every weight: LoRA on a 0.54M-parameter model learns too slowly.
+    # rank=0: full fine-tuning of the tiny model (both clients take it; the server then skips PEFT)
     training = service.create_lora_training_client(cfg.base_model, rank=0, seed=cfg.seed).result()
     return service, training, api
 
