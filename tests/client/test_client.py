@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import torch
 
 from cispo.client import AdamParams, ModelInput, SamplingParams, ServiceClient
@@ -116,3 +117,26 @@ def test_get_weights_waits_for_submitted_steps_and_returns_the_current_weights(
     assert after.keys() == before.keys()
     assert any(not torch.equal(after[k], before[k]) for k in after)
     assert all(torch.equal(after[k], v) for k, v in training.engine.model.state_dict().items())
+
+
+def test_clients_answer_result_with_themselves_like_the_sdks_client_futures(
+    tmp_path: Path,
+) -> None:
+    """tinker 0.38 returns futures of clients (`create_lora_training_client(...).result()`)."""
+    training = _client(tmp_path)
+    assert training.result() is training
+    sampler = training.save_weights_and_get_sampling_client()
+    assert sampler.result() is sampler
+
+
+def test_close_finishes_submitted_calls_then_refuses_new_ones(tmp_path: Path) -> None:
+    service = ServiceClient(checkpoint_root=tmp_path)
+    training = service.create_lora_training_client("tiny", rank=0, model_overrides=SMALL)
+    pending = training.forward_backward(random_datums(2), "cispo", {"reduction": "token_mean"})
+    with pytest.raises(ValueError, match=r"success.*errored.*interrupted.*'finished'"):
+        service.close("finished")
+    training.optim_step(AdamParams(learning_rate=1e-3)).result()  # a refused close changed nothing
+    assert service.close("success").result() is None
+    assert pending.done() and training.engine.version == 1
+    with pytest.raises(RuntimeError, match="shutdown"):
+        training.forward(random_datums(1))

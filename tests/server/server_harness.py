@@ -41,9 +41,9 @@ def _free_port() -> int:
 
 
 def start_server(root: Path, **overrides: object) -> LiveServer:
-    config = ServerConfig(
-        root=root, api_key=API_KEY, model_overrides=TINY, poll_timeout=1.0, **overrides
-    )  # type: ignore[arg-type]
+    """`overrides`: ServerConfig fields; "tiny" is the 1-layer TINY unless `model_overrides`."""
+    settings: dict[str, object] = {"model_overrides": TINY, "poll_timeout": 1.0, **overrides}
+    config = ServerConfig(root=root, api_key=API_KEY, **settings)  # type: ignore[arg-type]
     app = create_app(config)
     port = _free_port()
     server = uvicorn.Server(

@@ -53,6 +53,9 @@ from cispo.types import (
 
 __all__ = ["SamplingClient", "ServiceClient", "TrainingClient"]
 
+CLOSE_STATUSES = ("success", "errored", "interrupted")
+"""The finish reasons `ServiceClient.close` takes (tinker 0.38's)."""
+
 
 class ServiceClient:
     """Creates training and sampling clients over local models."""
@@ -60,6 +63,18 @@ class ServiceClient:
     def __init__(self, *, checkpoint_root: str | Path = "runs/_client", seed: int = 0) -> None:
         self.checkpoint_root = Path(checkpoint_root)
         self.seed = seed
+        self._training_clients: list[TrainingClient] = []
+
+    def close(self, status: str = "success", detail: str | None = None) -> APIFuture[None]:
+        """Finish: every training client made here runs what was submitted, then stops taking
+        calls (the SDK's `close` ends the server session the same way). `status` is one of the
+        SDK's "success", "errored", "interrupted"; `detail` is accepted and unused."""
+        if status not in CLOSE_STATUSES:
+            raise ValueError(f"close status must be one of {list(CLOSE_STATUSES)}, got {status!r}")
+        for training in self._training_clients:
+            training.close()
+        self._training_clients.clear()
+        return completed(None)
 
     def create_lora_training_client(
         self,
@@ -99,7 +114,9 @@ class ServiceClient:
             config=engine_config,
             seed=self.seed,
         )
-        return TrainingClient(engine, bundle, self.checkpoint_root / name.replace("/", "_"))
+        training = TrainingClient(engine, bundle, self.checkpoint_root / name.replace("/", "_"))
+        self._training_clients.append(training)
+        return training
 
     def create_sampling_client(
         self, model_path: str, base_model: str | None = None
@@ -133,6 +150,12 @@ class TrainingClient:
         self.bundle = bundle
         self.checkpoint_dir = checkpoint_dir
         self._worker = OrderedWorker("cispo-train")
+
+    def result(self, timeout: float | None = None) -> TrainingClient:
+        """This client. The tinker SDK (0.38) returns a future of the client from
+        `create_lora_training_client`; here the client is ready at once, and `.result()` lets
+        code written for the SDK run unchanged (examples/rl_loop.py)."""
+        return self
 
     def get_tokenizer(self) -> Any:
         return self.bundle.tokenizer
@@ -281,6 +304,11 @@ class SamplingClient:
         """The policy version of the weights, stamped on rollouts sampled here."""
         self._pending: list[_Pending] = []
         self._lock = threading.Lock()
+
+    def result(self, timeout: float | None = None) -> SamplingClient:
+        """This client (the SDK's `save_weights_and_get_sampling_client` returns a future of it;
+        see `TrainingClient.result`)."""
+        return self
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
