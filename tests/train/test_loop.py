@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cispo.cli import apply_overrides, load_recipe
 from cispo.config import TrainConfig
-from cispo.configs import apply_overrides, load_recipe
 from cispo.train.loop import train
 from tests.train.helpers import TINY_RUN, run_config
 
@@ -73,7 +73,7 @@ def test_an_unknown_override_is_an_error_naming_the_key(tmp_path: Path) -> None:
     "name", ["arithmetic_cispo", "arithmetic_cispo_async", "arithmetic_cispo_async_lag1"]
 )
 def test_every_shipped_recipe_runs_two_steps(tmp_path: Path, name: str) -> None:
-    config = apply_overrides(load_recipe(name, TrainConfig), [*FAST, "--rl.steps=2"])
+    config = apply_overrides(load_recipe(name), [*FAST, "--rl.steps=2"])
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(tmp_path)))
     train(config, echo=lambda _: None)
     assert len(_metrics(tmp_path)) == 3

@@ -25,8 +25,7 @@ import torch
 from cispo.checkpoint import latest_named_state
 from cispo.client import ServiceClient
 from cispo.client.service import TrainingClient
-from cispo.config import TrainConfig
-from cispo.configs import config_to_dict
+from cispo.config import TrainConfig, to_dict
 from cispo.engine.engine import EngineConfig, freeze_heap
 from cispo.logging import Progress, RunLogger
 from cispo.rollout.rollouts import Rollout, collect_rollout, sample_rows
@@ -126,7 +125,7 @@ def open_run(config: TrainConfig, *, resume: bool, echo: Callable[[str], None]) 
         logger.resume(start)
         echo(f"resumed from {latest} at step {start}")
     else:
-        (run_dir / "config.json").write_text(config_json(config_to_dict(config)))
+        (run_dir / "config.json").write_text(config_json(to_dict(config)))
     test = task.problems("test", seed=config.run.seed, n=config.eval.num_problems)
     freeze_heap()
     return OpenRun(run_dir, task, training, logger, start, state, test)
