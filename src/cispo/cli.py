@@ -256,6 +256,10 @@ def serve_command(argv: list[str]) -> int:
     return serve_main(argv)
 
 
+# More subcommands (`cispo export`, ...) go here: one @command function each, importing its module
+# lazily and parsing its own options with `parse(ItsArgs, argv, default=..., prog="cispo NAME")`.
+
+
 # --------------------------------------------------------------------------------------------
 
 
