@@ -299,6 +299,8 @@ def test_a_recipe_building_a_bad_config_fails_with_the_field_named() -> None:
         RLConfig(steps="3")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"optim\.weight_decay = True: must be float"):
         OptimConfig(weight_decay=True)
+    with pytest.raises(ConfigError, match=r"optim\.weight_decay = -1: must be a finite number >="):
+        OptimConfig(weight_decay=-1)  # an int in a float field is described as a float's range
     with pytest.raises(ConfigError, match=r"optim\.decay = 'linear': must be one of 'constant'"):
         OptimConfig(decay="linear")  # type: ignore[arg-type]
 

@@ -153,7 +153,7 @@ def _validate(
             if name not in ranges:
                 raise TypeError(f"{path} has no declared Range (config.py _validate)")
             if value not in ranges[name]:
-                raise _fail(path, value, ranges[name].describe(isinstance(value, float)))
+                raise _fail(path, value, ranges[name].describe(float in kinds))
         if isinstance(value, str) and typing.get_origin(kinds[0]) is not Literal:
             allowed = choices.get(name)
             if allowed is not None and value not in allowed:
