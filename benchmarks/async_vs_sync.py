@@ -30,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cispo.cli import apply_overrides, load_recipe
 from cispo.config import TrainConfig
-from cispo.configs import apply_overrides, load_recipe
 from cispo.train.loop import train
 
 QUICK = ["--rl.steps=30", "--rl.prompts_per_step=32", "--eval.num_problems=128", "--eval.every=15"]
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides for both runs")
     args = parser.parse_args()
 
-    base = load_recipe(args.recipe, TrainConfig)
+    base = load_recipe(args.recipe)
     quick = QUICK if args.quick else []
     base = apply_overrides(base, [*quick, *args.overrides, "--run.tensorboard=false"])
     results = {}

@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
         "checkpoint",
         "logging",
     },  # maths, models and I/O helpers
-    {"config", "configs"},  # typed run configuration (plain dataclasses)
+    {"config"},  # typed run configuration (plain dataclasses)
     {"distributed"},  # process group, FSDP2 sharding, DCP checkpoints: below the engine
     {"engine"},  # model + optimizer, collation, the HF sampler
     {"client"},  # the Tinker-style API over the engine

@@ -1,25 +1,167 @@
 """Typed configuration of a training run: one frozen, kw_only dataclass per component.
 
 A recipe (`cispo.recipes.*` or a file) is a function returning a `TrainConfig`; the command line
-changes
-fields with dotted overrides (`--rl.steps=100 --loss.ratio_max=5`). Each field is documented once,
-by the
-docstring under it.
+(`cispo.cli`, built on tyro) changes fields with dotted overrides (`--rl.steps=100
+--loss.ratio_max=5`). Each field is documented once, by the docstring under it; `--help` shows it.
+
+Every section checks every field in `__post_init__` (types, finiteness, ranges, choices), so a bad
+value fails when the config is built, before anything runs, with a `ConfigError` that names the
+field's dotted path, the value and what is allowed. `to_dict` / `from_dict` are the JSON form
+written to a run directory (`config.json`) and read back; reading is strict.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
+import types
+import typing
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 from cispo.advantages import ESTIMATORS
-from cispo.losses import make_loss_config
+from cispo.losses import LOSSES, make_loss_config
+from cispo.losses.config import REDUCTION_NAMES
+from cispo.models import SMOLLM2_ALIAS, TINY
+from cispo.tasks import TASKS
+from cispo.tasks.arithmetic import OPERATORS
+from cispo.tasks.jsonl import DEFAULT_MAX_LINE_BYTES, VERIFIERS
+
+T = TypeVar("T")
 
 
-def _check(condition: bool, field_name: str, message: str) -> None:
-    if not condition:
-        raise ValueError(f"{field_name}: {message}")
+class ConfigError(ValueError):
+    """A config value its field does not allow; the message names the field's dotted path, the
+    value and the allowed values or range."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric field: an interval of finite numbers (`inf_ok`: +inf too).
+
+    NaN is never allowed."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    inf_ok: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if math.isnan(value) or (math.isinf(value) and not (self.inf_ok and value > 0)):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self, is_float: bool) -> str:
+        def num(x: float) -> str:
+            return f"{x:g}" if is_float else str(int(x))
+
+        kind = "a finite number" if is_float else "an integer"
+        if self.high == math.inf:
+            text = f"{kind} {'>' if self.low_open else '>='} {num(self.low)}"
+        elif self.low == -math.inf:
+            text = f"{kind} {'<' if self.high_open else '<='} {num(self.high)}"
+        else:
+            lo, hi = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text = f"{kind} in {lo}{num(self.low)}, {num(self.high)}{hi}"
+        return text + (", or inf" if self.inf_ok else "")
+
+
+def at_least(low: float) -> Range:
+    return Range(low=low)
+
+
+def above(low: float, *, inf_ok: bool = False) -> Range:
+    return Range(low=low, low_open=True, inf_ok=inf_ok)
+
+
+def between(low: float, high: float, *, high_open: bool = False) -> Range:
+    return Range(low=low, high=high, high_open=high_open)
+
+
+def _fail(path: str, value: object, allowed: str) -> ConfigError:
+    return ConfigError(f"{path} = {value!r}: must be {allowed}")
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """Resolved annotations of the init fields of a dataclass (postponed annotations too)."""
+    if cls not in _HINTS:
+        hints = typing.get_type_hints(cls)
+        fields = dataclasses.fields(typing.cast(Any, cls))
+        _HINTS[cls] = {f.name: hints[f.name] for f in fields if f.init}
+    return _HINTS[cls]
+
+
+def _members(tp: Any) -> tuple[Any, ...]:
+    """The members of a union (`X | None` -> (X, NoneType)), else (tp,)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _matches(value: object, tp: Any) -> bool:
+    """Whether `value` has the (scalar) type `tp`; ints pass as floats, bools as nothing else."""
+    if typing.get_origin(tp) is Literal:
+        return any(value == a and type(value) is type(a) for a in typing.get_args(tp))
+    if tp is Any or tp is object:
+        return True
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin = typing.get_origin(tp) or tp
+    return isinstance(origin, type) and isinstance(value, origin)
+
+
+def _validate(
+    config: object,
+    section: str,
+    ranges: Mapping[str, Range],
+    choices: Mapping[str, Collection[str]] | None = None,
+) -> None:
+    """Check every field of a config section: its type; a numeric field is finite and inside its
+    declared `Range` (every int/float field must declare one); a str field is non-empty and, when
+    it has `choices`, one of them; a Literal field is one of its values."""
+    choices = choices or {}
+    for name, tp in _hints(type(config)).items():
+        path, value = f"{section}.{name}", getattr(config, name)
+        members = _members(tp)
+        if value is None and type(None) in members:
+            continue
+        kinds = [m for m in members if m is not type(None)]
+        if not any(_matches(value, m) for m in kinds):
+            raise _fail(path, value, " or ".join(_type_name(m) for m in members))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if name not in ranges:
+                raise TypeError(f"{path} has no declared Range (config.py _validate)")
+            if value not in ranges[name]:
+                raise _fail(path, value, ranges[name].describe(float in kinds))
+        if isinstance(value, str) and typing.get_origin(kinds[0]) is not Literal:
+            allowed = choices.get(name)
+            if allowed is not None and value not in allowed:
+                close = difflib.get_close_matches(value, list(allowed), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise _fail(path, value, "one of " + ", ".join(map(repr, allowed)) + hint)
+            if not value:
+                raise _fail(path, value, "a non-empty string")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,13 +182,24 @@ class ModelConfig:
     """0 trains every parameter; > 0 trains LoRA adapters of this rank (PEFT)."""
 
     def __post_init__(self) -> None:
-        _check(
-            self.hidden_size % self.num_heads == 0,
-            "model.hidden_size",
-            f"must be divisible by model.num_heads={self.num_heads}, got {self.hidden_size}",
+        _validate(
+            self,
+            "model",
+            {"hidden_size": at_least(1), "num_layers": at_least(1), "num_heads": at_least(1)}
+            | {"lora_rank": at_least(0)},
         )
-        _check(self.num_layers >= 1, "model.num_layers", f"must be >= 1, got {self.num_layers}")
-        _check(self.lora_rank >= 0, "model.lora_rank", f"must be >= 0, got {self.lora_rank}")
+        if self.base_model not in (TINY, SMOLLM2_ALIAS) and not Path(self.base_model).is_dir():
+            raise _fail(
+                "model.base_model",
+                self.base_model,
+                f"{TINY!r}, {SMOLLM2_ALIAS!r} or an existing local Hugging Face directory",
+            )
+        if self.hidden_size % self.num_heads:
+            raise _fail(
+                "model.hidden_size",
+                self.hidden_size,
+                f"divisible by model.num_heads={self.num_heads}",
+            )
 
     def overrides(self) -> dict[str, Any]:
         return {
@@ -75,8 +228,26 @@ class TaskConfig:
     """jsonl: how answers are checked."""
     dataset: str | None = None
     """reasoning_gym: the generator name."""
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    """jsonl: longest accepted line in bytes; a longer line is an error at load, before any
+    tokenizing (a 50 MB prompt would otherwise take gigabytes in the tokenizer)."""
     reward_timeout_s: float = 5.0
     """A reward call slower than this scores NaN (excluded from advantages, counted)."""
+
+    def __post_init__(self) -> None:
+        _validate(
+            self,
+            "task",
+            {"digits": at_least(1), "terms": at_least(2), "max_line_bytes": at_least(1)}
+            | {"reward_timeout_s": above(0)},
+            {"name": list(TASKS), "verifier": list(VERIFIERS)},
+        )
+        if set(self.ops) - set(OPERATORS):
+            raise _fail("task.ops", self.ops, f"a non-empty string of the operators {OPERATORS!r}")
+        if self.name == "jsonl" and (self.path is None or not Path(self.path).is_file()):
+            raise _fail("task.path", self.path, 'an existing JSONL file when task.name="jsonl"')
+        if self.name == "reasoning_gym" and self.dataset is None:
+            raise _fail("task.dataset", None, 'a generator name when task.name="reasoning_gym"')
 
     def kwargs(self) -> dict[str, Any]:
         if self.name == "arithmetic":
@@ -87,7 +258,11 @@ class TaskConfig:
                 "instruction": self.instruction,
             }
         if self.name == "jsonl":
-            return {"path": self.path, "verifier": self.verifier}
+            return {
+                "path": self.path,
+                "verifier": self.verifier,
+                "max_line_bytes": self.max_line_bytes,
+            }
         if self.name == "reasoning_gym":
             return {"dataset": self.dataset, "compact_prompt": True}
         return {}
@@ -105,8 +280,14 @@ class SamplingConfig:
     """1.0 = no nucleus truncation."""
 
     def __post_init__(self) -> None:
-        _check(self.temperature > 0, "sampling.temperature", f"must be > 0, got {self.temperature}")
-        _check(self.max_tokens >= 1, "sampling.max_tokens", f"must be >= 1, got {self.max_tokens}")
+        _validate(
+            self,
+            "sampling",
+            {"temperature": above(0), "max_tokens": at_least(1), "top_k": at_least(-1)}
+            | {"top_p": Range(low=0, high=1, low_open=True)},
+        )
+        if self.top_k == 0:
+            raise _fail("sampling.top_k", 0, "-1 (no truncation) or an integer >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,7 +335,18 @@ class LossSettings:
         return config
 
     def __post_init__(self) -> None:
-        make_loss_config(self.name, self.loss_fn_config())  # validates names, bounds, combinations
+        _validate(
+            self,
+            "loss",
+            {"ratio_min": at_least(0), "ratio_max": above(0, inf_ok=True)}
+            | {"eps_low": between(0, 1), "eps_high": at_least(0)}
+            | {"kl_coef": at_least(0), "entropy_coef": at_least(0)},
+            {"name": list(LOSSES), "reduction": REDUCTION_NAMES},
+        )
+        try:  # the objective's own checks: bounds against each other, combinations
+            make_loss_config(self.name, self.loss_fn_config())
+        except ValueError as error:
+            raise ConfigError(f"loss (name={self.name!r}): {error}") from None
 
     def describe(self) -> str:
         return make_loss_config(self.name, self.loss_fn_config()).describe()
@@ -181,6 +373,16 @@ class OptimConfig:
     final_lr_ratio: float = 0.05
     """cosine: the last step's learning rate as a fraction of `learning_rate`."""
 
+    def __post_init__(self) -> None:
+        _validate(
+            self,
+            "optim",
+            {"learning_rate": above(0), "eps": above(0), "weight_decay": at_least(0)}
+            | {"beta1": between(0, 1, high_open=True), "beta2": between(0, 1, high_open=True)}
+            | {"grad_clip_norm": at_least(0), "warmup_steps": at_least(0)}
+            | {"final_lr_ratio": between(0, 1)},
+        )
+
     def lr_at(self, step: int, total: int) -> float:
         """Learning rate of RL step `step` (0-based) of `total`."""
         scale = min(1.0, (step + 1) / max(1, self.warmup_steps))
@@ -206,6 +408,14 @@ class SFTConfig:
     Constant on purpose: an annealed warm start sits in a sharp minimum that RL updates knock it
     out of (docs/LOG.md, 2026-11-22)."""
 
+    def __post_init__(self) -> None:
+        _validate(
+            self,
+            "sft",
+            {"steps": at_least(0), "batch_size": at_least(1), "learning_rate": above(0)}
+            | {"warmup_steps": at_least(0), "final_lr_ratio": between(0, 1)},
+        )
+
 
 @dataclass(frozen=True, kw_only=True)
 class RLConfig:
@@ -230,26 +440,19 @@ class RLConfig:
     (only differs when the sampler is not numerically the trainer, e.g. another engine)."""
 
     def __post_init__(self) -> None:
-        for name in (
-            "steps",
-            "prompts_per_step",
-            "group_size",
-            "epochs",
-            "minibatches",
-            "micro_batch_size",
-        ):
-            _check(getattr(self, name) >= 1 or name == "steps", f"rl.{name}", "must be >= 1")
-        _check(self.steps >= 0, "rl.steps", f"must be >= 0, got {self.steps}")
-        _check(
-            self.prompts_per_step % self.minibatches == 0,
-            "rl.minibatches",
-            f"must divide rl.prompts_per_step={self.prompts_per_step}",
+        positive = ("prompts_per_step", "group_size", "epochs", "minibatches", "micro_batch_size")
+        _validate(
+            self,
+            "rl",
+            {"steps": at_least(0)} | dict.fromkeys(positive, at_least(1)),
+            {"advantage": sorted(ESTIMATORS)},
         )
-        _check(
-            self.advantage in ESTIMATORS,
-            "rl.advantage",
-            f"unknown estimator {self.advantage!r}; valid: {sorted(ESTIMATORS)}",
-        )
+        if self.prompts_per_step % self.minibatches:
+            raise _fail(
+                "rl.minibatches",
+                self.minibatches,
+                f"a divisor of rl.prompts_per_step={self.prompts_per_step}",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,6 +463,13 @@ class EvalConfig:
     """Held-out problems per evaluation."""
     pass_k: int = 0
     """Also estimate pass@k with k samples at the sampling temperature (0 = off)."""
+
+    def __post_init__(self) -> None:
+        _validate(
+            self,
+            "eval",
+            {"every": at_least(1), "num_problems": at_least(1), "pass_k": at_least(0)},
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,13 +482,21 @@ class RunConfig:
     """Save a checkpoint every this many steps (0 = only at the end). 1 means a killed run loses
     at most the step in progress."""
     keep_last: int = 2
-    """Checkpoints kept on disk."""
+    """Step checkpoints kept on disk, the newest ones (0 keeps every one)."""
     threads: int = 0
     """torch intra-op threads (0 = torch's default)."""
     tensorboard: bool = True
     """Write TensorBoard events."""
     wandb_project: str | None = None
     """Also log to Weights & Biases (needs `wandb`)."""
+
+    def __post_init__(self) -> None:
+        _validate(
+            self,
+            "run",
+            {"seed": between(0, 2**63 - 1), "checkpoint_every": at_least(0)}
+            | {"keep_last": at_least(0), "threads": at_least(0)},
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -311,31 +529,12 @@ class AsyncConfig:
     """The trainer stops with an error when the worker sends nothing for this long."""
 
     def __post_init__(self) -> None:
-        _check(
-            self.max_staleness >= 0,
-            "asynchronous.max_staleness",
-            f"must be >= 0, got {self.max_staleness}",
-        )
-        _check(
-            self.queue_size >= 1, "asynchronous.queue_size", f"must be >= 1, got {self.queue_size}"
-        )
-        _check(
-            self.canary_threshold > 0,
-            "asynchronous.canary_threshold",
-            f"must be > 0, got {self.canary_threshold}",
-        )
-        _check(
-            self.probe_size >= 1, "asynchronous.probe_size", f"must be >= 1, got {self.probe_size}"
-        )
-        _check(
-            self.worker_threads >= 1,
-            "asynchronous.worker_threads",
-            f"must be >= 1, got {self.worker_threads}",
-        )
-        _check(
-            self.correction_ratio_max > 0,
-            "asynchronous.correction_ratio_max",
-            f"must be > 0, got {self.correction_ratio_max}",
+        _validate(
+            self,
+            "asynchronous",
+            {"max_staleness": at_least(0), "queue_size": at_least(1), "probe_size": at_least(1)}
+            | {"correction_ratio_max": above(0), "canary_threshold": above(0)}
+            | {"worker_threads": at_least(1), "worker_timeout_s": above(0)},
         )
 
 
@@ -351,3 +550,91 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
+
+
+def to_dict(config: object) -> dict[str, Any]:
+    """The config as nested JSON-safe dicts: tuples become lists, Paths strings, and non-finite
+    floats the strings "inf", "-inf", "nan" (so the file stays strict JSON)."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"to_dict needs a dataclass instance, got {type(config).__name__}")
+    return {f.name: _to_json(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
+
+
+def _to_json(value: object) -> object:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_dict(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot write {type(value).__name__} value {value!r} to a config file")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Rebuild a config of type `cls` from `to_dict` output. Strict: an unknown or missing key
+    and a value of the wrong type are `ConfigError`s naming the dotted key (with a suggestion
+    for a misspelt one); each section's `__post_init__` then checks the values."""
+    return _from_dict(cls, data, "")
+
+
+def _from_dict(cls: type[T], data: object, prefix: str) -> T:
+    where = prefix or cls.__name__
+    if not isinstance(data, Mapping):
+        raise _fail(where, data, f"a JSON object of {cls.__name__} fields")
+    hints = _hints(cls)
+    for key in data:
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f"; did you mean {_join(prefix, close[0])!r}?" if close else ""
+            raise ConfigError(
+                f"unknown config key {_join(prefix, str(key))!r}{hint} valid keys in {where}: "
+                + ", ".join(hints)
+            )
+    missing = [
+        _join(prefix, f.name)
+        for f in dataclasses.fields(typing.cast(Any, cls))
+        if f.init
+        and f.name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"missing config keys for {cls.__name__}: {', '.join(missing)}")
+    kwargs = {key: _value(value, hints[key], _join(prefix, key)) for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _value(value: object, tp: Any, path: str) -> object:
+    """A JSON value converted to the field type `tp`, or a `ConfigError`."""
+    members = _members(tp)
+    if value is None and type(None) in members:
+        return None
+    for member in (m for m in members if m is not type(None)):
+        origin = typing.get_origin(member)
+        if isinstance(member, type) and dataclasses.is_dataclass(member):
+            return _from_dict(member, value, path)
+        elif member is float and value in ("inf", "-inf", "nan"):
+            return float(str(value))
+        elif member is Path and isinstance(value, str):
+            return Path(value)
+        elif origin in (tuple, list) and isinstance(value, list):
+            args = typing.get_args(member)
+            item = args[0] if args else Any
+            items = [_value(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
+        elif origin in (dict, Mapping) or member is dict:
+            if isinstance(value, Mapping):
+                return dict(value)
+        elif _matches(value, member):
+            return float(value) if member is float else value  # type: ignore[arg-type]
+    raise _fail(path, value, " or ".join(_type_name(m) for m in members))

@@ -1,13 +1,21 @@
 """JsonlTask: loading, error messages, verifiers, splits."""
 
 import json
+import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from cispo.tasks.base import Problem
-from cispo.tasks.jsonl import JsonlTask, contains, exact, last_number, numeric
+from cispo.tasks.base import Problem, TaskDataError
+from cispo.tasks.jsonl import (
+    DEFAULT_MAX_LINE_BYTES,
+    JsonlTask,
+    contains,
+    exact,
+    last_number,
+    numeric,
+)
 
 
 def write(path: Path, rows: Sequence[object]) -> Path:
@@ -146,3 +154,63 @@ def test_separate_test_file(tmp_path: Path) -> None:
     task = JsonlTask(train, test_path=test)
     assert [p.prompt for p in task.problems("train", 0, 3)] == ["a", "a", "a"]
     assert [p.prompt for p in task.problems("test", 0, 2)] == ["b", "b"]
+
+
+def test_non_utf8_bytes_name_the_line_and_the_byte(tmp_path: Path) -> None:
+    f = tmp_path / "bad.jsonl"
+    f.write_bytes(b'{"prompt": "a", "answer": "b"}\n{"prompt": "caf\xe9", "answer": "c"}\n')
+    with pytest.raises(TaskDataError, match=r"bad\.jsonl:2: not UTF-8: byte 0xe9 at byte 16 "):
+        JsonlTask(f)
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"prompt": "p", "answer": "a"}\n')
+    assert JsonlTask(f, test_path=f).problems("train", 0, 1)[0].prompt == "p"
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b""])
+def test_max_line_bytes_is_the_longest_accepted_line(tmp_path: Path, newline: bytes) -> None:
+    line = b'{"prompt": "' + b"x" * 40 + b'", "answer": "a"}'
+    f = tmp_path / "a.jsonl"
+    f.write_bytes(b'{"prompt": "p", "answer": "a"}\n' + line + newline)
+    JsonlTask(f, test_path=f, max_line_bytes=len(line))  # exactly the limit: accepted
+    with pytest.raises(TaskDataError, match=r"a\.jsonl:2: line longer than max_line_bytes=64 "):
+        JsonlTask(f, max_line_bytes=64)
+
+
+def test_a_huge_line_is_refused_without_reading_it_into_memory(tmp_path: Path) -> None:
+    f = tmp_path / "huge.jsonl"
+    size = 32 << 20  # 32 MiB in one line
+    with f.open("wb") as out:
+        out.write(b'{"prompt": "')
+        out.write(b"x" * size)
+        out.write(b'", "answer": "a"}\n')
+    tracemalloc.start()
+    try:
+        with pytest.raises(TaskDataError, match=r"huge\.jsonl:1: line longer than max_line_byte"):
+            JsonlTask(f)  # the default limit
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert DEFAULT_MAX_LINE_BYTES == 1 << 20
+    assert peak < 3 * DEFAULT_MAX_LINE_BYTES, peak  # read at most the limit, not 32 MiB
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000 + b"\n", r":1: invalid JSON: nested too deeply"),
+        (b'{"prompt": "a", "answer": "b"}\n{"prompt": \n', r":2: invalid JSON: Expecting value"),
+    ],
+)
+def test_malformed_json_names_the_line(tmp_path: Path, content: bytes, message: str) -> None:
+    f = tmp_path / "bad.jsonl"
+    f.write_bytes(content)
+    with pytest.raises(TaskDataError, match=message):
+        JsonlTask(f)
+
+
+def test_a_missing_file_is_a_task_data_error(tmp_path: Path) -> None:
+    with pytest.raises(TaskDataError, match=r"missing\.jsonl: cannot read the JSONL file"):
+        JsonlTask(tmp_path / "missing.jsonl")

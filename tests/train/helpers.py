@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from cispo.cli import apply_overrides
 from cispo.config import TrainConfig
-from cispo.configs import apply_overrides
 from cispo.datums import rl_datum
 from cispo.engine.engine import Engine, EngineConfig
 from cispo.models import ModelBundle, load_bundle

@@ -26,9 +26,9 @@ from safetensors.torch import load_file
 
 from cispo.asynchronous.staleness import NO_WEIGHTS, LagStats, StalenessGate
 from cispo.asynchronous.worker import SamplerWorker, WeightChannel, WeightSyncError
+from cispo.cli import load_recipe
 from cispo.client.service import TrainingClient
 from cispo.config import TrainConfig
-from cispo.configs import load_recipe
 from cispo.rollout.rollouts import Rollout, output_logprobs, with_old_logprobs
 from cispo.train import loop
 from cispo.train.loop import train
@@ -189,7 +189,7 @@ def test_async_with_max_staleness_0_reproduces_the_synchronous_run(tmp_path: Pat
 def test_the_lag_1_recipe_trains_stale_batches_within_the_bound_and_reports_the_lag(
     tmp_path: Path,
 ) -> None:
-    recipe = load_recipe("arithmetic_cispo_async_lag1", TrainConfig)
+    recipe = load_recipe("arithmetic_cispo_async_lag1")
     assert recipe.asynchronous.enabled and recipe.asynchronous.max_staleness == 1
     run = train(_config(tmp_path, "--rl.steps=4", recipe=recipe), echo=_quiet)
     assert_every_rl_step_trained(tmp_path)
@@ -414,7 +414,7 @@ def test_the_worker_is_gone_after_the_trainer_raises(
 # commands (and so pytest and this child) with SIGINT ignored, and Python then keeps it ignored.
 _CTRL_C_RUN = """
 import dataclasses, signal, sys
-from cispo.configs import apply_overrides
+from cispo.cli import apply_overrides
 from cispo.config import TrainConfig
 from cispo.train.loop import train
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from cispo.cli import apply_overrides, load_recipe
 from cispo.config import TrainConfig
-from cispo.configs import apply_overrides, load_recipe
 from cispo.train import loop
 from cispo.train.loop import train
 from tests.train.helpers import (
@@ -255,7 +255,7 @@ def test_an_unknown_override_is_an_error_naming_the_key(tmp_path: Path) -> None:
     "name", ["arithmetic_cispo", "arithmetic_cispo_async", "arithmetic_cispo_async_lag1"]
 )
 def test_every_shipped_recipe_runs_two_steps(tmp_path: Path, name: str) -> None:
-    config = apply_overrides(load_recipe(name, TrainConfig), [*TINY_RUN, "--rl.steps=2"])
+    config = apply_overrides(load_recipe(name), [*TINY_RUN, "--rl.steps=2"])
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(tmp_path)))
     train(config, echo=lambda _: None)
     assert len(metrics(tmp_path)) == 3

@@ -64,7 +64,7 @@ class RunLogger:
         plot_every_s: float = 60.0,
         config: Mapping[str, Any] | None = None,
     ) -> None:
-        """`config` (e.g. `config_to_dict(cfg)`) is passed to W&B/trackio as the run config."""
+        """`config` (e.g. `config.to_dict(cfg)`) is passed to W&B/trackio as the run config."""
         if not plot_every_s >= 0:
             raise ValueError(
                 f"plot_every_s must be >= 0 (0 plots only on close), got {plot_every_s}"

@@ -73,9 +73,11 @@ class ServerConfig:
     root: Path
     """Directory for tinker:// checkpoints, training-run records and tokenizers."""
     api_key: str
-    """Every request must carry it in X-API-Key."""
+    """Every request must carry it in X-API-Key (`cispo serve` reads $CISPO_API_KEY when the
+    option is not given). The tinker SDK only sends keys that start with "tml-"."""
     base_models: tuple[str, ...] = (TINY,)
-    """Base models clients may create: "tiny", "smollm2-135m" or local HF directories."""
+    """Base models clients may create: "tiny", "smollm2-135m" or local HF directories (several:
+    `--base-models tiny path/to/hf_dir`)."""
     model_overrides: Mapping[str, Any] = field(default_factory=dict)
     """Size overrides for "tiny" (hidden_size, num_layers, num_heads, family)."""
     seed: int = 0
@@ -83,9 +85,11 @@ class ServerConfig:
     full_finetune: bool = False
     """Train every parameter even when the client asks for LoRA."""
     max_request_bytes: int = 64 << 20
+    """Largest accepted request body in bytes (64 MiB); larger requests get 413."""
     poll_timeout: float = 30.0
     """Seconds one retrieve_future long poll waits before answering try_again."""
     engine: EngineConfig | None = None
+    """Engine settings of every served model (None: the engine's defaults)."""
 
     def __post_init__(self) -> None:
         if not self.api_key:
@@ -94,6 +98,8 @@ class ServerConfig:
             raise ValueError("base_models must name at least one model")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        if not 0 < self.poll_timeout < float("inf"):
+            raise ValueError(f"poll_timeout must be a finite number > 0, got {self.poll_timeout}")
 
 
 @dataclass

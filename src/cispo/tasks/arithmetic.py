@@ -42,6 +42,10 @@ def evaluate(operands: list[int], operators: list[str]) -> int:
     return total + sign * product
 
 
+OPERATORS = "+-*"
+"""The operators a problem can use."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ArithmeticTask:
     num_terms: int = 2
@@ -69,9 +73,9 @@ class ArithmeticTask:
             raise ValueError(f"num_terms must be >= 2, got {self.num_terms}")
         if self.digits < 1:
             raise ValueError(f"digits must be >= 1, got {self.digits}")
-        if not self.operators or set(self.operators) - set("+-*"):
+        if not self.operators or set(self.operators) - set(OPERATORS):
             raise ValueError(
-                f'operators must be a non-empty subset of "+-*", got {self.operators!r}'
+                f"operators must be a non-empty subset of {OPERATORS!r}, got {self.operators!r}"
             )
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")

@@ -17,6 +17,7 @@ __all__ = [
     "SPLITS",
     "Problem",
     "Task",
+    "TaskDataError",
     "check_split",
     "extract_answer",
     "split_of",
@@ -27,6 +28,11 @@ SPLITS = ("train", "test")
 # Where a completion's answer stops: the first newline or end-of-sequence-like marker, in case
 # the sampler returns the EOS text instead of stopping before it.
 END_MARKERS = ("\n", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>", "<eos>")
+
+
+class TaskDataError(ValueError):
+    """A task's data is unusable (a malformed file, a line too long); the message names the file,
+    the line and what is wrong. The command line prints it without a traceback."""
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,7 @@ from cispo.asynchronous.staleness import LagStats, StalenessGate
 from cispo.checkpoint import latest_named_state
 from cispo.client import ServiceClient
 from cispo.client.service import TrainingClient
-from cispo.config import TrainConfig
-from cispo.configs import config_to_dict
+from cispo.config import TrainConfig, to_dict
 from cispo.engine.engine import EngineConfig, freeze_heap
 from cispo.logging import Progress, RunLogger
 from cispo.rollout.rollouts import Rollout, sample_rows
@@ -123,9 +122,9 @@ def open_run(config: TrainConfig, *, resume: bool, echo: Callable[[str], None]) 
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     torch.manual_seed(config.run.seed)
+    task = make_task(config.task.name, **config.task.kwargs())  # a bad task file leaves no run
     run_dir = Path(config.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    task = make_task(config.task.name, **config.task.kwargs())
     service = ServiceClient(checkpoint_root=run_dir / "checkpoints", seed=config.run.seed)
     training = service.create_lora_training_client(
         config.model.base_model,
@@ -136,7 +135,7 @@ def open_run(config: TrainConfig, *, resume: bool, echo: Callable[[str], None]) 
     )
     latest = latest_named_state(training.checkpoint_dir) if resume else None
     saved = run_dir / "config.json"
-    data = config_to_dict(config)
+    data = to_dict(config)
     if latest is not None and saved.exists():
         try:
             check_resume_config(json.loads(saved.read_text()), data)
