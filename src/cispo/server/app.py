@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Awaitable, Callable, MutableMapping
-from contextlib import asynccontextmanager
+import json
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar, cast
 
 import pydantic
@@ -137,6 +138,18 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise UserError("seq_id is required for requests on a training model")
         return served.sequencer.submit(backend.futures, seq_id, work)
 
+    @contextmanager
+    def consumes_seq_id(served: ServedModel, seq_id: int | None) -> Iterator[None]:
+        """A request refused inside this block (400) still takes its seq_id slot, which completes
+        with the error and runs nothing: the SDK never reuses a seq_id, so otherwise every later
+        request on the model would wait for this one forever."""
+        try:
+            yield
+        except (UserError, WireError) as error:
+            if seq_id is not None:
+                served.sequencer.refuse(backend.futures, seq_id, error)
+            raise
+
     def on_control(work: Callable[[], Result]) -> str:
         request_id = backend.futures.create()
         backend.futures.run_on(backend._control, request_id, work)
@@ -240,7 +253,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                 raise WireError(f"bad zstd body: {error}") from error
         call = decode_forward_backward(body)
         served = backend.model(call.model_id)
-        backend.check_forward_backward(served, call)
+        with consumes_seq_id(served, call.seq_id):
+            backend.check_forward_backward(served, call)
         rid = ordered(served, call.seq_id, lambda: backend.run_forward_backward(served, call))
         return future(rid, served.model_id)
 
@@ -249,12 +263,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         req = await body_of(request, tt.OptimStepRequest)
         served = backend.model(req.model_id)
         params = req.optim_params
-        if not isinstance(params, tt.AdamParams):
-            raise UserError("only AdamParams are supported (the model was created with adamw)")
-        try:
-            adam = AdamParams(**params.model_dump())
-        except ValueError as error:
-            raise UserError(str(error)) from error
+        with consumes_seq_id(served, req.seq_id):
+            if not isinstance(params, tt.AdamParams):
+                raise UserError("only AdamParams are supported (the model was created with adamw)")
+            try:
+                adam = AdamParams(**params.model_dump())
+            except ValueError as error:
+                raise UserError(str(error)) from error
         rid = ordered(served, req.seq_id, lambda: backend.run_optim_step(served, adam))
         return future(rid, served.model_id)
 
@@ -280,15 +295,17 @@ def create_app(config: ServerConfig) -> FastAPI:
             seq = req.sampling_session_seq_id
             work = lambda: backend.run_ephemeral_sampler(served, seq)  # noqa: E731
         else:
-            raise UserError("save_weights_for_sampler needs path or sampling_session_seq_id")
+            with consumes_seq_id(served, req.seq_id):
+                raise UserError("save_weights_for_sampler needs path or sampling_session_seq_id")
         return future(ordered(served, req.seq_id, work), served.model_id)
 
     @app.post(f"{api}/load_weights")
     async def load_weights(request: Request) -> dict[str, Any]:
         req = await body_of(request, tt.LoadWeightsRequest)
-        backend.store.resolve(req.path)  # 400 now for an unknown path
         if req.model_id is not None:
             served = backend.model(req.model_id)
+            with consumes_seq_id(served, req.seq_id):
+                backend.store.resolve(req.path)  # 400 now for an unknown path
             path, opt = req.path, req.optimizer
             rid = ordered(served, req.seq_id, lambda: backend.run_load(served, path, opt))
             return future(rid, served.model_id)
@@ -438,5 +455,21 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.get(f"{api}/training_runs/{{run_id}}/checkpoints")
     async def checkpoints(run_id: str) -> dict[str, Any]:
         return {"checkpoints": list(run_record(run_id).checkpoints)}
+
+    # ------------------------------------------------------------------ anything else: 404
+    @app.post(f"{api}/{{endpoint:path}}")
+    async def unknown_endpoint(endpoint: str, request: Request) -> JSONResponse:
+        """An endpoint this server does not have. A training request (a body with the model_id of
+        a live model and a seq_id) still takes its seq_id slot, so the client is not wedged."""
+        detail = f"this server has no endpoint /api/v1/{endpoint} (docs/server.md lists them)"
+        try:
+            data = json.loads(await _body(request, limit))
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("seq_id"), int):
+            served = backend.models.get(str(data.get("model_id")))
+            if served is not None:
+                served.sequencer.refuse(backend.futures, data["seq_id"], UserError(detail))
+        return JSONResponse({"detail": detail}, status_code=404)
 
     return app

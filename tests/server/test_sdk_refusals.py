@@ -1,0 +1,115 @@
+"""The real tinker SDK through refused requests: every refusal (400/404) leaves the TrainingClient
+usable, and changes no weights, no gradients and no optimizer state.
+
+The SDK numbers a TrainingClient's requests on the client (`seq_id = 1, 2, ...`) and never reuses
+one; a refused request must therefore still consume its seq_id on the server, or every later
+request on that client waits for it forever (`Retrying request ... because of try_again`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+tinker = pytest.importorskip("tinker")
+from server_harness import LiveServer  # noqa: E402
+from tinker import types  # noqa: E402
+
+RANK = 4
+TIMEOUT = 30.0
+
+
+@pytest.fixture(scope="module")
+def training(service: Any) -> Any:
+    return service.create_lora_training_client("tiny", rank=RANK, seed=3).result()
+
+
+def _datum(ids: list[int], **extra: list[float]) -> types.Datum:
+    inputs: dict[str, Any] = {"target_tokens": ids[1:], **extra}
+    return types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]), loss_fn_inputs=inputs)
+
+
+def _rl_datum(ids: list[int]) -> types.Datum:
+    n = len(ids) - 1
+    return _datum(ids, logprobs=[-2.0] * n, advantages=[1.0] * n)
+
+
+def _forward_lp(training: Any, ids: list[int]) -> list[float]:
+    out = training.forward([_datum(ids)], "cross_entropy").result(timeout=TIMEOUT)
+    return list(out.loss_fn_outputs[0]["logprobs"].tolist())
+
+
+def _optimizer_state(live: LiveServer, model_id: str) -> dict[str, Any]:
+    state = live.backend.models[model_id].engine.optimizer.state_dict()["state"]
+    return {k: {n: v.clone() for n, v in s.items()} for k, s in state.items()}
+
+
+def _ids(training: Any) -> list[int]:
+    return list(training.get_tokenizer().encode("12+7=19"))
+
+
+# Each refusal: (name, call that the server refuses, a word the error must contain).
+REFUSALS: list[tuple[str, Callable[[Any, list[int], int], Any], str]] = [
+    (
+        "unknown_loss_fn",
+        lambda tc, ids, vocab: tc.forward_backward([_datum(ids)], "custom"),
+        "custom",
+    ),
+    (
+        "out_of_vocab_token",
+        lambda tc, ids, vocab: tc.forward_backward([_datum([*ids, vocab + 5])], "cross_entropy"),
+        "token ids",
+    ),
+    (
+        "unknown_loss_fn_config_key",
+        lambda tc, ids, vocab: tc.forward_backward([_rl_datum(ids)], "cispo", {"bogus": 1.0}),
+        "bogus",
+    ),
+    (
+        "missing_loss_fn_inputs",
+        lambda tc, ids, vocab: tc.forward_backward([_datum(ids)], "importance_sampling"),
+        "advantages",
+    ),
+    (
+        "load_state_unknown_path",
+        lambda tc, ids, vocab: tc.load_state("tinker://nope/weights/x"),
+        "unknown training run",
+    ),
+]
+
+
+def test_each_refused_request_consumes_its_seq_id_and_changes_nothing(
+    live: LiveServer, training: Any
+) -> None:
+    """For every refusal class: the SDK call raises with the server's reason, the next valid
+    request on the same TrainingClient completes (it would hang if the refused seq_id were left
+    open), and weights, accumulated gradients and Adam moments are unchanged."""
+    ids = _ids(training)
+    served = live.backend.models[training.model_id]
+    vocab = served.vocab_size
+    # One real step first, so the optimizer has moments that a refused request could disturb.
+    training.forward_backward([_datum(ids)], "cross_entropy")
+    training.optim_step(types.AdamParams(learning_rate=5e-2)).result(timeout=TIMEOUT)
+    assert _optimizer_state(live, training.model_id), "the step created no Adam state"
+    for name, refuse, message in REFUSALS:
+        before = _forward_lp(training, ids)
+        moments = _optimizer_state(live, training.model_id)
+        with pytest.raises(tinker.APIStatusError, match=message):
+            refuse(training, ids, vocab).result(timeout=TIMEOUT)
+        assert _forward_lp(training, ids) == pytest.approx(before, abs=0), name
+        assert all(p.grad is None or not p.grad.any() for p in served.engine.model.parameters()), (
+            f"{name}: a refused request left gradients behind"
+        )
+        after = _optimizer_state(live, training.model_id)
+        assert after.keys() == moments.keys(), name
+        for key, slots in moments.items():
+            for slot, value in slots.items():
+                assert torch.equal(after[key][slot], value), f"{name}: Adam {slot} changed"
+    # The client still trains after all of them: a valid step moves the weights.
+    before = _forward_lp(training, ids)
+    training.forward_backward([_datum(ids)], "cross_entropy")
+    training.optim_step(types.AdamParams(learning_rate=5e-2)).result(timeout=TIMEOUT)
+    assert _forward_lp(training, ids) != pytest.approx(before, abs=1e-4)
