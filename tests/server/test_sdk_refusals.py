@@ -74,6 +74,11 @@ REFUSALS: list[tuple[str, Callable[[Any, list[int], int], Any], str]] = [
         "advantages",
     ),
     (
+        "stable_reinforce",
+        lambda tc, ids, vocab: tc.forward_backward([_rl_datum(ids)], "stable_reinforce"),
+        "stable_reinforce' is not available on this server.*loss_fn='cispo'",
+    ),
+    (
         "load_state_unknown_path",
         lambda tc, ids, vocab: tc.load_state("tinker://nope/weights/x"),
         "unknown training run",
@@ -113,3 +118,23 @@ def test_each_refused_request_consumes_its_seq_id_and_changes_nothing(
     training.forward_backward([_datum(ids)], "cross_entropy")
     training.optim_step(types.AdamParams(learning_rate=5e-2)).result(timeout=TIMEOUT)
     assert _forward_lp(training, ids) != pytest.approx(before, abs=1e-4)
+
+
+def test_record_stability_info_is_refused_at_the_first_sample_with_the_cispo_answer(
+    training: Any,
+) -> None:
+    """The cookbook's default (loss_fn="stable_reinforce") samples with record_stability_info=True
+    first: that request already names what StableReinforce is, why it is absent, and what to pass
+    instead; the same client samples fine without it."""
+    ids = _ids(training)
+    prompt = types.ModelInput.from_ints(ids[:5])
+    params = types.SamplingParams(max_tokens=3, seed=1)
+    recording = training.save_weights_and_get_sampling_client(record_stability_info=True).result()
+    with pytest.raises(tinker.APIStatusError) as error:
+        recording.sample(prompt, 1, params).result(timeout=TIMEOUT)
+    message = str(error.value)
+    for part in ("record_stability_info", "alpha loss", "does not publish", "loss_fn=cispo"):
+        assert part in message, part
+    plain = training.save_weights_and_get_sampling_client().result()
+    sampled = plain.sample(prompt, 1, params).result(timeout=TIMEOUT).sequences[0].tokens
+    assert 1 <= len(sampled) <= 3

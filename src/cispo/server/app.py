@@ -25,7 +25,14 @@ from tinker import types as tt
 from cispo.client.types import AdamParams
 from cispo.rollout.sampler import SamplingParams
 from cispo.server.futures import Result, UserError
-from cispo.server.runtime import Backend, NotFound, ServedModel, ServerConfig, _SampleJob
+from cispo.server.runtime import (
+    STABLE_REINFORCE_REFUSED,
+    Backend,
+    NotFound,
+    ServedModel,
+    ServerConfig,
+    _SampleJob,
+)
 from cispo.server.wire import WireError, decode_forward_backward
 
 PROTO = "application/x-protobuf"
@@ -365,6 +372,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         if req.sampling_session_id is None:
             raise UserError("asample needs a sampling_session_id (create_sampling_session first)")
         sampler = backend.sampler(req.sampling_session_id)
+        if req.record_stability_info:
+            # Only stable_reinforce reads it, and that loss is refused: say so at the first request.
+            raise UserError(f"record_stability_info=True is refused. {STABLE_REINFORCE_REFUSED}")
         unsupported = [
             name
             for name, on in (
@@ -372,7 +382,6 @@ def create_app(config: ServerConfig) -> FastAPI:
                 ("topk_sample_logprobs", req.topk_sample_logprobs),
                 ("target_prompt_logprobs", req.target_prompt_logprobs is not None),
                 ("prompt_alt_tokens_k", req.prompt_alt_tokens_k),
-                ("record_stability_info", req.record_stability_info),
             )
             if on
         ]

@@ -63,6 +63,19 @@ _INPUT_KEYS = {
     "mask": "mask",
 }
 
+# Tinker's StableReinforce: documented as an alpha loss whose objective uses per-sequence
+# information recorded at sampling time (`record_stability_info=True`); the objective itself is not
+# published, so there is nothing faithful to implement under that name.
+STABLE_REINFORCE_REFUSED = (
+    "loss_fn='stable_reinforce' is not available on this server: Tinker documents StableReinforce "
+    "as an alpha loss whose objective uses per-sequence information recorded at sampling time "
+    "(record_stability_info=True), and does not publish that objective, so this server does not "
+    "implement a guess under its name. Train with the built-in loss_fn='cispo' instead "
+    "(tinker-cookbook: pass loss_fn=cispo to recipes.math_rl.train, recipes.rubric.train or "
+    "recipes.rl_loop, or set rl.train.AsyncConfig(loss_fn='cispo') for async runs; sampling then "
+    "does not ask for record_stability_info). See docs/server.md."
+)
+
 
 class NotFound(LookupError):
     """An unknown session, model or sampler id; the server answers 404."""
@@ -326,6 +339,8 @@ class Backend:
     # ------------------------------------------------------------------ training ops
     def check_forward_backward(self, served: ServedModel, call: ForwardBackwardCall) -> None:
         """Everything that can be wrong with a forward_backward request, before it is queued."""
+        if call.loss_fn == "stable_reinforce":
+            raise UserError(STABLE_REINFORCE_REFUSED)
         try:
             config = make_loss_config(call.loss_fn, call.loss_fn_config)
         except (ValueError, TypeError) as error:
