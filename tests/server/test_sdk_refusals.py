@@ -74,6 +74,11 @@ REFUSALS: list[tuple[str, Callable[[Any, list[int], int], Any], str]] = [
         "advantages",
     ),
     (
+        "over_max_context_length",
+        lambda tc, ids, vocab: tc.forward_backward([_datum(ids * 150)], "cross_entropy"),
+        "exceed max_context_length=1024",
+    ),
+    (
         "stable_reinforce",
         lambda tc, ids, vocab: tc.forward_backward([_rl_datum(ids)], "stable_reinforce"),
         "stable_reinforce' is not available on this server.*loss_fn='cispo'",
@@ -138,3 +143,20 @@ def test_record_stability_info_is_refused_at_the_first_sample_with_the_cispo_ans
     plain = training.save_weights_and_get_sampling_client().result()
     sampled = plain.sample(prompt, 1, params).result(timeout=TIMEOUT).sequences[0].tokens
     assert 1 <= len(sampled) <= 3
+
+
+def test_max_context_length_is_reported_and_a_sample_past_it_is_refused(
+    service: Any, training: Any
+) -> None:
+    """get_server_capabilities reports the model's max_position_embeddings, and a sample request
+    whose prompt + max_tokens would run past it gets 400 naming the limit (it used to be accepted
+    and sampled past the model's context)."""
+    caps = service.get_server_capabilities()
+    (tiny,) = [m for m in caps.supported_models if m.model_name == "tiny"]
+    assert tiny.max_context_length == 1024
+    sampler = training.save_weights_and_get_sampling_client().result()
+    prompt = types.ModelInput.from_ints(_ids(training))
+    with pytest.raises(tinker.APIStatusError, match="max_context_length=1024"):
+        sampler.sample(prompt, 1, types.SamplingParams(max_tokens=32768)).result(timeout=TIMEOUT)
+    fits = types.SamplingParams(max_tokens=1024 - prompt.length, seed=0, stop=["\n"])
+    assert sampler.sample(prompt, 1, fits).result(timeout=TIMEOUT).sequences

@@ -192,7 +192,12 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def capabilities() -> dict[str, Any]:
         return {
             "supported_models": [
-                {"model_name": name, "trainable": True, "sampleable": True}
+                {
+                    "model_name": name,
+                    "max_context_length": backend.max_context_length(name),
+                    "trainable": True,
+                    "sampleable": True,
+                }
                 for name in config.base_models
             ]
         }
@@ -413,6 +418,12 @@ def create_app(config: ServerConfig) -> FastAPI:
             )
         except ValueError as error:
             raise UserError(f"bad sampling_params: {error}") from error
+        limit = sampler.max_context_length
+        if limit is not None and len(prompt) + (sp.max_tokens or 0) > limit:
+            raise UserError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({sp.max_tokens}) exceeds "
+                f"max_context_length={limit} of {sampler.base_model!r}"
+            )
         last_n = req.prompt_logprobs_last_n
         if last_n is not None and not 1 <= last_n <= len(prompt) - 1:
             raise UserError(f"prompt_logprobs_last_n must be in [1, {len(prompt) - 1}]")

@@ -130,6 +130,10 @@ class ServedModel:
     def vocab_size(self) -> int:
         return int(self.engine.model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
 
+    @property
+    def max_context_length(self) -> int | None:
+        return context_length(self.engine.model)
+
 
 @dataclass
 class SamplerSession:
@@ -142,6 +146,7 @@ class SamplerSession:
     pad_token_id: int
     generator: torch.Generator
     vocab_size: int
+    max_context_length: int | None
 
 
 @dataclass
@@ -170,6 +175,12 @@ class _SampleJob:
         )
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The model's `max_position_embeddings` (peft wrappers forward `.config`); None if absent."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(value) if value else None
+
+
 def _vocab_size(model: nn.Module) -> int:
     return int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
 
@@ -188,6 +199,7 @@ class Backend:
         self._sample_lock = threading.Lock()
         self._sample_queue: list[_SampleJob] = []
         self._tokenizer_dirs: dict[str, str] = {}
+        self._context: dict[str, int | None] = {}
 
     def close(self) -> None:
         for served in list(self.models.values()):
@@ -213,6 +225,25 @@ class Backend:
             else:
                 self._tokenizer_dirs[base_model] = base_model
         return self._tokenizer_dirs[base_model]
+
+    def max_context_length(self, base_model: str) -> int | None:
+        """Tokens a sequence of `base_model` may hold (prompt + completion, or one datum): its
+        config's `max_position_embeddings`. Read from the config for "tiny" and local HF
+        directories; for other names (the SmolLM2 GGUF alias) known once a model was built."""
+        if base_model not in self._context:
+            if base_model == TINY:
+                self._context[base_model] = context_length(
+                    load_bundle(TINY, overrides=self.config.model_overrides).model
+                )
+            elif Path(base_model).is_dir():
+                from transformers import AutoConfig
+
+                config = AutoConfig.from_pretrained(base_model, local_files_only=True)
+                value = getattr(config, "max_position_embeddings", None)
+                self._context[base_model] = int(value) if value else None
+            else:
+                return None
+        return self._context[base_model]
 
     def check_base_model(self, base_model: str) -> None:
         if base_model not in self.config.base_models:
@@ -280,6 +311,7 @@ class Backend:
     ) -> ServedModel:
         """Build the model (on the control thread) and register it. `state`: load_weights."""
         model, tokenizer = self._build(record)
+        self._context.setdefault(record.base_model, context_length(model))
         engine = Engine(
             model,
             eos_token_id=tokenizer.eos_token_id,
@@ -350,12 +382,18 @@ class Backend:
         need = required_inputs(config)
         need.pop("entropy", None)  # computed by the engine
         vocab = served.vocab_size
+        limit = served.max_context_length
         keys0: set[str] | None = None
         for i, datum in enumerate(call.datums):
             inputs = datum.loss_fn_inputs
             n = datum.model_input.length
             if n == 0:
                 raise UserError(f"datum {i}: model_input is empty")
+            if limit is not None and n > limit:
+                raise UserError(
+                    f"datum {i}: {n} tokens exceed max_context_length={limit} of "
+                    f"{served.record.base_model!r}"
+                )
             tokens = datum.model_input.to_ints()
             if "target_tokens" not in inputs:
                 raise UserError(f"datum {i}: loss_fn_inputs needs 'target_tokens'")
@@ -467,6 +505,7 @@ class Backend:
             pad_token_id=int(tokenizer.pad_token_id or 0),
             generator=torch.Generator().manual_seed(seed),
             vocab_size=_vocab_size(model),
+            max_context_length=context_length(model),
         )
 
     def create_sampler(
