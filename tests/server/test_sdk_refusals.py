@@ -84,6 +84,11 @@ REFUSALS: list[tuple[str, Callable[[Any, list[int], int], Any], str]] = [
         "stable_reinforce' is not available on this server.*loss_fn='cispo'",
     ),
     (
+        "ttl_out_of_range",
+        lambda tc, ids, vocab: tc.save_state("short", ttl_seconds=10),
+        "ttl_seconds must be in",
+    ),
+    (
         "load_state_unknown_path",
         lambda tc, ids, vocab: tc.load_state("tinker://nope/weights/x"),
         "unknown training run",

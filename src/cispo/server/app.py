@@ -26,6 +26,7 @@ from cispo.client.types import AdamParams
 from cispo.rollout.sampler import SamplingParams
 from cispo.server.futures import Result, UserError
 from cispo.server.runtime import (
+    LORA_TARGETS,
     STABLE_REINFORCE_REFUSED,
     Backend,
     NotFound,
@@ -33,6 +34,7 @@ from cispo.server.runtime import (
     ServerConfig,
     _SampleJob,
 )
+from cispo.server.store import SCHEME, check_ttl
 from cispo.server.wire import WireError, decode_forward_backward
 
 PROTO = "application/x-protobuf"
@@ -106,9 +108,19 @@ def create_app(config: ServerConfig) -> FastAPI:
     backend = Backend(config)
     limit = config.max_request_bytes
 
+    async def sweep_expired() -> None:
+        """Delete checkpoints whose TTL has passed, every `ttl_sweep_seconds` (on the control
+        thread, so never during a create-from-checkpoint load)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(config.ttl_sweep_seconds)
+            await loop.run_in_executor(backend._control, backend.store.sweep)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        sweeper = asyncio.create_task(sweep_expired())
         yield
+        sweeper.cancel()
         backend.close()
 
     app = FastAPI(
@@ -289,9 +301,15 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def save_weights(request: Request) -> dict[str, Any]:
         req = await body_of(request, tt.SaveWeightsRequest)
         served = backend.model(req.model_id)
+        with consumes_seq_id(served, req.seq_id):
+            check_ttl(req.ttl_seconds)
         name = req.path or f"step-{served.engine.version}"
         rid = ordered(
-            served, req.seq_id, lambda: backend.run_save(served, "weights", name, req.overwrite)
+            served,
+            req.seq_id,
+            lambda: backend.run_save(
+                served, "weights", name, req.overwrite, req.ttl_seconds, req.user_metadata
+            ),
         )
         return future(rid, served.model_id)
 
@@ -299,10 +317,14 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def save_weights_for_sampler(request: Request) -> dict[str, Any]:
         req = await body_of(request, tt.SaveWeightsForSamplerRequest)
         served = backend.model(req.model_id)
+        with consumes_seq_id(served, req.seq_id):
+            check_ttl(req.ttl_seconds)
         work: Callable[[], Result]
         if req.path is not None:
-            name = req.path
-            work = lambda: backend.run_save(served, "sampler_weights", name, True)  # noqa: E731
+            name, ttl, meta = req.path, req.ttl_seconds, req.user_metadata
+            work = lambda: backend.run_save(  # noqa: E731
+                served, "sampler_weights", name, True, ttl, meta
+            )
         elif req.sampling_session_seq_id is not None:
             seq = req.sampling_session_seq_id
             work = lambda: backend.run_ephemeral_sampler(served, seq)  # noqa: E731
@@ -474,7 +496,92 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get(f"{api}/training_runs/{{run_id}}/checkpoints")
     async def checkpoints(run_id: str) -> dict[str, Any]:
-        return {"checkpoints": list(run_record(run_id).checkpoints)}
+        record = run_record(run_id)
+        backend.store.sweep()
+        return {"checkpoints": list(record.checkpoints)}
+
+    def checkpoint_entry(run_id: str, checkpoint_id: str) -> dict[str, Any]:
+        run_record(run_id)
+        backend.store.checkpoint_dir(run_id, checkpoint_id)  # 400 for a malformed id
+        entry = backend.store.entry(run_id, checkpoint_id)
+        if entry is None:
+            raise NotFound(f"no checkpoint {SCHEME}{run_id}/{checkpoint_id}")
+        return entry
+
+    @app.delete(f"{api}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}")
+    async def delete_checkpoint(run_id: str, checkpoint_id: str) -> Response:
+        checkpoint_entry(run_id, checkpoint_id)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            backend._control, lambda: backend.store.delete(run_id, checkpoint_id)
+        )
+        return Response(status_code=204)
+
+    @app.put(f"{api}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}/ttl")
+    async def set_ttl(run_id: str, checkpoint_id: str, request: Request) -> Response:
+        body = await _body(request, limit)
+        try:
+            data = json.loads(body)
+        except ValueError as error:
+            raise UserError(
+                f"the body must be JSON {{'ttl_seconds': int | null}}: {error}"
+            ) from error
+        if not isinstance(data, dict) or set(data) != {"ttl_seconds"}:
+            raise UserError(f"the body must be {{'ttl_seconds': int | null}}, got {data!r}")
+        ttl = data["ttl_seconds"]
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int)):
+            raise UserError(f"ttl_seconds must be an integer or null, got {ttl!r}")
+        check_ttl(ttl)
+        checkpoint_entry(run_id, checkpoint_id)
+        backend.store.set_ttl(run_id, checkpoint_id, ttl)
+        return Response(status_code=204)
+
+    @app.post(f"{api}/weights_info")
+    async def weights_info(request: Request) -> dict[str, Any]:
+        body = await _body(request, limit)
+        try:
+            path = json.loads(body)["tinker_path"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError("weights_info takes {'tinker_path': 'tinker://...'}") from error
+        record, _, _ = backend.store.resolve(str(path))
+        lora = record.lora_rank > 0
+        targets = set(record.lora_targets)
+        return {
+            "base_model": record.base_model,
+            "optimizer_config": {"type": "adamw"},
+            "is_lora": lora,
+            "lora_rank": record.lora_rank or None,
+            **{
+                flag: (set(mods) <= targets) if lora else None
+                for flag, mods in LORA_TARGETS.items()
+            },
+        }
+
+    @app.get(f"{api}/checkpoints")
+    async def user_checkpoints(limit: int = 100, offset: int = 0) -> dict[str, Any]:
+        found = backend.store.all_checkpoints()
+        return {
+            "checkpoints": found[offset : offset + limit],
+            "cursor": {"offset": offset, "limit": limit, "total_count": len(found)},
+        }
+
+    # ------------------------------------------------------------------ sessions (REST)
+    @app.get(f"{api}/sessions")
+    async def list_sessions(limit: int = 20, offset: int = 0) -> dict[str, Any]:
+        ids = list(reversed(backend.sessions))  # newest first
+        return {"sessions": ids[offset : offset + limit]}
+
+    @app.get(f"{api}/sessions/{{session_id}}")
+    async def get_session(session_id: str) -> dict[str, Any]:
+        session = backend.sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"unknown session {session_id!r}")
+        prefix = f"{session_id}:"
+        return {
+            "training_run_ids": [r for r in backend.store.runs if r.startswith(prefix)],
+            "sampler_ids": [s for s in backend.samplers if s.startswith(prefix)],
+            "user_metadata": session.user_metadata,
+        }
 
     # ------------------------------------------------------------------ anything else: 404
     @app.post(f"{api}/{{endpoint:path}}")

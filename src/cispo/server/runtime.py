@@ -98,6 +98,8 @@ class ServerConfig:
     max_request_bytes: int = 64 << 20
     poll_timeout: float = 30.0
     """Seconds one retrieve_future long poll waits before answering try_again."""
+    ttl_sweep_seconds: float = 60.0
+    """How often checkpoints whose TTL has passed are deleted (they are refused at once anyway)."""
     engine: EngineConfig | None = None
 
     def __post_init__(self) -> None:
@@ -445,12 +447,26 @@ class Backend:
         return {"type": "optim_step", "metrics": served.engine.optim_step(adam)}
 
     def run_save(
-        self, served: ServedModel, kind: str, name: str, overwrite: bool
+        self,
+        served: ServedModel,
+        kind: str,
+        name: str,
+        overwrite: bool,
+        ttl_seconds: int | None = None,
+        user_metadata: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         state = served.engine.state()
         if kind == "sampler_weights":
             state = {"model": state["model"], "version": state["version"]}
-        path = self.store.save(served.model_id, kind, name, state, overwrite=overwrite)
+        path = self.store.save(
+            served.model_id,
+            kind,
+            name,
+            state,
+            overwrite=overwrite,
+            ttl_seconds=ttl_seconds,
+            user_metadata=user_metadata,
+        )
         return {
             "path": path,
             "type": "save_weights" if kind == "weights" else "save_weights_for_sampler",

@@ -1,0 +1,108 @@
+"""The real tinker SDK's checkpoint lifecycle against a live server: TTL (stored and enforced by
+the server), delete, weights_info, the user-wide checkpoint listing and the session listings."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+tinker = pytest.importorskip("tinker")
+from server_harness import LiveServer, start_server  # noqa: E402
+
+RANK = 2
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    server = start_server(tmp_path_factory.mktemp("server"), ttl_sweep_seconds=0.1)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def training(service: Any) -> Any:
+    return service.create_lora_training_client("tiny", rank=RANK, seed=1).result()
+
+
+@pytest.fixture(scope="module")
+def rest(service: Any) -> Any:
+    return service.create_rest_client()
+
+
+def _listed(rest: Any, run_id: str) -> dict[str, Any]:
+    return {c.tinker_path: c for c in rest.list_checkpoints(run_id).result().checkpoints}
+
+
+def _on_disk(live: LiveServer, path: str) -> bool:
+    run_id, kind, name = path[len("tinker://") :].split("/")
+    return (live.root / "runs" / run_id.replace(":", "_") / kind / name).is_dir()
+
+
+def test_a_checkpoint_ttl_is_enforced_by_the_server(
+    live: LiveServer, training: Any, rest: Any, service: Any
+) -> None:
+    """save_state(ttl_seconds=3600) is listed with expires_at = save time + 3600; once the
+    server's clock passes it, the server deletes it by itself (no request needed), it leaves the
+    listings, and loading it is refused. A checkpoint without a TTL survives."""
+    t0 = time.time()
+    expiring = training.save_state("ttl-a", ttl_seconds=3600).result().path
+    kept = training.save_state("ttl-keep").result().path
+    listed = _listed(rest, training.model_id)
+    expires_at = listed[expiring].expires_at
+    assert expires_at is not None and listed[kept].expires_at is None
+    assert expires_at.timestamp() == pytest.approx(t0 + 3600, abs=5)
+    live.backend.store.clock = lambda: time.time() + 3601
+    try:
+        deadline = time.time() + 10
+        while _on_disk(live, expiring) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _on_disk(live, expiring), "the sweeper did not delete the expired checkpoint"
+        assert _on_disk(live, kept)
+        listed = _listed(rest, training.model_id)
+        assert expiring not in listed and kept in listed
+        with pytest.raises(tinker.APIStatusError, match="ttl-a"):
+            service.create_training_client_from_state(expiring).result(timeout=30)
+    finally:
+        live.backend.store.clock = time.time
+
+
+def test_set_and_remove_a_ttl_then_delete(live: LiveServer, training: Any, rest: Any) -> None:
+    path = training.save_weights_for_sampler("life-s").result().path
+    assert _listed(rest, training.model_id)[path].expires_at is None
+    rest.set_checkpoint_ttl_from_tinker_path(path, 7200).result()
+    expires = _listed(rest, training.model_id)[path].expires_at
+    assert isinstance(expires, datetime)
+    assert expires.timestamp() == pytest.approx(time.time() + 7200, abs=5)
+    with pytest.raises(tinker.APIStatusError, match="ttl_seconds must be in"):
+        rest.set_checkpoint_ttl_from_tinker_path(path, 60).result()
+    rest.set_checkpoint_ttl_from_tinker_path(path, None).result()
+    assert _listed(rest, training.model_id)[path].expires_at is None
+    assert _on_disk(live, path)
+    rest.delete_checkpoint_from_tinker_path(path).result()
+    assert path not in _listed(rest, training.model_id) and not _on_disk(live, path)
+    with pytest.raises(tinker.NotFoundError):
+        rest.delete_checkpoint_from_tinker_path(path).result()
+
+
+def test_weights_info_and_user_wide_listings(service: Any, training: Any, rest: Any) -> None:
+    path = training.save_state("info").result().path
+    info = rest.get_weights_info_by_tinker_path(path).result()
+    assert (info.base_model, info.is_lora, info.lora_rank) == ("tiny", True, RANK)
+    assert info.train_attn and info.train_mlp and info.train_unembed
+    other = service.create_lora_training_client("tiny", rank=RANK, seed=2).result()
+    newest = other.save_weights_for_sampler("other-s").result().path
+    everything = rest.list_user_checkpoints(limit=100).result()
+    paths = [c.tinker_path for c in everything.checkpoints]
+    assert paths[0] == newest and path in paths  # newest first, across training runs
+    assert everything.cursor.total_count == len(paths)
+    assert rest.list_user_checkpoints(limit=1, offset=1).result().checkpoints[0].tinker_path == (
+        paths[1]
+    )
+    sessions = rest.list_sessions().result().sessions
+    assert sessions
+    session = rest.get_session(sessions[0]).result()
+    assert {training.model_id, other.model_id} <= set(session.training_run_ids)
