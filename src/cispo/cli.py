@@ -5,6 +5,7 @@ cispo train arithmetic_cispo --rl.steps=50   # a recipe by name, with dotted ove
 cispo train path/to/recipe.py --resume --run.dir=runs/x
 cispo config [RECIPE] [overrides]            # print the resolved config and exit
 cispo serve --api-key tml-... [--port 8000]  # a server for the tinker SDK (docs/server.md)
+cispo export CHECKPOINT_OR_RUN_DIR OUT       # HF model directory (+ PEFT adapter for LoRA)
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cispo.server import serve_main
 
         return serve_main(argv[1:])
+    if argv[:1] == ["export"]:
+        from cispo.export import export_main
+
+        return export_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="cispo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

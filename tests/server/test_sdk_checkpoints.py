@@ -4,16 +4,22 @@ the server), delete, weights_info, the user-wide checkpoint listing and the sess
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 tinker = pytest.importorskip("tinker")
 from server_harness import LiveServer, start_server  # noqa: E402
+from tinker import types  # noqa: E402
 
 RANK = 2
+TEXT = "12+7=19"
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +105,98 @@ def test_weights_info_and_user_wide_listings(service: Any, training: Any, rest: 
     paths = [c.tinker_path for c in everything.checkpoints]
     assert paths[0] == newest and path in paths  # newest first, across training runs
     assert everything.cursor.total_count == len(paths)
-    assert rest.list_user_checkpoints(limit=1, offset=1).result().checkpoints[0].tinker_path == (
-        paths[1]
+    assert (
+        rest.list_user_checkpoints(limit=1, offset=1).result().checkpoints[0].tinker_path
+        == (paths[1])
     )
     sessions = rest.list_sessions().result().sessions
     assert sessions
     session = rest.get_session(sessions[0]).result()
     assert {training.model_id, other.model_id} <= set(session.training_run_ids)
+
+
+def _forward_lp(training: Any, ids: list[int]) -> torch.Tensor:
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(ids[:-1]), loss_fn_inputs={"target_tokens": ids[1:]}
+    )
+    out = training.forward([datum], "cross_entropy").result()
+    return torch.tensor(out.loss_fn_outputs[0]["logprobs"].tolist())
+
+
+@torch.no_grad()
+def _hf_lp(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    x = torch.tensor([ids])
+    logits = model(input_ids=x).logits[0, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None])[:, 0]
+
+
+def _check_export(directory: Path, ids: list[int], want: torch.Tensor) -> None:
+    """The merged HF model and the PEFT adapter (on its shipped base) each give the trained
+    model's logprobs to 1e-5 (fp32); the base alone does not."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = AutoModelForCausalLM.from_pretrained(directory / "model", dtype=torch.float32)
+    assert (_hf_lp(merged, ids) - want).abs().max() <= 1e-5
+    assert AutoTokenizer.from_pretrained(directory / "model").encode(TEXT) == ids
+    base = AutoModelForCausalLM.from_pretrained(directory / "base", dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, directory / "adapter")
+    assert (_hf_lp(adapted, ids) - want).abs().max() <= 1e-5
+    with adapted.disable_adapter():
+        assert (_hf_lp(adapted, ids) - want).abs().max() > 1e-3
+
+
+def test_save_weights_external_downloads_as_an_hf_model_and_a_peft_adapter(
+    training: Any, rest: Any, tmp_path: Path
+) -> None:
+    """save_weights_external -> signed URLs (fetched without the API key, as the SDK's downloader
+    does) -> the files load with from_pretrained / PeftModel and match the served model. The
+    server's LoRA covers the LM head, which the tiny model ties to its input embeddings."""
+    ids = list(training.get_tokenizer().encode(TEXT))
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(ids[:-1]), loss_fn_inputs={"target_tokens": ids[1:]}
+    )
+    training.forward_backward([datum], "cross_entropy")
+    training.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    want = _forward_lp(training, ids)
+    path = training.save_weights_external("final").result().path
+    assert path.endswith("/external_weights/final")
+    listed = _listed(rest, training.model_id)[path]
+    assert listed.checkpoint_type == "external" and (listed.size_bytes or 0) > 0
+    urls = rest.get_external_weights_urls(path).result().urls
+    assert {"model/config.json", "model/model.safetensors", "adapter/adapter_config.json"} <= set(
+        urls
+    )
+    for name, url in urls.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=30) as response:
+            (tmp_path / name).write_bytes(response.read())
+    _check_export(tmp_path, ids, want)
+    tampered = next(iter(urls.values())).replace("sig=", "sig=0")
+    with pytest.raises(urllib.error.HTTPError, match="403"):
+        urllib.request.urlopen(tampered, timeout=30)
+
+
+def test_the_sdk_cli_downloads_a_training_checkpoint(
+    live: LiveServer, training: Any, rest: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tinker checkpoint download tinker://.../weights/NAME`: the SDK loads the checkpoint into a
+    new training run, exports it with save_weights_external(ttl), downloads it, renews its TTL,
+    then deletes the temporary export. Every step runs against this server."""
+    from click.testing import CliRunner
+    from tinker.cli.__main__ import main_cli
+
+    ids = list(training.get_tokenizer().encode(TEXT))
+    want = _forward_lp(training, ids)
+    path = training.save_state("for-download").result().path
+    monkeypatch.setenv("TINKER_BASE_URL", live.base_url)
+    result = CliRunner().invoke(
+        main_cli, ["--format", "json", "checkpoint", "download", path, "--output", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    (directory,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    _check_export(directory, ids, want)
+    leftovers = [c for c in rest.list_user_checkpoints().result().checkpoints]
+    assert not [
+        c for c in leftovers if c.checkpoint_type == "external" and "download" in c.tinker_path
+    ]

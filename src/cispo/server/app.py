@@ -11,15 +11,19 @@ top-k logprobs, stability info (stable_reinforce), `retrieve_futures` batching, 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
+import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime, timezone
 from typing import Any, TypeVar, cast
 
 import pydantic
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from tinker import types as tt
 
 from cispo.client.types import AdamParams
@@ -34,10 +38,14 @@ from cispo.server.runtime import (
     ServerConfig,
     _SampleJob,
 )
-from cispo.server.store import SCHEME, check_ttl
+from cispo.server.store import EXTERNAL, SCHEME, check_ttl
 from cispo.server.wire import WireError, decode_forward_backward
 
 PROTO = "application/x-protobuf"
+FILES_ROUTE = "/api/v1/external_files/"
+"""Downloads of external_weights files: no API key (urllib fetches them, as from a bucket), but
+an HMAC signature over the file and an expiry time, as a signed bucket URL has."""
+URL_LIFETIME_S = 3600
 M = TypeVar("M", bound=pydantic.BaseModel)
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[
@@ -60,6 +68,9 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        if scope["path"].startswith(FILES_ROUTE) and scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)  # signed URLs: the route checks the signature
+            return
         if not hmac.compare_digest(headers.get(b"x-api-key", b""), self.key):
             response = JSONResponse({"detail": "missing or wrong X-API-Key"}, status_code=401)
             await response(scope, receive, send)
@@ -333,6 +344,23 @@ def create_app(config: ServerConfig) -> FastAPI:
                 raise UserError("save_weights_for_sampler needs path or sampling_session_seq_id")
         return future(ordered(served, req.seq_id, work), served.model_id)
 
+    @app.post(f"{api}/save_weights_external")
+    async def save_weights_external(request: Request) -> dict[str, Any]:
+        req = await body_of(request, tt.SaveWeightsExternalRequest)
+        served = backend.model(req.model_id)
+        with consumes_seq_id(served, req.seq_id):
+            check_ttl(req.ttl_seconds)
+            backend.store.checkpoint_dir(served.model_id, f"{EXTERNAL}/{req.path}")
+            if req.age_encryption_recipients:
+                raise UserError(
+                    "age_encryption_recipients is not supported: this server writes the export "
+                    "unencrypted under its --root on this machine and serves it over signed "
+                    "URLs; omit it (or use `cispo export` on the checkpoint directly)"
+                )
+        name, ttl = req.path, req.ttl_seconds
+        rid = ordered(served, req.seq_id, lambda: backend.run_export(served, name, ttl))
+        return future(rid, served.model_id)
+
     @app.post(f"{api}/load_weights")
     async def load_weights(request: Request) -> dict[str, Any]:
         req = await body_of(request, tt.LoadWeightsRequest)
@@ -535,6 +563,45 @@ def create_app(config: ServerConfig) -> FastAPI:
         checkpoint_entry(run_id, checkpoint_id)
         backend.store.set_ttl(run_id, checkpoint_id, ttl)
         return Response(status_code=204)
+
+    signing_key = hmac.new(config.api_key.encode(), b"cispo external_files", "sha256").digest()
+
+    def signature(relative: str, expires: int) -> str:
+        return hmac.new(signing_key, f"{relative}|{expires}".encode(), hashlib.sha256).hexdigest()
+
+    @app.get(
+        f"{api}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}/external_weights_urls"
+    )
+    async def external_weights_urls(run_id: str, checkpoint_id: str, request: Request) -> Any:
+        kind, _, name = checkpoint_id.partition("/")
+        if kind != EXTERNAL:
+            raise UserError(f"only {EXTERNAL}/<name> checkpoints have download URLs")
+        checkpoint_entry(run_id, checkpoint_id)
+        files = backend.store.external_files(run_id, name)
+        expires = int(time.time()) + URL_LIFETIME_S
+        base = str(request.base_url).rstrip("/")
+        urls = {}
+        for relative in files:
+            target = f"{run_id}/{name}/{relative}"
+            query = urllib.parse.urlencode({"expires": expires, "sig": signature(target, expires)})
+            urls[relative] = f"{base}{FILES_ROUTE}{urllib.parse.quote(target)}?{query}"
+        return {
+            "urls": urls,
+            "expires": datetime.fromtimestamp(expires, tz=timezone.utc).isoformat(),
+        }
+
+    @app.get(f"{FILES_ROUTE}{{target:path}}")
+    async def external_file(target: str, expires: int = 0, sig: str = "") -> Response:
+        if not hmac.compare_digest(sig, signature(target, expires)):
+            return JSONResponse({"detail": "bad signature"}, status_code=403)
+        if time.time() > expires:
+            return JSONResponse({"detail": "this URL has expired; ask for new ones"}, 403)
+        run_id, name, relative = [*target.split("/", 2), "", ""][:3]
+        try:
+            path = backend.store.external_files(run_id, name)[relative]
+        except (KeyError, UserError):
+            raise NotFound(f"no file {target!r}") from None
+        return FileResponse(path)
 
     @app.post(f"{api}/weights_info")
     async def weights_info(request: Request) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from cispo.losses import make_loss_config, required_inputs
 from cispo.models import apply_lora
 from cispo.rollout.sampler import SamplingParams, compute_logprobs, sample
 from cispo.server.futures import FutureTable, ModelSequencer, Result, UserError
-from cispo.server.store import RunRecord, Store
+from cispo.server.store import EXTERNAL, RunRecord, Store
 from cispo.server.wire import (
     ForwardBackwardCall,
     encode_forward_backward,
@@ -470,6 +470,31 @@ class Backend:
         return {
             "path": path,
             "type": "save_weights" if kind == "weights" else "save_weights_for_sampler",
+        }
+
+    def run_export(self, served: ServedModel, name: str, ttl_seconds: int | None) -> dict[str, Any]:
+        """save_weights_external: the model as an HF directory (+ PEFT adapter for LoRA),
+        written by `cispo.export` (checked by loading it back) under external_weights/<name>."""
+        from cispo.export import export_state
+
+        model_state = served.engine.state()["model"]
+        record = served.record
+        path = self.store.save_external(
+            served.model_id,
+            name,
+            lambda directory: export_state(
+                model_state,
+                record.base_model,
+                directory,
+                model_overrides=record.model_overrides,
+            ),
+            ttl_seconds=ttl_seconds,
+        )
+        entry = self.store.entry(served.model_id, f"{EXTERNAL}/{name}")
+        return {
+            "path": path,
+            "size_bytes": None if entry is None else entry["size_bytes"],
+            "type": "save_weights_external",
         }
 
     def run_ephemeral_sampler(self, served: ServedModel, sampling_session_seq_id: int) -> Result:

@@ -3,6 +3,8 @@
     <root>/runs/<run>/run.json                     run record (base model, LoRA, checkpoints)
     <root>/runs/<run>/weights/<name>/              save_weights: model + optimizer + sampler RNG
     <root>/runs/<run>/sampler_weights/<name>/      save_weights_for_sampler: model only
+    <root>/runs/<run>/external_weights/<name>/     save_weights_external: `cispo.export` layout
+                                                   (model/ HF directory; adapter/ + base/ for LoRA)
 
 A checkpoint directory is `cispo.checkpoint`'s named state (model.safetensors, optimizer.pt,
 rng.pt, state.json), the same format `cispo.client.TrainingClient.save_state` writes: written
@@ -44,6 +46,9 @@ from cispo.train.engine import load_engine_state, save_engine_state
 
 SCHEME = "tinker://"
 KINDS = {"weights": "training", "sampler_weights": "sampler"}
+"""Checkpoints the server loads (`resolve`)."""
+EXTERNAL = "external_weights"
+"""Exported HF/PEFT directories: listed, deleted, downloaded, never loaded back."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RESERVED = frozenset({"latest"})  # `cispo.checkpoint`'s pointer file beside the checkpoints
 _LEGACY_FILE = "state.pt"
@@ -171,6 +176,48 @@ class Store:
         )
         return path
 
+    def save_external(
+        self,
+        run_id: str,
+        name: str,
+        write: Callable[[Path], object],
+        *,
+        ttl_seconds: int | None = None,
+    ) -> str:
+        """`write(directory)` fills `tinker://run_id/external_weights/name` (replacing it);
+        returns the path."""
+        check_ttl(ttl_seconds)
+        directory = self.checkpoint_dir(run_id, f"{EXTERNAL}/{name}")
+        record = self.runs[run_id]
+        write(directory)
+        path = f"{SCHEME}{run_id}/{EXTERNAL}/{name}"
+        now = self.clock()
+        self._add_entry(
+            record,
+            {
+                "checkpoint_id": f"{EXTERNAL}/{name}",
+                "checkpoint_type": "external",
+                "time": _iso(now),
+                "tinker_path": path,
+                "size_bytes": sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()),
+                "public": False,
+                "user_metadata": None,
+                "expires_at": None if ttl_seconds is None else _iso(now + ttl_seconds),
+            },
+        )
+        return path
+
+    def external_files(self, run_id: str, name: str) -> dict[str, Path]:
+        """relative path -> file of a live external_weights checkpoint (KeyError if none)."""
+        if self.entry(run_id, f"{EXTERNAL}/{name}") is None:
+            raise KeyError(name)
+        directory = self.checkpoint_dir(run_id, f"{EXTERNAL}/{name}")
+        return {
+            f.relative_to(directory).as_posix(): f
+            for f in sorted(directory.rglob("*"))
+            if f.is_file()
+        }
+
     def _add_entry(self, record: RunRecord, entry: dict[str, Any]) -> None:
         with self._lock:
             path = entry["tinker_path"]
@@ -181,10 +228,10 @@ class Store:
     def checkpoint_dir(self, run_id: str, checkpoint_id: str) -> Path:
         """The directory of `<kind>/<name>`; UserError for anything else (no path traversal)."""
         kind, _, name = checkpoint_id.partition("/")
-        if kind not in KINDS or not _NAME.match(name) or name in _RESERVED:
+        if kind not in (*KINDS, EXTERNAL) or not _NAME.match(name) or name in _RESERVED:
             raise UserError(
-                f"checkpoint id must be <kind>/<name> with kind in {sorted(KINDS)} and a name of "
-                f"letters, digits, . _ -; got {checkpoint_id!r}"
+                f"checkpoint id must be <kind>/<name> with kind in {sorted([*KINDS, EXTERNAL])} "
+                f"and a name of letters, digits, . _ -; got {checkpoint_id!r}"
             )
         return self.runs_dir / self._dir_name(run_id) / kind / name
 

@@ -35,6 +35,7 @@ import torch
 
 from cispo.client.service import TrainingClient
 from cispo.client.types import Datum, ForwardBackwardOutput, ModelInput
+from cispo.export import export_hint
 from cispo.logging import Progress
 from cispo.prompts import encode_answer, encode_prompt
 from cispo.rollout.staleness import LagStats, StalenessGate
@@ -225,7 +226,7 @@ def train_async(
         f"held-out greedy accuracy: {summary.accuracy_start:.1%} -> {summary.accuracy_end:.1%} "
         f"in {summary.seconds:.0f} s; lag mean {summary.lag_mean:.2f}, max {summary.lag_max} "
         f"(bound {run.max_staleness}), {summary.discarded} batch(es) discarded; trainer waited "
-        f"{waits:.1f} s for batches; run directory: {run_dir}"
+        f"{waits:.1f} s for batches; run directory: {run_dir}\n{export_hint(run_dir)}"
     )
     return summary
 

@@ -26,6 +26,7 @@ from cispo.checkpoint import latest_named_state
 from cispo.client import ServiceClient
 from cispo.client.service import TrainingClient
 from cispo.configs import config_to_dict
+from cispo.export import export_hint
 from cispo.logging import Progress, RunLogger
 from cispo.tasks import Problem, Task, make_task
 from cispo.train.config import TrainConfig
@@ -173,7 +174,7 @@ def train(
     )
     echo(
         f"held-out greedy accuracy: {summary.accuracy_start:.1%} -> {summary.accuracy_end:.1%} "
-        f"in {summary.seconds:.0f} s; run directory: {run_dir}"
+        f"in {summary.seconds:.0f} s; run directory: {run_dir}\n{export_hint(run_dir)}"
     )
     return summary
 
