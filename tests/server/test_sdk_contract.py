@@ -293,3 +293,54 @@ def test_restart_from_checkpoint_gives_identical_logprobs(tmp_path: Any) -> None
         svc.close("success").result()
     finally:
         second.stop()
+
+
+def test_topk_prompt_and_sample_logprobs_equal_a_full_softmax_reference(
+    live: LiveServer, training: Any
+) -> None:
+    """topk_prompt_logprobs (one row per prompt token, row 0 empty; temperature 1 like the prompt
+    logprobs) and topk_sample_logprobs (one row per sampled token, at the sampling temperature,
+    like the sampled logprobs): ids equal and logprobs to 1e-5 against log_softmax(logits).topk of
+    the sampler's own model; the reported token logprobs appear in them where the token is in
+    the top k."""
+    tokenizer = training.get_tokenizer()
+    ids = tokenizer.encode("12+7=")
+    sampler = training.save_weights_and_get_sampling_client().result()
+    model = list(live.backend.samplers.values())[-1].model
+    params = types.SamplingParams(max_tokens=4, temperature=0.7, seed=5, stop=[])
+    got = sampler.sample(
+        types.ModelInput.from_ints(ids),
+        2,
+        params,
+        include_prompt_logprobs=True,
+        topk_prompt_logprobs=5,
+        topk_sample_logprobs=3,
+    ).result()
+
+    def reference(tokens: list[int], temperature: float, k: int) -> list[list[tuple[int, float]]]:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tokens])).logits[0, :-1].float()
+        lp, tok = torch.log_softmax(logits / temperature, -1).topk(k, -1)
+        return [
+            list(zip(t.tolist(), v.tolist(), strict=True)) for t, v in zip(tok, lp, strict=True)
+        ]
+
+    def same(rows: Any, want: list[list[tuple[int, float]]]) -> None:
+        assert len(rows) == len(want)
+        for row, ref in zip(rows, want, strict=True):
+            assert [t for t, _ in row] == [t for t, _ in ref]
+            assert [v for _, v in row] == pytest.approx([v for _, v in ref], abs=1e-5)
+
+    prompt_rows = got.topk_prompt_logprobs
+    assert prompt_rows[0] is None and len(prompt_rows) == len(ids)
+    same(prompt_rows[1:], reference(ids, 1.0, 5))
+    for position, row in enumerate(prompt_rows[1:], start=1):
+        found = dict(row).get(ids[position])
+        assert found is None or found == pytest.approx(got.prompt_logprobs[position], abs=1e-5)
+    for seq in got.sequences:
+        assert len(seq.tokens) == 4
+        full = ids + list(seq.tokens)
+        same(seq.topk_logprobs, reference(full, 0.7, 3)[len(ids) - 1 :])
+        for token, lp, row in zip(seq.tokens, seq.logprobs, seq.topk_logprobs, strict=True):
+            found = dict(row).get(token)
+            assert found is None or found == pytest.approx(lp, abs=1e-5)

@@ -5,7 +5,7 @@ so a field the SDK sends is read exactly as the SDK means it, and an unknown fie
 Every request needs `X-API-Key` (401 otherwise); bodies over `max_request_bytes` get 413.
 Mutating calls answer `{"request_id"}` at once and run on the model's ordered worker; the result is
 fetched with `retrieve_future` (see `futures.py`). Left out: JWT auth, custom losses, images,
-top-k logprobs, stability info (stable_reinforce), `retrieve_futures` batching, weights export.
+stability info (stable_reinforce: refused with the reason), `retrieve_futures` batching.
 """
 
 from __future__ import annotations
@@ -430,11 +430,15 @@ def create_app(config: ServerConfig) -> FastAPI:
         if req.record_stability_info:
             # Only stable_reinforce reads it, and that loss is refused: say so at the first request.
             raise UserError(f"record_stability_info=True is refused. {STABLE_REINFORCE_REFUSED}")
+        for field, k in (
+            ("topk_prompt_logprobs", req.topk_prompt_logprobs),
+            ("topk_sample_logprobs", req.topk_sample_logprobs),
+        ):
+            if not 0 <= k <= sampler.vocab_size:
+                raise UserError(f"{field} must be in [0, {sampler.vocab_size}], got {k}")
         unsupported = [
             name
             for name, on in (
-                ("topk_prompt_logprobs", req.topk_prompt_logprobs),
-                ("topk_sample_logprobs", req.topk_sample_logprobs),
                 ("target_prompt_logprobs", req.target_prompt_logprobs is not None),
                 ("prompt_alt_tokens_k", req.prompt_alt_tokens_k),
             )
@@ -488,6 +492,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                 prompt_logprobs=bool(req.prompt_logprobs),
                 prompt_logprobs_last_n=last_n,
                 loop=asyncio.get_running_loop(),
+                topk_prompt=req.topk_prompt_logprobs,
+                topk_sample=req.topk_sample_logprobs,
             )
         )
         ids = [f"{request_id}:{i}" for i in range(req.num_samples)]

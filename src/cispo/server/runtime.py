@@ -25,17 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from cispo.client.types import AdamParams, ForwardBackwardOutput
 from cispo.losses import make_loss_config, required_inputs
 from cispo.models import apply_lora
-from cispo.rollout.sampler import SamplingParams, compute_logprobs, sample
+from cispo.ops.topk_logprobs import model_topk_logprobs
+from cispo.rollout.sampler import SampledSequence, SamplingParams, compute_logprobs, sample
 from cispo.server.futures import FutureTable, ModelSequencer, Result, UserError
 from cispo.server.store import EXTERNAL, RunRecord, Store
 from cispo.server.wire import (
     ForwardBackwardCall,
+    TopK,
     encode_forward_backward,
     encode_sample_response,
     sdk_metrics,
@@ -161,6 +164,8 @@ class _SampleJob:
     prompt_logprobs: bool
     prompt_logprobs_last_n: int | None
     loop: asyncio.AbstractEventLoop
+    topk_prompt: int = 0
+    topk_sample: int = 0
 
     def group_key(self) -> tuple[Any, ...]:
         p = self.params
@@ -399,6 +404,13 @@ class Backend:
             tokens = datum.model_input.to_ints()
             if "target_tokens" not in inputs:
                 raise UserError(f"datum {i}: loss_fn_inputs needs 'target_tokens'")
+            shape = list(inputs["target_tokens"].shape or [])
+            if len(shape) > 1:
+                raise UserError(
+                    f"datum {i}: target_tokens has shape {shape}; this server takes one target "
+                    f"per position (shape [{n}]). Soft targets ([T, K] target_tokens and weights, "
+                    "as tinker-cookbook's distillation.train_off_policy sends) are not supported"
+                )
             targets = inputs["target_tokens"].data
             if len(targets) != n:
                 raise UserError(
@@ -607,7 +619,12 @@ class Backend:
                     tokenizer=s.tokenizer,
                 )
                 encoded = [
-                    encode_sample_response(seqs, self._prompt_logprobs(j))
+                    encode_sample_response(
+                        seqs,
+                        self._prompt_logprobs(j),
+                        topk_prompt=self._topk_prompt(j),
+                        topk_sample=self._topk_sample(j, seqs),
+                    )
                     for j, seqs in zip(group, results, strict=True)
                 ]
             except Exception as error:  # every waiter of the group gets the error
@@ -626,6 +643,45 @@ class Backend:
             cut = len(values) - job.prompt_logprobs_last_n
             values = [None if i < cut else v for i, v in enumerate(values)]
         return values
+
+    @staticmethod
+    def _topk_prompt(job: _SampleJob) -> TopK | None:
+        """Row i: top-k of the distribution prompt[i] was drawn from (temperature 1, as the
+        prompt logprobs); row 0 and rows before `prompt_logprobs_last_n` are empty."""
+        if not job.topk_prompt:
+            return None
+        n, k = len(job.prompt), job.topk_prompt
+        values = np.full((n, k), np.nan, dtype=np.float32)
+        ids = np.zeros((n, k), dtype=np.int64)
+        first = 1 if job.prompt_logprobs_last_n is None else n - job.prompt_logprobs_last_n
+        if first < n:
+            lp, tok = model_topk_logprobs(job.sampler.model, job.prompt, range(first - 1, n - 1), k)
+            values[first:], ids[first:] = lp.cpu().numpy(), tok.cpu().numpy()
+        return values, ids
+
+    @staticmethod
+    def _topk_sample(job: _SampleJob, sequences: list[SampledSequence]) -> list[TopK] | None:
+        """Per sequence, row j: top-k of the distribution sampled token j was drawn from, at the
+        request's temperature (0 reads as 1), the same distribution as its reported logprob."""
+        if not job.topk_sample:
+            return None
+        temperature = job.params.temperature or 1.0
+        out: list[TopK] = []
+        for seq in sequences:
+            full, start = job.prompt + list(seq.tokens), len(job.prompt) - 1
+            if not seq.tokens:
+                empty = np.zeros((0, job.topk_sample))
+                out.append((empty.astype(np.float32), empty.astype(np.int64)))
+                continue
+            lp, tok = model_topk_logprobs(
+                job.sampler.model,
+                full,
+                range(start, start + len(seq.tokens)),
+                job.topk_sample,
+                temperature=temperature,
+            )
+            out.append((lp.cpu().numpy(), tok.cpu().numpy()))
+        return out
 
     # ------------------------------------------------------------------ sessions
     def create_session(self, tags: list[str], user_metadata: dict[str, Any] | None) -> str:

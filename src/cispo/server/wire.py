@@ -165,18 +165,43 @@ def sdk_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     return {sdk_metric_name(k): float(v) for k, v in metrics.items()}
 
 
+TOPK_EMPTY_LOGPROB = -99999.0
+"""The SDK's sentinel for an empty top-k cell (with token id 0): `tinker.types.topk_logprobs`."""
+
+TopK = tuple[np.ndarray, np.ndarray]
+"""(logprobs [N, k] float32, token ids [N, k] int), NaN logprob rows meaning "no entry"."""
+
+
+def _topk(msg: pb.TopkLogprobs, topk: TopK) -> None:
+    logprobs, ids = np.asarray(topk[0], dtype="<f4"), np.asarray(topk[1], dtype="<i4")
+    empty = np.isnan(logprobs)
+    msg.logprobs = np.where(empty, TOPK_EMPTY_LOGPROB, logprobs).astype("<f4").tobytes()
+    msg.token_ids = np.where(empty, 0, ids).astype("<i4").tobytes()
+    msg.length, msg.k = int(logprobs.shape[0]), int(logprobs.shape[1])
+
+
 def encode_sample_response(
-    sequences: Sequence[SampledSequence], prompt_logprobs: Sequence[float | None] | None
+    sequences: Sequence[SampledSequence],
+    prompt_logprobs: Sequence[float | None] | None,
+    *,
+    topk_prompt: TopK | None = None,
+    topk_sample: Sequence[TopK] | None = None,
 ) -> bytes:
+    """`topk_prompt`: one row per prompt token (row 0, which has no context, empty);
+    `topk_sample`: per sequence, one row per sampled token."""
     msg = pb.SampleResponse()
-    for seq in sequences:
+    for i, seq in enumerate(sequences):
         out = msg.sequences.add()
         out.stop_reason = (
             pb.STOP_REASON_STOP if seq.stop_reason == "stop" else pb.STOP_REASON_LENGTH
         )
         out.tokens = np.asarray(seq.tokens, dtype="<i4").tobytes()
         out.logprobs = np.asarray(seq.logprobs, dtype="<f4").tobytes()
+        if topk_sample is not None:
+            _topk(out.topk_sampled_logprobs, topk_sample[i])
     if prompt_logprobs is not None:
         values = [math.nan if v is None else v for v in prompt_logprobs]
         msg.prompt_logprobs = np.asarray(values, dtype="<f4").tobytes()
+    if topk_prompt is not None:
+        _topk(msg.topk_prompt_logprobs, topk_prompt)
     return cast(bytes, msg.SerializeToString())
