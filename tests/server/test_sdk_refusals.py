@@ -37,6 +37,18 @@ def _rl_datum(ids: list[int]) -> types.Datum:
     return _datum(ids, logprobs=[-2.0] * n, advantages=[1.0] * n)
 
 
+def _soft_datum(ids: list[int]) -> types.Datum:
+    """target_tokens and weights [T, 2]: two candidate tokens per position."""
+    pairs = torch.tensor([[t, (t + 1) % 10] for t in ids[1:]])
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(ids[:-1]),
+        loss_fn_inputs={
+            "target_tokens": types.TensorData.from_torch(pairs),
+            "weights": types.TensorData.from_torch(torch.full(pairs.shape, 0.5)),
+        },
+    )
+
+
 def _forward_lp(training: Any, ids: list[int]) -> list[float]:
     out = training.forward([_datum(ids)], "cross_entropy").result(timeout=TIMEOUT)
     return list(out.loss_fn_outputs[0]["logprobs"].tolist())
@@ -77,6 +89,11 @@ REFUSALS: list[tuple[str, Callable[[Any, list[int], int], Any], str]] = [
         "over_max_context_length",
         lambda tc, ids, vocab: tc.forward_backward([_datum(ids * 150)], "cross_entropy"),
         "exceed max_context_length=1024",
+    ),
+    (
+        "soft_targets_with_another_loss",
+        lambda tc, ids, vocab: tc.forward_backward([_soft_datum(ids)], "importance_sampling"),
+        "soft targets",
     ),
     (
         "stable_reinforce",

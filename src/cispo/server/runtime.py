@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cispo.client.types import AdamParams, ForwardBackwardOutput
+from cispo.client.types import AdamParams, Datum, ForwardBackwardOutput, TensorData
 from cispo.losses import make_loss_config, required_inputs
 from cispo.models import apply_lora
 from cispo.ops.topk_logprobs import model_topk_logprobs
@@ -180,6 +180,59 @@ class _SampleJob:
             p.top_k,
             p.top_p,
         )
+
+
+def _width(targets: TensorData) -> int:
+    """K of soft targets (target_tokens [T, K]); 1 for ordinary [T] targets."""
+    shape = list(targets.shape or [])
+    return int(shape[1]) if len(shape) == 2 else 1
+
+
+def expand_soft_targets(datums: list[Datum]) -> tuple[list[Datum], list[int]]:
+    """Soft-target datums (target_tokens and weights [T, K]) as K ordinary ones, column k each.
+
+    Under cross_entropy's sum reduction, -Σ_t Σ_k w[t,k]·log p(tok[t,k] | prefix_t) is exactly the
+    sum of the K column datums' losses, so the engine needs no second code path (it runs the
+    prefix K times; the cost of keeping one path). Returns the datums and each input datum's K.
+    """
+    out: list[Datum] = []
+    widths: list[int] = []
+    for datum in datums:
+        k = _width(datum.loss_fn_inputs["target_tokens"])
+        widths.append(k if len(datum.loss_fn_inputs["target_tokens"].shape or []) == 2 else 0)
+        if not widths[-1]:
+            out.append(datum)
+            continue
+        tokens = datum.loss_fn_inputs["target_tokens"].data
+        weights = datum.loss_fn_inputs["weights"].data
+        for j in range(k):
+            column = {
+                "target_tokens": TensorData(data=list(tokens[j::k]), dtype="int64"),
+                "weights": TensorData(data=list(weights[j::k]), dtype="float32"),
+            }
+            out.append(Datum(model_input=datum.model_input, loss_fn_inputs=column))
+    return out, widths
+
+
+def collapse_soft_targets(
+    outputs: list[dict[str, TensorData]], widths: list[int]
+) -> list[dict[str, TensorData]]:
+    """Inverse of `expand_soft_targets` on the engine's per-datum outputs: [T, K] per soft datum."""
+    result: list[dict[str, TensorData]] = []
+    at = 0
+    for k in widths:
+        if not k:
+            result.append(outputs[at])
+            at += 1
+            continue
+        columns = outputs[at : at + k]
+        at += k
+        merged = {}
+        for name in columns[0]:
+            stacked = torch.stack([c[name].to_torch() for c in columns], dim=1)  # [T, K]
+            merged[name] = TensorData.from_torch(stacked)
+        result.append(merged)
+    return result
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -406,12 +459,13 @@ class Backend:
                 raise UserError(f"datum {i}: loss_fn_inputs needs 'target_tokens'")
             shape = list(inputs["target_tokens"].shape or [])
             if len(shape) > 1:
-                raise UserError(
-                    f"datum {i}: target_tokens has shape {shape}; this server takes one target "
-                    f"per position (shape [{n}]). Soft targets ([T, K] target_tokens and weights, "
-                    "as tinker-cookbook's distillation.train_off_policy sends) are not supported"
-                )
-            targets = inputs["target_tokens"].data
+                self._check_soft_targets(i, call.loss_fn, n, inputs)
+                targets = inputs["target_tokens"].data[:: shape[1]]  # lengths checked above
+                every = list(inputs["target_tokens"].data)
+                if min(every) < 0 or max(every) >= vocab:
+                    raise UserError(f"datum {i}: token ids must be in [0, {vocab})")
+            else:
+                targets = inputs["target_tokens"].data
             if len(targets) != n:
                 raise UserError(
                     f"datum {i}: target_tokens has {len(targets)} entries, model_input has {n}"
@@ -419,7 +473,7 @@ class Backend:
             if min(tokens + list(targets)) < 0 or max(tokens + list(targets)) >= vocab:
                 raise UserError(f"datum {i}: token ids must be in [0, {vocab})")
             for key in inputs.keys() & _INPUT_KEYS.keys():
-                if len(inputs[key].data) != n:
+                if len(inputs[key].data) != n * _width(inputs["target_tokens"]):
                     raise UserError(
                         f"datum {i}: loss_fn_inputs[{key!r}] has "
                         f"{len(inputs[key].data)} entries, expected {n}"
@@ -442,14 +496,37 @@ class Backend:
                 raise UserError("all datums in one call must carry the same loss_fn_inputs keys")
 
     @staticmethod
+    def _check_soft_targets(i: int, loss_fn: str, n: int, inputs: Mapping[str, Any]) -> None:
+        """Soft targets: target_tokens and weights both [T, K], cross_entropy only."""
+        shape = list(inputs["target_tokens"].shape)
+        extra = sorted(set(inputs) - {"target_tokens", "weights"})
+        weights = inputs.get("weights")
+        if (
+            loss_fn != "cross_entropy"
+            or len(shape) != 2
+            or shape[0] != n
+            or shape[1] < 1
+            or weights is None
+            or list(weights.shape or []) != shape
+            or extra
+        ):
+            raise UserError(
+                f"datum {i}: target_tokens of shape {shape} (soft targets) need loss_fn="
+                f"'cross_entropy', shape [{n}, K] with K >= 1, weights of the same shape, and no "
+                f"other loss_fn_inputs; got loss_fn={loss_fn!r}, weights shape "
+                f"{None if weights is None else weights.shape}, other keys {extra}"
+            )
+
+    @staticmethod
     def run_forward_backward(served: ServedModel, call: ForwardBackwardCall) -> bytes:
+        datums, widths = expand_soft_targets(call.datums)
         out = served.engine.forward_backward(
-            call.datums, call.loss_fn, call.loss_fn_config, forward_only=call.forward_only
+            datums, call.loss_fn, call.loss_fn_config, forward_only=call.forward_only
         )
         return encode_forward_backward(
             ForwardBackwardOutput(
                 loss_fn_output_type=out.loss_fn_output_type,
-                loss_fn_outputs=out.loss_fn_outputs,
+                loss_fn_outputs=collapse_soft_targets(out.loss_fn_outputs, widths),
                 metrics=sdk_metrics(out.metrics),
             )
         )
