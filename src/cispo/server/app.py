@@ -38,7 +38,7 @@ from cispo.server.runtime import (
     ServerConfig,
     _SampleJob,
 )
-from cispo.server.store import EXTERNAL, SCHEME, check_ttl
+from cispo.server.store import EXTERNAL, SCHEME, age_recipients, check_ttl
 from cispo.server.wire import WireError, decode_forward_backward
 
 PROTO = "application/x-protobuf"
@@ -351,14 +351,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         with consumes_seq_id(served, req.seq_id):
             check_ttl(req.ttl_seconds)
             backend.store.checkpoint_dir(served.model_id, f"{EXTERNAL}/{req.path}")
-            if req.age_encryption_recipients:
-                raise UserError(
-                    "age_encryption_recipients is not supported: this server writes the export "
-                    "unencrypted under its --root on this machine and serves it over signed "
-                    "URLs; omit it (or use `cispo export` on the checkpoint directly)"
-                )
+            recipients = age_recipients(req.age_encryption_recipients)
         name, ttl = req.path, req.ttl_seconds
-        rid = ordered(served, req.seq_id, lambda: backend.run_export(served, name, ttl))
+        rid = ordered(served, req.seq_id, lambda: backend.run_export(served, name, ttl, recipients))
         return future(rid, served.model_id)
 
     @app.post(f"{api}/load_weights")

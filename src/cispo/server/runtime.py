@@ -35,7 +35,7 @@ from cispo.models import apply_lora
 from cispo.ops.topk_logprobs import model_topk_logprobs
 from cispo.rollout.sampler import SampledSequence, SamplingParams, compute_logprobs, sample
 from cispo.server.futures import FutureTable, ModelSequencer, Result, UserError
-from cispo.server.store import EXTERNAL, RunRecord, Store
+from cispo.server.store import EXTERNAL, RunRecord, Store, encrypt_tree
 from cispo.server.wire import (
     ForwardBackwardCall,
     TopK,
@@ -561,24 +561,29 @@ class Backend:
             "type": "save_weights" if kind == "weights" else "save_weights_for_sampler",
         }
 
-    def run_export(self, served: ServedModel, name: str, ttl_seconds: int | None) -> dict[str, Any]:
+    def run_export(
+        self,
+        served: ServedModel,
+        name: str,
+        ttl_seconds: int | None,
+        recipients: list[Any] | None = None,
+    ) -> dict[str, Any]:
         """save_weights_external: the model as an HF directory (+ PEFT adapter for LoRA),
-        written by `cispo.export` (checked by loading it back) under external_weights/<name>."""
+        written by `cispo.export` (checked by loading it back) under external_weights/<name>;
+        with age recipients every file is stored encrypted as `<file>.age`."""
         from cispo.export import export_state
 
         model_state = served.engine.state()["model"]
         record = served.record
-        path = self.store.save_external(
-            served.model_id,
-            name,
-            lambda directory: export_state(
-                model_state,
-                record.base_model,
-                directory,
-                model_overrides=record.model_overrides,
-            ),
-            ttl_seconds=ttl_seconds,
-        )
+
+        def write(directory: Path) -> None:
+            export_state(
+                model_state, record.base_model, directory, model_overrides=record.model_overrides
+            )
+            if recipients:
+                encrypt_tree(directory, recipients)
+
+        path = self.store.save_external(served.model_id, name, write, ttl_seconds=ttl_seconds)
         entry = self.store.entry(served.model_id, f"{EXTERNAL}/{name}")
         return {
             "path": path,

@@ -89,6 +89,43 @@ def _expired(entry: dict[str, Any], now: float) -> bool:
     return expires is not None and datetime.fromisoformat(expires).timestamp() <= now
 
 
+MAX_AGE_RECIPIENTS = 10
+AGE_SUFFIX = ".age"
+
+
+def age_recipients(keys: list[str] | None) -> list[Any] | None:
+    """`age_encryption_recipients` ("age1..." or SSH public keys) as pyrage recipients; None for
+    none. UserError for a bad key, too many, or pyrage missing (the optional `pyrage` package)."""
+    if not keys:
+        return None
+    if len(keys) > MAX_AGE_RECIPIENTS:
+        raise UserError(f"at most {MAX_AGE_RECIPIENTS} age_encryption_recipients, got {len(keys)}")
+    try:
+        import pyrage
+    except ImportError as error:
+        raise UserError(
+            "age_encryption_recipients needs the `pyrage` package on the server "
+            "(pip install pyrage); omit them to export unencrypted"
+        ) from error
+    out = []
+    for key in keys:
+        kind = pyrage.x25519 if key.startswith("age1") else pyrage.ssh
+        try:
+            out.append(kind.Recipient.from_str(key))
+        except pyrage.RecipientError as error:
+            raise UserError(f"bad age_encryption_recipients entry {key!r}: {error}") from error
+    return out
+
+
+def encrypt_tree(directory: Path, recipients: list[Any]) -> None:
+    """Replace every file under `directory` with `<name>.age`, encrypted to `recipients`."""
+    import pyrage
+
+    for path in [f for f in directory.rglob("*") if f.is_file()]:
+        pyrage.encrypt_file(str(path), str(path) + AGE_SUFFIX, recipients)
+        path.unlink()
+
+
 class Store:
     def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
         self.root = root
