@@ -49,6 +49,18 @@ def _soft_datum(ids: list[int]) -> types.Datum:
     )
 
 
+def _image_datum(ids: list[int]) -> types.Datum:
+    """A vision-language datum: text tokens then a (2-token) image chunk."""
+    chunks = [
+        types.EncodedTextChunk(tokens=ids[:-1]),
+        types.ImageChunk(data=b"\x89PNG not really", format="png", expected_tokens=2),
+    ]
+    return types.Datum(
+        model_input=types.ModelInput(chunks=chunks),
+        loss_fn_inputs={"target_tokens": [*ids[1:], 0, 0]},
+    )
+
+
 def _forward_lp(training: Any, ids: list[int]) -> list[float]:
     out = training.forward([_datum(ids)], "cross_entropy").result(timeout=TIMEOUT)
     return list(out.loss_fn_outputs[0]["logprobs"].tolist())
@@ -94,6 +106,11 @@ REFUSALS: list[tuple[str, Callable[[Any, list[int], int], Any], str]] = [
         "soft_targets_with_another_loss",
         lambda tc, ids, vocab: tc.forward_backward([_soft_datum(ids)], "importance_sampling"),
         "soft targets",
+    ),
+    (
+        "image_chunk",
+        lambda tc, ids, vocab: tc.forward_backward([_image_datum(ids)], "cross_entropy"),
+        "only encoded_text chunks",
     ),
     (
         "stable_reinforce",
@@ -182,3 +199,10 @@ def test_max_context_length_is_reported_and_a_sample_past_it_is_refused(
         sampler.sample(prompt, 1, types.SamplingParams(max_tokens=32768)).result(timeout=TIMEOUT)
     fits = types.SamplingParams(max_tokens=1024 - prompt.length, seed=0, stop=["\n"])
     assert sampler.sample(prompt, 1, fits).result(timeout=TIMEOUT).sequences
+
+
+def test_a_base_model_the_server_does_not_offer_is_refused_naming_the_offered_ones(
+    service: Any,
+) -> None:
+    with pytest.raises(tinker.APIStatusError, match=r"this server offers \['tiny'\]"):
+        service.create_lora_training_client("Qwen/Qwen3-8B", rank=4).result(timeout=TIMEOUT)

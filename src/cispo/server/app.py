@@ -24,7 +24,9 @@ from typing import Any, TypeVar, cast
 import pydantic
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from google.protobuf.message import DecodeError
 from tinker import types as tt
+from tinker.proto import tinker_public_pb2 as pb
 
 from cispo.client.types import AdamParams
 from cispo.rollout.sampler import SamplingParams
@@ -286,7 +288,20 @@ def create_app(config: ServerConfig) -> FastAPI:
                 body = zstandard.ZstdDecompressor().decompress(body, max_output_size=limit)
             except zstandard.ZstdError as error:
                 raise WireError(f"bad zstd body: {error}") from error
-        call = decode_forward_backward(body)
+        try:
+            call = decode_forward_backward(body)
+        except WireError as error:
+            # Well-formed but refused content (an image chunk, a bad tensor): still consume the
+            # seq_id if the message names a live model.
+            header = pb.ForwardBackwardRequest()
+            try:
+                header.ParseFromString(body)
+            except DecodeError:
+                raise error from None
+            served = backend.models.get(header.model_id)
+            if served is not None:
+                served.sequencer.refuse(backend.futures, int(header.seq_id), error)
+            raise
         served = backend.model(call.model_id)
         with consumes_seq_id(served, call.seq_id):
             backend.check_forward_backward(served, call)
