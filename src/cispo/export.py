@@ -18,6 +18,9 @@ the target modules and the rank; alpha is the project's 2·rank, as `cispo.train
 server create it). Every export is checked before it is reported: the written model directory is
 loaded back and its logprobs on a probe sequence compared with the checkpoint's model.
 
+GGUF: SmolLM2-135M comes as a GGUF file that transformers dequantizes on load; the export writes
+ordinary float safetensors (`_serializable`).
+
 Tied embeddings: when the LM head carries a LoRA adapter (the server's `train_unembed`) and the
 base ties it to the input embeddings, merging in place would also change the input embeddings;
 the head is untied first, and the merged model is saved with `tie_word_embeddings=False`.
@@ -121,6 +124,22 @@ def _untie_lm_head(model: Any) -> None:
             text.tie_word_embeddings = False
 
 
+def _serializable(model: Any) -> Any:
+    """A model loaded from a GGUF file (SmolLM2) holds dequantized float weights but keeps
+    transformers' gguf quantizer marker, which makes `save_pretrained` refuse it. The weights are
+    plain tensors, so drop the marker: the saved directory is an ordinary float checkpoint."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        method = getattr(quantizer.quantization_config, "quant_method", None)
+        if getattr(method, "value", method) != "gguf":
+            raise ValueError(f"cannot export a model quantized with {method}")
+        model.hf_quantizer = None
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "quantization_config"):
+            del config.quantization_config
+    return model
+
+
 def _probe(tokenizer: Any, vocab: int) -> list[int]:
     ids = [int(i) for i in tokenizer.encode("12+7=19\n3+4=7 hello", add_special_tokens=False)]
     ids = [i for i in ids if 0 <= i < vocab] or list(range(min(vocab, 16)))
@@ -160,15 +179,17 @@ def export_state(
     report: dict[str, float] = {}
 
     def write(tmp: Path) -> None:
-        model: nn.Module = bundle.model
+        model: nn.Module = _serializable(bundle.model)
         if layout is None:
             model.load_state_dict(dict(model_state), strict=True)
             trained = model
         else:
             base_dir = tmp / "base"
-            base = load_bundle(base_model, lora_rank=0, seed=0, overrides=model_overrides).model
+            base = _serializable(
+                load_bundle(base_model, lora_rank=0, seed=0, overrides=model_overrides).model
+            )
             base.load_state_dict(_base_state(model_state), strict=True)
-            base.save_pretrained(base_dir)  # type: ignore[operator]
+            base.save_pretrained(base_dir)
             tokenizer.save_pretrained(str(base_dir))
             trained = apply_lora(
                 model, r=layout.rank, alpha=2 * layout.rank, target_modules=layout.targets
