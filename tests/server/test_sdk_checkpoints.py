@@ -200,3 +200,19 @@ def test_the_sdk_cli_downloads_a_training_checkpoint(
     assert not [
         c for c in leftovers if c.checkpoint_type == "external" and "download" in c.tinker_path
     ]
+
+
+def test_cispo_export_of_a_server_checkpoint_directory(
+    live: LiveServer, training: Any, tmp_path: Path
+) -> None:
+    """`cispo export` reads a server checkpoint (`--root/runs/<run>/weights/<name>`) directly, no
+    server call needed, and writes the same layout as save_weights_external."""
+    from cispo.cli import main
+
+    ids = list(training.get_tokenizer().encode(TEXT))
+    want = _forward_lp(training, ids)
+    path = training.save_state("for-export").result().path
+    run_id, kind, name = path[len("tinker://") :].split("/")
+    directory = live.root / "runs" / run_id.replace(":", "_") / kind / name
+    assert main(["export", str(directory), str(tmp_path / "out")]) == 0
+    _check_export(tmp_path / "out", ids, want)
