@@ -6,6 +6,7 @@
     cispo train smollm2_arithmetic_cispo --help  # every field, its docstring, this recipe's value
     cispo config [RECIPE] [overrides]            # print the resolved config (JSON) and exit
     cispo serve --api-key tml-... [--port 8000]  # a server for the tinker SDK (docs/server.md)
+    cispo export CHECKPOINT_OR_RUN_DIR OUT       # HF model directory (+ PEFT adapter for LoRA)
 
 A recipe is a function `recipe() -> TrainConfig` in `cispo.recipes` or in a .py file; it comes
 first, and its config is the default that the `--section.field=value` overrides apply to. The
@@ -256,8 +257,33 @@ def serve_command(argv: list[str]) -> int:
     return serve_main(argv)
 
 
-# More subcommands (`cispo export`, ...) go here: one @command function each, importing its module
-# lazily and parsing its own options with `parse(ItsArgs, argv, default=..., prog="cispo NAME")`.
+@dataclasses.dataclass(frozen=True)
+class ExportArgs:
+    """Write a checkpoint as a Hugging Face model directory (LoRA merged) and, for a LoRA run, a
+    PEFT adapter directory beside the base it was trained on; each is loaded back and checked."""
+
+    checkpoint: tyro.conf.Positional[str]
+    """A checkpoint directory, or a run directory (its newest checkpoint)."""
+    out: tyro.conf.Positional[str]
+    """Output directory (replaced)."""
+
+
+@command("export", "HF model / PEFT adapter directories: cispo export CHECKPOINT_OR_RUN_DIR OUT")
+def export_command(argv: list[str]) -> int:
+    args = tyro.cli(ExportArgs, args=argv, prog="cispo export")
+    from cispo.export import describe, export_checkpoint
+
+    try:
+        result = export_checkpoint(args.checkpoint, args.out)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"cispo export: {error}", file=sys.stderr)
+        return 2
+    print(describe(result))
+    return 0
+
+
+# More subcommands go here: one @command function each, importing its module lazily and parsing
+# its own options with `parse(ItsArgs, argv, default=..., prog="cispo NAME")` or `tyro.cli`.
 
 
 # --------------------------------------------------------------------------------------------

@@ -163,12 +163,24 @@ def test_bad_loss_config_gets_400_and_changes_nothing(
         "/forward_backward", content=_fwdbwd(model_id, seq, loss=loss, config=config), headers=PROTO
     )
     assert r.status_code == 400 and message in r.json()["detail"]
-    assert _next_seq(live, model_id) == seq  # the seq_id was not consumed
+    # The refused request took its seq_id (the SDK never reuses one), and ran nothing.
+    assert _next_seq(live, model_id) == seq + 1
     r = http.post(
         "/optim_step",
-        json={"model_id": model_id, "seq_id": seq, "adam_params": {"learning_rate": 0.1}},
+        json={"model_id": model_id, "seq_id": seq + 1, "adam_params": {"learning_rate": 0.1}},
     )
     _wait(http, r.json()["request_id"])  # a step with no gradient accumulated: no change
+    assert _logprobs(http, live, model_id) == pytest.approx(before, abs=0)
+
+
+def test_an_unknown_endpoint_gets_404_and_still_consumes_a_training_seq_id(
+    http: httpx.Client, live: LiveServer, model_id: str
+) -> None:
+    before = _logprobs(http, live, model_id)
+    seq = _next_seq(live, model_id)
+    r = http.post("/no_such_thing", json={"model_id": model_id, "seq_id": seq})
+    assert r.status_code == 404 and "/api/v1/no_such_thing" in r.json()["detail"]
+    assert _next_seq(live, model_id) == seq + 1
     assert _logprobs(http, live, model_id) == pytest.approx(before, abs=0)
 
 

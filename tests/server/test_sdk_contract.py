@@ -292,3 +292,130 @@ def test_restart_from_checkpoint_gives_identical_logprobs(tmp_path: Any) -> None
         svc.close("success").result()
     finally:
         second.stop()
+
+
+def test_topk_prompt_and_sample_logprobs_equal_a_full_softmax_reference(
+    live: LiveServer, training: Any
+) -> None:
+    """topk_prompt_logprobs (one row per prompt token, row 0 empty; temperature 1 like the prompt
+    logprobs) and topk_sample_logprobs (one row per sampled token, at the sampling temperature,
+    like the sampled logprobs): ids equal and logprobs to 1e-5 against log_softmax(logits).topk of
+    the sampler's own model; the reported token logprobs appear in them where the token is in
+    the top k."""
+    tokenizer = training.get_tokenizer()
+    ids = tokenizer.encode("12+7=")
+    sampler = training.save_weights_and_get_sampling_client().result()
+    model = list(live.backend.samplers.values())[-1].sampler.model
+    params = types.SamplingParams(max_tokens=4, temperature=0.7, seed=5, stop=[])
+    got = sampler.sample(
+        types.ModelInput.from_ints(ids),
+        2,
+        params,
+        include_prompt_logprobs=True,
+        topk_prompt_logprobs=5,
+        topk_sample_logprobs=3,
+    ).result()
+
+    def reference(tokens: list[int], temperature: float, k: int) -> list[list[tuple[int, float]]]:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tokens])).logits[0, :-1].float()
+        lp, tok = torch.log_softmax(logits / temperature, -1).topk(k, -1)
+        return [
+            list(zip(t.tolist(), v.tolist(), strict=True)) for t, v in zip(tok, lp, strict=True)
+        ]
+
+    def same(rows: Any, want: list[list[tuple[int, float]]]) -> None:
+        assert len(rows) == len(want)
+        for row, ref in zip(rows, want, strict=True):
+            assert [t for t, _ in row] == [t for t, _ in ref]
+            assert [v for _, v in row] == pytest.approx([v for _, v in ref], abs=1e-5)
+
+    prompt_rows = got.topk_prompt_logprobs
+    assert prompt_rows[0] is None and len(prompt_rows) == len(ids)
+    same(prompt_rows[1:], reference(ids, 1.0, 5))
+    for position, row in enumerate(prompt_rows[1:], start=1):
+        found = dict(row).get(ids[position])
+        assert found is None or found == pytest.approx(got.prompt_logprobs[position], abs=1e-5)
+    for seq in got.sequences:
+        assert len(seq.tokens) == 4
+        full = ids + list(seq.tokens)
+        same(seq.topk_logprobs, reference(full, 0.7, 3)[len(ids) - 1 :])
+        for token, lp, row in zip(seq.tokens, seq.logprobs, seq.topk_logprobs, strict=True):
+            found = dict(row).get(token)
+            assert found is None or found == pytest.approx(lp, abs=1e-5)
+
+
+def test_forward_backward_custom_equals_the_built_in_loss(service: Any) -> None:
+    """The SDK's client-side custom losses (DPO, sdft's reverse KL in tinker-cookbook): a custom
+    loss equal to cross_entropy gives the same step as cross_entropy on an identical model."""
+    custom = service.create_lora_training_client("tiny", rank=2, seed=11).result()
+    builtin = service.create_lora_training_client("tiny", rank=2, seed=11).result()
+    ids = custom.get_tokenizer().encode("12+7=19")
+    weights = [1.0 + 0.1 * i for i in range(len(ids) - 1)]
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(ids[:-1]),
+        loss_fn_inputs={"target_tokens": ids[1:], "weights": weights},
+    )
+
+    def nll(data: list[Any], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        total = sum(
+            -(lp * torch.tensor(d.loss_fn_inputs["weights"].data)).sum()
+            for d, lp in zip(data, logprobs, strict=True)
+        )
+        return total, {"nll": float(total.detach())}
+
+    before = _forward_lp(custom, ids)
+    out = custom.forward_backward_custom([datum], nll).result()
+    ref = builtin.forward_backward([datum], "cross_entropy").result()
+    assert out.metrics["nll"] == pytest.approx(ref.metrics["loss:sum"], rel=1e-5)
+    for client in (custom, builtin):
+        client.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    after = _forward_lp(custom, ids)
+    assert after != pytest.approx(before, abs=1e-4)  # it trained
+    assert after == pytest.approx(_forward_lp(builtin, ids), abs=1e-6)
+
+
+def test_soft_target_cross_entropy_from_teacher_topk_as_the_cookbook_distills(
+    live: LiveServer, service: Any
+) -> None:
+    """tinker-cookbook's distillation.train_off_policy: the teacher's topk_prompt_logprobs become
+    target_tokens and weights of shape [T, K] for cross_entropy. The loss is
+    -Σ_t Σ_k w[t,k]·log p(tok[t,k]) and the returned logprobs are [T, K], both equal to a full
+    log_softmax of the student's logits; the step trains the student."""
+    student = service.create_lora_training_client("tiny", rank=2, seed=21).result()
+    teacher = service.create_lora_training_client("tiny", rank=2, seed=22).result()
+    ids = student.get_tokenizer().encode("12+7=19")
+    k = 3
+    sampler = teacher.save_weights_and_get_sampling_client().result()
+    top = (
+        sampler.sample(
+            types.ModelInput.from_ints(ids),
+            1,
+            types.SamplingParams(max_tokens=1),
+            include_prompt_logprobs=True,
+            topk_prompt_logprobs=k,
+        )
+        .result()
+        .topk_prompt_logprobs[1:]
+    )
+    tokens = torch.tensor([[t for t, _ in row] for row in top])  # [T, K]
+    weights = torch.softmax(torch.tensor([[v for _, v in row] for row in top]), dim=-1)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(ids[:-1]),
+        loss_fn_inputs={
+            "target_tokens": types.TensorData.from_torch(tokens),
+            "weights": types.TensorData.from_torch(weights),
+        },
+    )
+    model = live.backend.models[student.model_id].engine.model
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids[:-1]])).logits[0].float()
+    want_lp = torch.log_softmax(logits, -1).gather(1, tokens)  # [T, K]
+    out = student.forward_backward([datum], "cross_entropy").result()
+    got_lp = out.loss_fn_outputs[0]["logprobs"].to_torch()
+    assert tuple(got_lp.shape) == tuple(tokens.shape)
+    torch.testing.assert_close(got_lp.float(), want_lp, rtol=0, atol=1e-5)
+    assert out.metrics["loss:sum"] == pytest.approx(float(-(weights * want_lp).sum()), abs=1e-4)
+    before = _forward_lp(student, ids)
+    student.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    assert _forward_lp(student, ids) != pytest.approx(before, abs=1e-4)

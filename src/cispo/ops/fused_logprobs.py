@@ -24,7 +24,8 @@ independent of N and V.
 Gradients reach `weight` by ordinary autograd, so a tied embedding, a trainable lm_head or a LoRA'd
 head passed as the expression W + s·B·A all work unchanged.
 
-Left out on purpose: top-k logprobs; logit soft-capping and logit scales
+Top-k logprobs are in `cispo.ops.topk_logprobs` (same tiles, inference only). Left out on
+purpose: logit soft-capping and logit scales
 (`model_token_logprobs` refuses models that use them). The naive path, `naive_logprobs`, stays the
 reference: full logits, plain autograd.
 

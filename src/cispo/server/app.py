@@ -5,29 +5,49 @@ so a field the SDK sends is read exactly as the SDK means it, and an unknown fie
 Every request needs `X-API-Key` (401 otherwise); bodies over `max_request_bytes` get 413.
 Mutating calls answer `{"request_id"}` at once and run on the model's ordered worker; the result is
 fetched with `retrieve_future` (see `futures.py`). Left out: JWT auth, custom losses, images,
-top-k logprobs, stability info (stable_reinforce), `retrieve_futures` batching, weights export.
+stability info (stable_reinforce: refused with the reason), `retrieve_futures` batching.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, MutableMapping
-from contextlib import asynccontextmanager
+import json
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime, timezone
 from typing import Any, TypeVar, cast
 
 import pydantic
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from google.protobuf.message import DecodeError
 from tinker import types as tt
+from tinker.proto import tinker_public_pb2 as pb
 
 from cispo.losses import LOSSES
 from cispo.server.futures import Result, UserError
-from cispo.server.runtime import Backend, NotFound, ServedModel, ServerConfig, _SampleJob
+from cispo.server.runtime import (
+    LORA_TARGETS,
+    STABLE_REINFORCE_REFUSED,
+    Backend,
+    NotFound,
+    ServedModel,
+    ServerConfig,
+    _SampleJob,
+)
+from cispo.server.store import EXTERNAL, SCHEME, age_recipients, check_ttl
 from cispo.server.wire import WireError, decode_forward_backward
 from cispo.types import AdamParams, SamplingParams
 
 PROTO = "application/x-protobuf"
+FILES_ROUTE = "/api/v1/external_files/"
+"""Downloads of external_weights files: no API key (urllib fetches them, as from a bucket), but
+an HMAC signature over the file and an expiry time, as a signed bucket URL has."""
+URL_LIFETIME_S = 3600
 M = TypeVar("M", bound=pydantic.BaseModel)
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[
@@ -50,6 +70,9 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        if scope["path"].startswith(FILES_ROUTE) and scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)  # signed URLs: the route checks the signature
+            return
         if not hmac.compare_digest(headers.get(b"x-api-key", b""), self.key):
             response = JSONResponse({"detail": "missing or wrong X-API-Key"}, status_code=401)
             await response(scope, receive, send)
@@ -98,9 +121,19 @@ def create_app(config: ServerConfig) -> FastAPI:
     backend = Backend(config)
     limit = config.max_request_bytes
 
+    async def sweep_expired() -> None:
+        """Delete checkpoints whose TTL has passed, every `ttl_sweep_seconds` (on the control
+        thread, so never during a create-from-checkpoint load)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(config.ttl_sweep_seconds)
+            await loop.run_in_executor(backend._control, backend.store.sweep)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        sweeper = asyncio.create_task(sweep_expired())
         yield
+        sweeper.cancel()
         backend.close()
 
     app = FastAPI(
@@ -137,6 +170,18 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise UserError("seq_id is required for requests on a training model")
         return served.sequencer.submit(backend.futures, seq_id, work)
 
+    @contextmanager
+    def consumes_seq_id(served: ServedModel, seq_id: int | None) -> Iterator[None]:
+        """A request refused inside this block (400) still takes its seq_id slot, which completes
+        with the error and runs nothing: the SDK never reuses a seq_id, so otherwise every later
+        request on the model would wait for this one forever."""
+        try:
+            yield
+        except (UserError, WireError) as error:
+            if seq_id is not None:
+                served.sequencer.refuse(backend.futures, seq_id, error)
+            raise
+
     def on_control(work: Callable[[], Result]) -> str:
         request_id = backend.futures.create()
         backend.futures.run_on(backend._control, request_id, work)
@@ -172,7 +217,12 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def capabilities() -> dict[str, Any]:
         return {
             "supported_models": [
-                {"model_name": name, "trainable": True, "sampleable": True}
+                {
+                    "model_name": name,
+                    "max_context_length": backend.max_context_length(name),
+                    "trainable": True,
+                    "sampleable": True,
+                }
                 for name in config.base_models
             ],
             # Not in the SDK's response model (it ignores extra fields): the loss_fn names this
@@ -241,9 +291,23 @@ def create_app(config: ServerConfig) -> FastAPI:
                 body = zstandard.ZstdDecompressor().decompress(body, max_output_size=limit)
             except zstandard.ZstdError as error:
                 raise WireError(f"bad zstd body: {error}") from error
-        call = decode_forward_backward(body)
+        try:
+            call = decode_forward_backward(body)
+        except WireError as error:
+            # Well-formed but refused content (an image chunk, a bad tensor): still consume the
+            # seq_id if the message names a live model.
+            header = pb.ForwardBackwardRequest()
+            try:
+                header.ParseFromString(body)
+            except DecodeError:
+                raise error from None
+            served = backend.models.get(header.model_id)
+            if served is not None:
+                served.sequencer.refuse(backend.futures, int(header.seq_id), error)
+            raise
         served = backend.model(call.model_id)
-        backend.check_forward_backward(served, call)
+        with consumes_seq_id(served, call.seq_id):
+            backend.check_forward_backward(served, call)
         rid = ordered(served, call.seq_id, lambda: backend.run_forward_backward(served, call))
         return future(rid, served.model_id)
 
@@ -252,12 +316,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         req = await body_of(request, tt.OptimStepRequest)
         served = backend.model(req.model_id)
         params = req.optim_params
-        if not isinstance(params, tt.AdamParams):
-            raise UserError("only AdamParams are supported (the model was created with adamw)")
-        try:
-            adam = AdamParams(**params.model_dump())
-        except ValueError as error:
-            raise UserError(str(error)) from error
+        with consumes_seq_id(served, req.seq_id):
+            if not isinstance(params, tt.AdamParams):
+                raise UserError("only AdamParams are supported (the model was created with adamw)")
+            try:
+                adam = AdamParams(**params.model_dump())
+            except ValueError as error:
+                raise UserError(str(error)) from error
         rid = ordered(served, req.seq_id, lambda: backend.run_optim_step(served, adam))
         return future(rid, served.model_id)
 
@@ -265,9 +330,15 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def save_weights(request: Request) -> dict[str, Any]:
         req = await body_of(request, tt.SaveWeightsRequest)
         served = backend.model(req.model_id)
+        with consumes_seq_id(served, req.seq_id):
+            check_ttl(req.ttl_seconds)
         name = req.path or f"step-{served.engine.version}"
         rid = ordered(
-            served, req.seq_id, lambda: backend.run_save(served, "weights", name, req.overwrite)
+            served,
+            req.seq_id,
+            lambda: backend.run_save(
+                served, "weights", name, req.overwrite, req.ttl_seconds, req.user_metadata
+            ),
         )
         return future(rid, served.model_id)
 
@@ -275,23 +346,41 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def save_weights_for_sampler(request: Request) -> dict[str, Any]:
         req = await body_of(request, tt.SaveWeightsForSamplerRequest)
         served = backend.model(req.model_id)
+        with consumes_seq_id(served, req.seq_id):
+            check_ttl(req.ttl_seconds)
         work: Callable[[], Result]
         if req.path is not None:
-            name = req.path
-            work = lambda: backend.run_save(served, "sampler_weights", name, True)  # noqa: E731
+            name, ttl, meta = req.path, req.ttl_seconds, req.user_metadata
+            work = lambda: backend.run_save(  # noqa: E731
+                served, "sampler_weights", name, True, ttl, meta
+            )
         elif req.sampling_session_seq_id is not None:
             seq = req.sampling_session_seq_id
             work = lambda: backend.run_ephemeral_sampler(served, seq)  # noqa: E731
         else:
-            raise UserError("save_weights_for_sampler needs path or sampling_session_seq_id")
+            with consumes_seq_id(served, req.seq_id):
+                raise UserError("save_weights_for_sampler needs path or sampling_session_seq_id")
         return future(ordered(served, req.seq_id, work), served.model_id)
+
+    @app.post(f"{api}/save_weights_external")
+    async def save_weights_external(request: Request) -> dict[str, Any]:
+        req = await body_of(request, tt.SaveWeightsExternalRequest)
+        served = backend.model(req.model_id)
+        with consumes_seq_id(served, req.seq_id):
+            check_ttl(req.ttl_seconds)
+            backend.store.checkpoint_dir(served.model_id, f"{EXTERNAL}/{req.path}")
+            recipients = age_recipients(req.age_encryption_recipients)
+        name, ttl = req.path, req.ttl_seconds
+        rid = ordered(served, req.seq_id, lambda: backend.run_export(served, name, ttl, recipients))
+        return future(rid, served.model_id)
 
     @app.post(f"{api}/load_weights")
     async def load_weights(request: Request) -> dict[str, Any]:
         req = await body_of(request, tt.LoadWeightsRequest)
-        backend.store.resolve(req.path)  # 400 now for an unknown path
         if req.model_id is not None:
             served = backend.model(req.model_id)
+            with consumes_seq_id(served, req.seq_id):
+                backend.store.resolve(req.path)  # 400 now for an unknown path
             path, opt = req.path, req.optimizer
             rid = ordered(served, req.seq_id, lambda: backend.run_load(served, path, opt))
             return future(rid, served.model_id)
@@ -351,14 +440,20 @@ def create_app(config: ServerConfig) -> FastAPI:
         if req.sampling_session_id is None:
             raise UserError("asample needs a sampling_session_id (create_sampling_session first)")
         sampler = backend.sampler(req.sampling_session_id)
+        if req.record_stability_info:
+            # Only stable_reinforce reads it, and that loss is refused: say so at the first request.
+            raise UserError(f"record_stability_info=True is refused. {STABLE_REINFORCE_REFUSED}")
+        for field, k in (
+            ("topk_prompt_logprobs", req.topk_prompt_logprobs),
+            ("topk_sample_logprobs", req.topk_sample_logprobs),
+        ):
+            if not 0 <= k <= sampler.vocab_size:
+                raise UserError(f"{field} must be in [0, {sampler.vocab_size}], got {k}")
         unsupported = [
             name
             for name, on in (
-                ("topk_prompt_logprobs", req.topk_prompt_logprobs),
-                ("topk_sample_logprobs", req.topk_sample_logprobs),
                 ("target_prompt_logprobs", req.target_prompt_logprobs is not None),
                 ("prompt_alt_tokens_k", req.prompt_alt_tokens_k),
-                ("record_stability_info", req.record_stability_info),
             )
             if on
         ]
@@ -390,6 +485,12 @@ def create_app(config: ServerConfig) -> FastAPI:
             )
         except ValueError as error:
             raise UserError(f"bad sampling_params: {error}") from error
+        limit = sampler.max_context_length
+        if limit is not None and len(prompt) + (sp.max_tokens or 0) > limit:
+            raise UserError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({sp.max_tokens}) exceeds "
+                f"max_context_length={limit} of {sampler.base_model!r}"
+            )
         last_n = req.prompt_logprobs_last_n
         if last_n is not None and not 1 <= last_n <= len(prompt) - 1:
             raise UserError(f"prompt_logprobs_last_n must be in [1, {len(prompt) - 1}]")
@@ -404,6 +505,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                 prompt_logprobs=bool(req.prompt_logprobs),
                 prompt_logprobs_last_n=last_n,
                 loop=asyncio.get_running_loop(),
+                topk_prompt=req.topk_prompt_logprobs,
+                topk_sample=req.topk_sample_logprobs,
             )
         )
         ids = [f"{request_id}:{i}" for i in range(req.num_samples)]
@@ -440,6 +543,146 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get(f"{api}/training_runs/{{run_id}}/checkpoints")
     async def checkpoints(run_id: str) -> dict[str, Any]:
-        return {"checkpoints": list(run_record(run_id).checkpoints)}
+        record = run_record(run_id)
+        backend.store.sweep()
+        return {"checkpoints": list(record.checkpoints)}
+
+    def checkpoint_entry(run_id: str, checkpoint_id: str) -> dict[str, Any]:
+        run_record(run_id)
+        backend.store.checkpoint_dir(run_id, checkpoint_id)  # 400 for a malformed id
+        entry = backend.store.entry(run_id, checkpoint_id)
+        if entry is None:
+            raise NotFound(f"no checkpoint {SCHEME}{run_id}/{checkpoint_id}")
+        return entry
+
+    @app.delete(f"{api}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}")
+    async def delete_checkpoint(run_id: str, checkpoint_id: str) -> Response:
+        checkpoint_entry(run_id, checkpoint_id)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            backend._control, lambda: backend.store.delete(run_id, checkpoint_id)
+        )
+        return Response(status_code=204)
+
+    @app.put(f"{api}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}/ttl")
+    async def set_ttl(run_id: str, checkpoint_id: str, request: Request) -> Response:
+        body = await _body(request, limit)
+        try:
+            data = json.loads(body)
+        except ValueError as error:
+            raise UserError(
+                f"the body must be JSON {{'ttl_seconds': int | null}}: {error}"
+            ) from error
+        if not isinstance(data, dict) or set(data) != {"ttl_seconds"}:
+            raise UserError(f"the body must be {{'ttl_seconds': int | null}}, got {data!r}")
+        ttl = data["ttl_seconds"]
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int)):
+            raise UserError(f"ttl_seconds must be an integer or null, got {ttl!r}")
+        check_ttl(ttl)
+        checkpoint_entry(run_id, checkpoint_id)
+        backend.store.set_ttl(run_id, checkpoint_id, ttl)
+        return Response(status_code=204)
+
+    signing_key = hmac.new(config.api_key.encode(), b"cispo external_files", "sha256").digest()
+
+    def signature(relative: str, expires: int) -> str:
+        return hmac.new(signing_key, f"{relative}|{expires}".encode(), hashlib.sha256).hexdigest()
+
+    @app.get(
+        f"{api}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}/external_weights_urls"
+    )
+    async def external_weights_urls(run_id: str, checkpoint_id: str, request: Request) -> Any:
+        kind, _, name = checkpoint_id.partition("/")
+        if kind != EXTERNAL:
+            raise UserError(f"only {EXTERNAL}/<name> checkpoints have download URLs")
+        checkpoint_entry(run_id, checkpoint_id)
+        files = backend.store.external_files(run_id, name)
+        expires = int(time.time()) + URL_LIFETIME_S
+        base = str(request.base_url).rstrip("/")
+        urls = {}
+        for relative in files:
+            target = f"{run_id}/{name}/{relative}"
+            query = urllib.parse.urlencode({"expires": expires, "sig": signature(target, expires)})
+            urls[relative] = f"{base}{FILES_ROUTE}{urllib.parse.quote(target)}?{query}"
+        return {
+            "urls": urls,
+            "expires": datetime.fromtimestamp(expires, tz=timezone.utc).isoformat(),
+        }
+
+    @app.get(f"{FILES_ROUTE}{{target:path}}")
+    async def external_file(target: str, expires: int = 0, sig: str = "") -> Response:
+        if not hmac.compare_digest(sig, signature(target, expires)):
+            return JSONResponse({"detail": "bad signature"}, status_code=403)
+        if time.time() > expires:
+            return JSONResponse({"detail": "this URL has expired; ask for new ones"}, 403)
+        run_id, name, relative = [*target.split("/", 2), "", ""][:3]
+        try:
+            path = backend.store.external_files(run_id, name)[relative]
+        except (KeyError, UserError):
+            raise NotFound(f"no file {target!r}") from None
+        return FileResponse(path)
+
+    @app.post(f"{api}/weights_info")
+    async def weights_info(request: Request) -> dict[str, Any]:
+        body = await _body(request, limit)
+        try:
+            path = json.loads(body)["tinker_path"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError("weights_info takes {'tinker_path': 'tinker://...'}") from error
+        record, _, _ = backend.store.resolve(str(path))
+        lora = record.lora_rank > 0
+        targets = set(record.lora_targets)
+        return {
+            "base_model": record.base_model,
+            "optimizer_config": {"type": "adamw"},
+            "is_lora": lora,
+            "lora_rank": record.lora_rank or None,
+            **{
+                flag: (set(mods) <= targets) if lora else None
+                for flag, mods in LORA_TARGETS.items()
+            },
+        }
+
+    @app.get(f"{api}/checkpoints")
+    async def user_checkpoints(limit: int = 100, offset: int = 0) -> dict[str, Any]:
+        found = backend.store.all_checkpoints()
+        return {
+            "checkpoints": found[offset : offset + limit],
+            "cursor": {"offset": offset, "limit": limit, "total_count": len(found)},
+        }
+
+    # ------------------------------------------------------------------ sessions (REST)
+    @app.get(f"{api}/sessions")
+    async def list_sessions(limit: int = 20, offset: int = 0) -> dict[str, Any]:
+        ids = list(reversed(backend.sessions))  # newest first
+        return {"sessions": ids[offset : offset + limit]}
+
+    @app.get(f"{api}/sessions/{{session_id}}")
+    async def get_session(session_id: str) -> dict[str, Any]:
+        session = backend.sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"unknown session {session_id!r}")
+        prefix = f"{session_id}:"
+        return {
+            "training_run_ids": [r for r in backend.store.runs if r.startswith(prefix)],
+            "sampler_ids": [s for s in backend.samplers if s.startswith(prefix)],
+            "user_metadata": session.user_metadata,
+        }
+
+    # ------------------------------------------------------------------ anything else: 404
+    @app.post(f"{api}/{{endpoint:path}}")
+    async def unknown_endpoint(endpoint: str, request: Request) -> JSONResponse:
+        """An endpoint this server does not have. A training request (a body with the model_id of
+        a live model and a seq_id) still takes its seq_id slot, so the client is not wedged."""
+        detail = f"this server has no endpoint /api/v1/{endpoint} (docs/server.md lists them)"
+        try:
+            data = json.loads(await _body(request, limit))
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("seq_id"), int):
+            served = backend.models.get(str(data.get("model_id")))
+            if served is not None:
+                served.sequencer.refuse(backend.futures, data["seq_id"], UserError(detail))
+        return JSONResponse({"detail": detail}, status_code=404)
 
     return app

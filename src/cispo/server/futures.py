@@ -11,6 +11,8 @@ last), and
 expects the server to run them strictly in seq_id order. Requests that arrive early wait in a
 buffer; each model runs on its own single worker thread, so submission order is execution order.
 A repeated seq_id (a client retry after a lost response) gets the request id of the first one.
+A refused request (a 4xx) still consumes its seq_id (`refuse`): the SDK numbers requests on the
+client and never reuses a number, so a slot left empty would hold every later request forever.
 
 All methods run on the event loop thread, except the work itself, which runs on the model's worker.
 """
@@ -135,6 +137,18 @@ class ModelSequencer:
         for old in [s for s in self._by_seq_id if s < self.next_seq_id - 1024]:
             del self._by_seq_id[old]
         return request_id
+
+    def refuse(self, table: FutureTable, seq_id: int, error: BaseException) -> None:
+        """Consume `seq_id` for a request that was refused before it was queued: its slot runs
+        nothing and completes with `error`, so the requests after it are not held behind it. A
+        seq_id that is already taken or executed is left alone (it belongs to another request)."""
+        if seq_id in self._by_seq_id or seq_id < self.next_seq_id:
+            return
+
+        def refused() -> Result:
+            raise error
+
+        self.submit(table, seq_id, refused)
 
     @property
     def waiting(self) -> list[int]:

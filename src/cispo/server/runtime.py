@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,16 +34,25 @@ from cispo.engine.engine import Engine, EngineConfig
 from cispo.engine.sampler import HFSampler
 from cispo.losses import make_loss_config, required_inputs
 from cispo.models import TINY, apply_lora, load_bundle
+from cispo.ops.topk_logprobs import model_topk_logprobs
 from cispo.server.futures import FutureTable, ModelSequencer, Result, UserError
-from cispo.server.store import RunRecord, Store
+from cispo.server.store import EXTERNAL, RunRecord, Store, encrypt_tree
 from cispo.server.wire import (
     ForwardBackwardCall,
+    TopK,
     encode_forward_backward,
     encode_sample_response,
     sdk_metrics,
 )
 from cispo.tokenizer import build_char_tokenizer
-from cispo.types import AdamParams, ForwardBackwardOutput, SamplingParams
+from cispo.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    SampledSequence,
+    SamplingParams,
+    TensorData,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +72,19 @@ _INPUT_KEYS = {
     "ref_logprobs": "ref_logprobs",
     "mask": "mask",
 }
+
+# Tinker's StableReinforce: documented as an alpha loss whose objective uses per-sequence
+# information recorded at sampling time (`record_stability_info=True`); the objective itself is not
+# published, so there is nothing faithful to implement under that name.
+STABLE_REINFORCE_REFUSED = (
+    "loss_fn='stable_reinforce' is not available on this server: Tinker documents StableReinforce "
+    "as an alpha loss whose objective uses per-sequence information recorded at sampling time "
+    "(record_stability_info=True), and does not publish that objective, so this server does not "
+    "implement a guess under its name. Train with the built-in loss_fn='cispo' instead "
+    "(tinker-cookbook: pass loss_fn=cispo to recipes.math_rl.train, recipes.rubric.train or "
+    "recipes.rl_loop, or set rl.train.AsyncConfig(loss_fn='cispo') for async runs; sampling then "
+    "does not ask for record_stability_info). See docs/server.md."
+)
 
 
 class NotFound(LookupError):
@@ -88,6 +111,8 @@ class ServerConfig:
     """Largest accepted request body in bytes (64 MiB); larger requests get 413."""
     poll_timeout: float = 30.0
     """Seconds one retrieve_future long poll waits before answering try_again."""
+    ttl_sweep_seconds: float = 60.0
+    """How often checkpoints whose TTL has passed are deleted (they are refused at once anyway)."""
     engine: EngineConfig | None = None
     """Engine settings of every served model (None: the engine's defaults)."""
 
@@ -123,6 +148,10 @@ class ServedModel:
     def vocab_size(self) -> int:
         return int(self.engine.model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
 
+    @property
+    def max_context_length(self) -> int | None:
+        return context_length(self.engine.model)
+
 
 @dataclass
 class SamplerSession:
@@ -132,6 +161,7 @@ class SamplerSession:
     sampler: HFSampler
     tokenizer: Any
     vocab_size: int
+    max_context_length: int | None
 
 
 @dataclass
@@ -144,6 +174,8 @@ class _SampleJob:
     prompt_logprobs: bool
     prompt_logprobs_last_n: int | None
     loop: asyncio.AbstractEventLoop
+    topk_prompt: int = 0
+    topk_sample: int = 0
 
     def group_key(self) -> tuple[Any, ...]:
         p = self.params
@@ -158,6 +190,65 @@ class _SampleJob:
             p.top_k,
             p.top_p,
         )
+
+
+def _width(targets: TensorData) -> int:
+    """K of soft targets (target_tokens [T, K]); 1 for ordinary [T] targets."""
+    shape = list(targets.shape or [])
+    return int(shape[1]) if len(shape) == 2 else 1
+
+
+def expand_soft_targets(datums: list[Datum]) -> tuple[list[Datum], list[int]]:
+    """Soft-target datums (target_tokens and weights [T, K]) as K ordinary ones, column k each.
+
+    Under cross_entropy's sum reduction, -Σ_t Σ_k w[t,k]·log p(tok[t,k] | prefix_t) is exactly the
+    sum of the K column datums' losses, so the engine needs no second code path (it runs the
+    prefix K times; the cost of keeping one path). Returns the datums and each input datum's K.
+    """
+    out: list[Datum] = []
+    widths: list[int] = []
+    for datum in datums:
+        k = _width(datum.loss_fn_inputs["target_tokens"])
+        widths.append(k if len(datum.loss_fn_inputs["target_tokens"].shape or []) == 2 else 0)
+        if not widths[-1]:
+            out.append(datum)
+            continue
+        tokens = datum.loss_fn_inputs["target_tokens"].data
+        weights = datum.loss_fn_inputs["weights"].data
+        for j in range(k):
+            column = {
+                "target_tokens": TensorData(data=list(tokens[j::k]), dtype="int64"),
+                "weights": TensorData(data=list(weights[j::k]), dtype="float32"),
+            }
+            out.append(Datum(model_input=datum.model_input, loss_fn_inputs=column))
+    return out, widths
+
+
+def collapse_soft_targets(
+    outputs: list[dict[str, TensorData]], widths: list[int]
+) -> list[dict[str, TensorData]]:
+    """Inverse of `expand_soft_targets` on the engine's per-datum outputs: [T, K] per soft datum."""
+    result: list[dict[str, TensorData]] = []
+    at = 0
+    for k in widths:
+        if not k:
+            result.append(outputs[at])
+            at += 1
+            continue
+        columns = outputs[at : at + k]
+        at += k
+        merged = {}
+        for name in columns[0]:
+            stacked = torch.stack([c[name].to_torch() for c in columns], dim=1)  # [T, K]
+            merged[name] = TensorData.from_torch(stacked)
+        result.append(merged)
+    return result
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The model's `max_position_embeddings` (peft wrappers forward `.config`); None if absent."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(value) if value else None
 
 
 def _vocab_size(model: nn.Module) -> int:
@@ -178,6 +269,7 @@ class Backend:
         self._sample_lock = threading.Lock()
         self._sample_queue: list[_SampleJob] = []
         self._tokenizer_dirs: dict[str, str] = {}
+        self._context: dict[str, int | None] = {}
 
     def close(self) -> None:
         for served in list(self.models.values()):
@@ -203,6 +295,25 @@ class Backend:
             else:
                 self._tokenizer_dirs[base_model] = base_model
         return self._tokenizer_dirs[base_model]
+
+    def max_context_length(self, base_model: str) -> int | None:
+        """Tokens a sequence of `base_model` may hold (prompt + completion, or one datum): its
+        config's `max_position_embeddings`. Read from the config for "tiny" and local HF
+        directories; for other names (the SmolLM2 GGUF alias) known once a model was built."""
+        if base_model not in self._context:
+            if base_model == TINY:
+                self._context[base_model] = context_length(
+                    load_bundle(TINY, overrides=self.config.model_overrides).model
+                )
+            elif Path(base_model).is_dir():
+                from transformers import AutoConfig
+
+                config = AutoConfig.from_pretrained(base_model, local_files_only=True)
+                value = getattr(config, "max_position_embeddings", None)
+                self._context[base_model] = int(value) if value else None
+            else:
+                return None
+        return self._context[base_model]
 
     def check_base_model(self, base_model: str) -> None:
         if base_model not in self.config.base_models:
@@ -270,6 +381,7 @@ class Backend:
     ) -> ServedModel:
         """Build the model (on the control thread) and register it. `state`: load_weights."""
         model, tokenizer = self._build(record)
+        self._context.setdefault(record.base_model, context_length(model))
         engine = Engine(
             model,
             eos_token_id=tokenizer.eos_token_id,
@@ -329,6 +441,8 @@ class Backend:
     # ------------------------------------------------------------------ training ops
     def check_forward_backward(self, served: ServedModel, call: ForwardBackwardCall) -> None:
         """Everything that can be wrong with a forward_backward request, before it is queued."""
+        if call.loss_fn == "stable_reinforce":
+            raise UserError(STABLE_REINFORCE_REFUSED)
         try:
             config = make_loss_config(call.loss_fn, call.loss_fn_config)
         except (ValueError, TypeError) as error:
@@ -338,16 +452,30 @@ class Backend:
         need = required_inputs(config)
         need.pop("entropy", None)  # computed by the engine
         vocab = served.vocab_size
+        limit = served.max_context_length
         keys0: set[str] | None = None
         for i, datum in enumerate(call.datums):
             inputs = datum.loss_fn_inputs
             n = datum.model_input.length
             if n == 0:
                 raise UserError(f"datum {i}: model_input is empty")
+            if limit is not None and n > limit:
+                raise UserError(
+                    f"datum {i}: {n} tokens exceed max_context_length={limit} of "
+                    f"{served.record.base_model!r}"
+                )
             tokens = datum.model_input.to_ints()
             if "target_tokens" not in inputs:
                 raise UserError(f"datum {i}: loss_fn_inputs needs 'target_tokens'")
-            targets = inputs["target_tokens"].data
+            shape = list(inputs["target_tokens"].shape or [])
+            if len(shape) > 1:
+                self._check_soft_targets(i, call.loss_fn, n, inputs)
+                targets = inputs["target_tokens"].data[:: shape[1]]  # lengths checked above
+                every = list(inputs["target_tokens"].data)
+                if min(every) < 0 or max(every) >= vocab:
+                    raise UserError(f"datum {i}: token ids must be in [0, {vocab})")
+            else:
+                targets = inputs["target_tokens"].data
             if len(targets) != n:
                 raise UserError(
                     f"datum {i}: target_tokens has {len(targets)} entries, model_input has {n}"
@@ -355,7 +483,7 @@ class Backend:
             if min(tokens + list(targets)) < 0 or max(tokens + list(targets)) >= vocab:
                 raise UserError(f"datum {i}: token ids must be in [0, {vocab})")
             for key in inputs.keys() & _INPUT_KEYS.keys():
-                if len(inputs[key].data) != n:
+                if len(inputs[key].data) != n * _width(inputs["target_tokens"]):
                     raise UserError(
                         f"datum {i}: loss_fn_inputs[{key!r}] has "
                         f"{len(inputs[key].data)} entries, expected {n}"
@@ -378,14 +506,37 @@ class Backend:
                 raise UserError("all datums in one call must carry the same loss_fn_inputs keys")
 
     @staticmethod
+    def _check_soft_targets(i: int, loss_fn: str, n: int, inputs: Mapping[str, Any]) -> None:
+        """Soft targets: target_tokens and weights both [T, K], cross_entropy only."""
+        shape = list(inputs["target_tokens"].shape)
+        extra = sorted(set(inputs) - {"target_tokens", "weights"})
+        weights = inputs.get("weights")
+        if (
+            loss_fn != "cross_entropy"
+            or len(shape) != 2
+            or shape[0] != n
+            or shape[1] < 1
+            or weights is None
+            or list(weights.shape or []) != shape
+            or extra
+        ):
+            raise UserError(
+                f"datum {i}: target_tokens of shape {shape} (soft targets) need loss_fn="
+                f"'cross_entropy', shape [{n}, K] with K >= 1, weights of the same shape, and no "
+                f"other loss_fn_inputs; got loss_fn={loss_fn!r}, weights shape "
+                f"{None if weights is None else weights.shape}, other keys {extra}"
+            )
+
+    @staticmethod
     def run_forward_backward(served: ServedModel, call: ForwardBackwardCall) -> bytes:
+        datums, widths = expand_soft_targets(call.datums)
         out = served.engine.forward_backward(
-            call.datums, call.loss_fn, call.loss_fn_config, forward_only=call.forward_only
+            datums, call.loss_fn, call.loss_fn_config, forward_only=call.forward_only
         )
         return encode_forward_backward(
             ForwardBackwardOutput(
                 loss_fn_output_type=out.loss_fn_output_type,
-                loss_fn_outputs=out.loss_fn_outputs,
+                loss_fn_outputs=collapse_soft_targets(out.loss_fn_outputs, widths),
                 metrics=sdk_metrics(out.metrics),
             )
         )
@@ -395,15 +546,59 @@ class Backend:
         return {"type": "optim_step", "metrics": served.engine.optim_step(adam)}
 
     def run_save(
-        self, served: ServedModel, kind: str, name: str, overwrite: bool
+        self,
+        served: ServedModel,
+        kind: str,
+        name: str,
+        overwrite: bool,
+        ttl_seconds: int | None = None,
+        user_metadata: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         state = served.engine.state()
         if kind == "sampler_weights":
             state = {"model": state["model"], "version": state["version"]}
-        path = self.store.save(served.model_id, kind, name, state, overwrite=overwrite)
+        path = self.store.save(
+            served.model_id,
+            kind,
+            name,
+            state,
+            overwrite=overwrite,
+            ttl_seconds=ttl_seconds,
+            user_metadata=user_metadata,
+        )
         return {
             "path": path,
             "type": "save_weights" if kind == "weights" else "save_weights_for_sampler",
+        }
+
+    def run_export(
+        self,
+        served: ServedModel,
+        name: str,
+        ttl_seconds: int | None,
+        recipients: list[Any] | None = None,
+    ) -> dict[str, Any]:
+        """save_weights_external: the model as an HF directory (+ PEFT adapter for LoRA),
+        written by `cispo.export` (checked by loading it back) under external_weights/<name>;
+        with age recipients every file is stored encrypted as `<file>.age`."""
+        from cispo.export import export_state
+
+        model_state = served.engine.state()["model"]
+        record = served.record
+
+        def write(directory: Path) -> None:
+            export_state(
+                model_state, record.base_model, directory, model_overrides=record.model_overrides
+            )
+            if recipients:
+                encrypt_tree(directory, recipients)
+
+        path = self.store.save_external(served.model_id, name, write, ttl_seconds=ttl_seconds)
+        entry = self.store.entry(served.model_id, f"{EXTERNAL}/{name}")
+        return {
+            "path": path,
+            "size_bytes": None if entry is None else entry["size_bytes"],
+            "type": "save_weights_external",
         }
 
     def run_ephemeral_sampler(self, served: ServedModel, sampling_session_seq_id: int) -> Result:
@@ -458,6 +653,7 @@ class Backend:
             ),
             tokenizer=tokenizer,
             vocab_size=_vocab_size(model),
+            max_context_length=context_length(model),
         )
 
     def create_sampler(
@@ -511,7 +707,12 @@ class Backend:
                     [j.prompt for j in group], first.num_samples, first.params
                 )
                 encoded = [
-                    encode_sample_response(seqs, self._prompt_logprobs(j))
+                    encode_sample_response(
+                        seqs,
+                        self._prompt_logprobs(j),
+                        topk_prompt=self._topk_prompt(j),
+                        topk_sample=self._topk_sample(j, seqs),
+                    )
                     for j, seqs in zip(group, results, strict=True)
                 ]
             except Exception as error:  # every waiter of the group gets the error
@@ -530,6 +731,47 @@ class Backend:
             cut = len(values) - job.prompt_logprobs_last_n
             values = [None if i < cut else v for i, v in enumerate(values)]
         return values
+
+    @staticmethod
+    def _topk_prompt(job: _SampleJob) -> TopK | None:
+        """Row i: top-k of the distribution prompt[i] was drawn from (temperature 1, as the
+        prompt logprobs); row 0 and rows before `prompt_logprobs_last_n` are empty."""
+        if not job.topk_prompt:
+            return None
+        n, k = len(job.prompt), job.topk_prompt
+        values = np.full((n, k), np.nan, dtype=np.float32)
+        ids = np.zeros((n, k), dtype=np.int64)
+        first = 1 if job.prompt_logprobs_last_n is None else n - job.prompt_logprobs_last_n
+        if first < n:
+            lp, tok = model_topk_logprobs(
+                job.sampler.sampler.model, job.prompt, range(first - 1, n - 1), k
+            )
+            values[first:], ids[first:] = lp.cpu().numpy(), tok.cpu().numpy()
+        return values, ids
+
+    @staticmethod
+    def _topk_sample(job: _SampleJob, sequences: list[SampledSequence]) -> list[TopK] | None:
+        """Per sequence, row j: top-k of the distribution sampled token j was drawn from, at the
+        request's temperature (0 reads as 1), the same distribution as its reported logprob."""
+        if not job.topk_sample:
+            return None
+        temperature = job.params.temperature or 1.0
+        out: list[TopK] = []
+        for seq in sequences:
+            full, start = job.prompt + list(seq.tokens), len(job.prompt) - 1
+            if not seq.tokens:
+                empty = np.zeros((0, job.topk_sample))
+                out.append((empty.astype(np.float32), empty.astype(np.int64)))
+                continue
+            lp, tok = model_topk_logprobs(
+                job.sampler.sampler.model,
+                full,
+                range(start, start + len(seq.tokens)),
+                job.topk_sample,
+                temperature=temperature,
+            )
+            out.append((lp.cpu().numpy(), tok.cpu().numpy()))
+        return out
 
     # ------------------------------------------------------------------ sessions
     def create_session(self, tags: list[str], user_metadata: dict[str, Any] | None) -> str:

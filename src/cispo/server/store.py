@@ -3,6 +3,8 @@
     <root>/runs/<run>/run.json                     run record (base model, LoRA, checkpoints)
     <root>/runs/<run>/weights/<name>/              save_weights: model + optimizer + sampler RNG
     <root>/runs/<run>/sampler_weights/<name>/      save_weights_for_sampler: model only
+    <root>/runs/<run>/external_weights/<name>/     save_weights_external: `cispo.export` layout
+                                                   (model/ HF directory; adapter/ + base/ for LoRA)
 
 A checkpoint directory is `cispo.checkpoint`'s named state (model.safetensors, optimizer.pt,
 rng.pt, state.json), the same format `cispo.client.TrainingClient.save_state` writes: written
@@ -15,6 +17,11 @@ still read.
 `tinker://<training_run_id>/<weights|sampler_weights>/<name>` maps to the directory; the training
 run id is the model id (`<session>:train:<n>`), stored as `<session>_train_<n>` on disk. Files are
 read with `weights_only=True`: only tensors and plain containers.
+
+A checkpoint may carry a TTL (`ttl_seconds`, 1 hour to 10 years, as Tinker allows): its entry holds
+`expires_at`, and once that time has passed the checkpoint is deleted, both by the server's periodic
+`sweep` and by any request that resolves its path (an expired path is refused, never loaded).
+`delete` removes a checkpoint's directory and its entry.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,9 +46,23 @@ from cispo.server.futures import UserError
 
 SCHEME = "tinker://"
 KINDS = {"weights": "training", "sampler_weights": "sampler"}
+"""Checkpoints the server loads (`resolve`)."""
+EXTERNAL = "external_weights"
+"""Exported HF/PEFT directories: listed, deleted, downloaded, never loaded back."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RESERVED = frozenset({"latest"})  # `cispo.checkpoint`'s pointer file beside the checkpoints
 _LEGACY_FILE = "state.pt"
+TTL_RANGE = (3600, 10 * 365 * 24 * 3600)
+"""Allowed `ttl_seconds`, as Tinker documents it: 1 hour to 10 years."""
+
+
+def check_ttl(ttl_seconds: int | None) -> None:
+    """UserError unless `ttl_seconds` is None (never expires) or within TTL_RANGE."""
+    lo, hi = TTL_RANGE
+    if ttl_seconds is not None and not lo <= ttl_seconds <= hi:
+        raise UserError(
+            f"ttl_seconds must be in [{lo}, {hi}] (1 hour to 10 years) or None, got {ttl_seconds}"
+        )
 
 
 @dataclass
@@ -61,9 +84,53 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, tz=timezone.utc).isoformat()
 
 
+def _expired(entry: dict[str, Any], now: float) -> bool:
+    expires = entry.get("expires_at")
+    return expires is not None and datetime.fromisoformat(expires).timestamp() <= now
+
+
+MAX_AGE_RECIPIENTS = 10
+AGE_SUFFIX = ".age"
+
+
+def age_recipients(keys: list[str] | None) -> list[Any] | None:
+    """`age_encryption_recipients` ("age1..." or SSH public keys) as pyrage recipients; None for
+    none. UserError for a bad key, too many, or pyrage missing (the optional `pyrage` package)."""
+    if not keys:
+        return None
+    if len(keys) > MAX_AGE_RECIPIENTS:
+        raise UserError(f"at most {MAX_AGE_RECIPIENTS} age_encryption_recipients, got {len(keys)}")
+    try:
+        import pyrage
+    except ImportError as error:
+        raise UserError(
+            "age_encryption_recipients needs the `pyrage` package on the server "
+            "(pip install pyrage); omit them to export unencrypted"
+        ) from error
+    out = []
+    for key in keys:
+        kind = pyrage.x25519 if key.startswith("age1") else pyrage.ssh
+        try:
+            out.append(kind.Recipient.from_str(key))
+        except pyrage.RecipientError as error:
+            raise UserError(f"bad age_encryption_recipients entry {key!r}: {error}") from error
+    return out
+
+
+def encrypt_tree(directory: Path, recipients: list[Any]) -> None:
+    """Replace every file under `directory` with `<name>.age`, encrypted to `recipients`."""
+    import pyrage
+
+    for path in [f for f in directory.rglob("*") if f.is_file()]:
+        pyrage.encrypt_file(str(path), str(path) + AGE_SUFFIX, recipients)
+        path.unlink()
+
+
 class Store:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
         self.root = root
+        self.clock = clock
+        """Seconds since the epoch; TTLs are measured on it (tests move it forward)."""
         self.runs_dir = root / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -95,9 +162,18 @@ class Store:
 
     # ------------------------------------------------------------------ checkpoints
     def save(
-        self, run_id: str, kind: str, name: str, state: dict[str, Any], *, overwrite: bool = True
+        self,
+        run_id: str,
+        kind: str,
+        name: str,
+        state: dict[str, Any],
+        *,
+        overwrite: bool = True,
+        ttl_seconds: int | None = None,
+        user_metadata: dict[str, str] | None = None,
     ) -> str:
         """Write `state` under `tinker://run_id/kind/name` atomically; returns the path."""
+        check_ttl(ttl_seconds)
         if not _NAME.match(name) or name in _RESERVED:
             raise UserError(
                 f"checkpoint name {name!r} must match {_NAME.pattern} (letters, digits, . _ -) "
@@ -121,18 +197,143 @@ class Store:
             },
         )
         path = f"{SCHEME}{run_id}/{kind}/{name}"
-        entry = {
-            "checkpoint_id": f"{kind}/{name}",
-            "checkpoint_type": KINDS[kind],
-            "time": _iso(time.time()),
-            "tinker_path": path,
-            "size_bytes": sum(f.stat().st_size for f in final.iterdir() if f.is_file()),
+        now = self.clock()
+        self._add_entry(
+            record,
+            {
+                "checkpoint_id": f"{kind}/{name}",
+                "checkpoint_type": KINDS[kind],
+                "time": _iso(now),
+                "tinker_path": path,
+                "size_bytes": sum(f.stat().st_size for f in final.rglob("*") if f.is_file()),
+                "public": False,
+                "user_metadata": user_metadata,
+                "expires_at": None if ttl_seconds is None else _iso(now + ttl_seconds),
+            },
+        )
+        return path
+
+    def save_external(
+        self,
+        run_id: str,
+        name: str,
+        write: Callable[[Path], object],
+        *,
+        ttl_seconds: int | None = None,
+    ) -> str:
+        """`write(directory)` fills `tinker://run_id/external_weights/name` (replacing it);
+        returns the path."""
+        check_ttl(ttl_seconds)
+        directory = self.checkpoint_dir(run_id, f"{EXTERNAL}/{name}")
+        record = self.runs[run_id]
+        write(directory)
+        path = f"{SCHEME}{run_id}/{EXTERNAL}/{name}"
+        now = self.clock()
+        self._add_entry(
+            record,
+            {
+                "checkpoint_id": f"{EXTERNAL}/{name}",
+                "checkpoint_type": "external",
+                "time": _iso(now),
+                "tinker_path": path,
+                "size_bytes": sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()),
+                "public": False,
+                "user_metadata": None,
+                "expires_at": None if ttl_seconds is None else _iso(now + ttl_seconds),
+            },
+        )
+        return path
+
+    def external_files(self, run_id: str, name: str) -> dict[str, Path]:
+        """relative path -> file of a live external_weights checkpoint (KeyError if none)."""
+        if self.entry(run_id, f"{EXTERNAL}/{name}") is None:
+            raise KeyError(name)
+        directory = self.checkpoint_dir(run_id, f"{EXTERNAL}/{name}")
+        return {
+            f.relative_to(directory).as_posix(): f
+            for f in sorted(directory.rglob("*"))
+            if f.is_file()
         }
+
+    def _add_entry(self, record: RunRecord, entry: dict[str, Any]) -> None:
         with self._lock:
+            path = entry["tinker_path"]
             record.checkpoints = [c for c in record.checkpoints if c["tinker_path"] != path]
             record.checkpoints.append(entry)
             self._write_record(record)
-        return path
+
+    def checkpoint_dir(self, run_id: str, checkpoint_id: str) -> Path:
+        """The directory of `<kind>/<name>`; UserError for anything else (no path traversal)."""
+        kind, _, name = checkpoint_id.partition("/")
+        if kind not in (*KINDS, EXTERNAL) or not _NAME.match(name) or name in _RESERVED:
+            raise UserError(
+                f"checkpoint id must be <kind>/<name> with kind in {sorted([*KINDS, EXTERNAL])} "
+                f"and a name of letters, digits, . _ -; got {checkpoint_id!r}"
+            )
+        return self.runs_dir / self._dir_name(run_id) / kind / name
+
+    def entry(self, run_id: str, checkpoint_id: str) -> dict[str, Any] | None:
+        """The listed entry of `tinker://run_id/checkpoint_id`, None if unknown or expired (an
+        expired one is deleted here)."""
+        record = self.runs.get(run_id)
+        if record is None:
+            return None
+        for entry in record.checkpoints:
+            if entry["checkpoint_id"] == checkpoint_id:
+                if _expired(entry, self.clock()):
+                    self.delete(run_id, checkpoint_id)
+                    return None
+                return entry
+        return None
+
+    def delete(self, run_id: str, checkpoint_id: str) -> bool:
+        """Remove a checkpoint's directory and entry; False if there was none."""
+        record = self.runs.get(run_id)
+        if record is None:
+            return False
+        directory = self.checkpoint_dir(run_id, checkpoint_id)
+        with self._lock:
+            kept = [c for c in record.checkpoints if c["checkpoint_id"] != checkpoint_id]
+            found = len(kept) != len(record.checkpoints)
+            record.checkpoints = kept
+            if found:
+                self._write_record(record)
+        if directory.is_dir():
+            shutil.rmtree(directory)
+            found = True
+        return found
+
+    def set_ttl(self, run_id: str, checkpoint_id: str, ttl_seconds: int | None) -> None:
+        """Expire the checkpoint `ttl_seconds` from now, or never (None)."""
+        check_ttl(ttl_seconds)
+        entry = self.entry(run_id, checkpoint_id)
+        if entry is None:
+            raise KeyError(checkpoint_id)
+        expires = None if ttl_seconds is None else _iso(self.clock() + ttl_seconds)
+        self._add_entry(self.runs[run_id], {**entry, "expires_at": expires})
+
+    def sweep(self) -> list[str]:
+        """Delete every expired checkpoint; returns their paths."""
+        now = self.clock()
+        expired = [
+            (run_id, c["checkpoint_id"], c["tinker_path"])
+            for run_id, record in list(self.runs.items())
+            for c in list(record.checkpoints)
+            if _expired(c, now)
+        ]
+        for run_id, checkpoint_id, _ in expired:
+            self.delete(run_id, checkpoint_id)
+        return [path for _, _, path in expired]
+
+    def all_checkpoints(self) -> list[dict[str, Any]]:
+        """Every live checkpoint of every run, newest first, each with its training_run_id."""
+        self.sweep()
+        found = [
+            {**c, "training_run_id": run_id}
+            for run_id, record in self.runs.items()
+            for c in record.checkpoints
+        ]
+        return sorted(found, key=lambda c: c["time"], reverse=True)
 
     def resolve(self, path: str) -> tuple[RunRecord, str, Path]:
         """`tinker://run/kind/name` -> (run record, kind, checkpoint directory); UserError if
@@ -146,6 +347,9 @@ class Store:
         record = self.runs.get(run_id)
         if record is None:
             raise UserError(f"unknown training run {run_id!r} in {path!r}")
+        listed = any(c["tinker_path"] == path for c in record.checkpoints)
+        if listed and self.entry(run_id, f"{kind}/{name}") is None:
+            raise UserError(f"checkpoint {path!r} has expired (its TTL passed) and was deleted")
         directory = self.runs_dir / self._dir_name(run_id) / kind / name
         if not (directory / _LEGACY_FILE).is_file() and not is_complete(directory):
             raise UserError(f"no checkpoint at {path!r}")

@@ -116,28 +116,48 @@ def decode_forward_backward(body: bytes) -> ForwardBackwardCall:
     )
 
 
-def _batched(arrays: Sequence[np.ndarray], dtype: Any) -> pb.BatchedTensor:
-    """Concatenate per-datum 1-D arrays; offsets are byte offsets, num_datums + 1 of them."""
+def _batched(
+    arrays: Sequence[np.ndarray], dtype: Any, trailing: Sequence[int] = ()
+) -> pb.BatchedTensor:
+    """Concatenate per-datum arrays (row-major); offsets are byte offsets, num_datums + 1 of
+    them; `trailing` is the shape after the first (per-datum length) dimension."""
     np_dtype = _NUMPY_DTYPE[dtype]
     parts = [np.ascontiguousarray(a, dtype=np_dtype) for a in arrays]
     offsets = np.zeros(len(parts) + 1, dtype="<i8")
     offsets[1:] = np.cumsum([p.nbytes for p in parts])
     data = b"".join(p.tobytes() for p in parts)
-    return pb.BatchedTensor(data=data, offsets=offsets.tobytes(), dtype=dtype)
+    msg = pb.BatchedTensor(data=data, offsets=offsets.tobytes(), dtype=dtype)
+    msg.trailing_shape.extend(int(d) for d in trailing)
+    return msg
+
+
+def _trailing(out: Mapping[str, TensorData]) -> tuple[int, ...]:
+    """The shape after the first dimension of a datum's outputs (they all share it)."""
+    first = next(iter(out.values()), None)
+    return () if first is None else tuple(first.shape or [])[1:]
 
 
 def encode_forward_backward(output: ForwardBackwardOutput) -> bytes:
-    """One `ArrayRecord` holding every per-datum output field, plus `name:reduction` metrics."""
-    record = pb.ArrayRecord(
-        type_tag=output.loss_fn_output_type, num_datums=len(output.loss_fn_outputs)
-    )
-    names = sorted({k for out in output.loss_fn_outputs for k in out})
-    for name in names:
-        values = [out[name] for out in output.loss_fn_outputs]
-        dtype = pb.DTYPE_INT64 if values[0].dtype == "int64" else pb.DTYPE_FLOAT32
-        record.fields[name].CopyFrom(_batched([np.asarray(v.data) for v in values], dtype))
+    """`ArrayRecord`s holding every per-datum output field, plus `name:reduction` metrics: one
+    record per run of consecutive datums whose outputs share a trailing shape (soft targets give
+    [T, K] logprobs; the SDK reads each record as rectangular)."""
+    outputs = output.loss_fn_outputs
+    runs: list[list[dict[str, TensorData]]] = []
+    for out in outputs:
+        if runs and _trailing(runs[-1][-1]) == _trailing(out):
+            runs[-1].append(out)
+        else:
+            runs.append([out])
     msg = pb.ForwardBackwardOutput(loss_fn_output_type=output.loss_fn_output_type)
-    msg.loss_fn_outputs.append(record)
+    for run in runs or [[]]:
+        record = pb.ArrayRecord(type_tag=output.loss_fn_output_type, num_datums=len(run))
+        trailing = _trailing(run[0]) if run else ()
+        for name in sorted({k for out in run for k in out}):
+            values = [out[name] for out in run]
+            dtype = pb.DTYPE_INT64 if values[0].dtype == "int64" else pb.DTYPE_FLOAT32
+            arrays = [np.asarray(v.data) for v in values]
+            record.fields[name].CopyFrom(_batched(arrays, dtype, trailing))
+        msg.loss_fn_outputs.append(record)
     for key, value in output.metrics.items():
         msg.metrics[key] = float(value)
     return cast(bytes, msg.SerializeToString())
@@ -164,18 +184,43 @@ def sdk_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     return {sdk_metric_name(k): float(v) for k, v in metrics.items()}
 
 
+TOPK_EMPTY_LOGPROB = -99999.0
+"""The SDK's sentinel for an empty top-k cell (with token id 0): `tinker.types.topk_logprobs`."""
+
+TopK = tuple[np.ndarray, np.ndarray]
+"""(logprobs [N, k] float32, token ids [N, k] int), NaN logprob rows meaning "no entry"."""
+
+
+def _topk(msg: pb.TopkLogprobs, topk: TopK) -> None:
+    logprobs, ids = np.asarray(topk[0], dtype="<f4"), np.asarray(topk[1], dtype="<i4")
+    empty = np.isnan(logprobs)
+    msg.logprobs = np.where(empty, TOPK_EMPTY_LOGPROB, logprobs).astype("<f4").tobytes()
+    msg.token_ids = np.where(empty, 0, ids).astype("<i4").tobytes()
+    msg.length, msg.k = int(logprobs.shape[0]), int(logprobs.shape[1])
+
+
 def encode_sample_response(
-    sequences: Sequence[SampledSequence], prompt_logprobs: Sequence[float | None] | None
+    sequences: Sequence[SampledSequence],
+    prompt_logprobs: Sequence[float | None] | None,
+    *,
+    topk_prompt: TopK | None = None,
+    topk_sample: Sequence[TopK] | None = None,
 ) -> bytes:
+    """`topk_prompt`: one row per prompt token (row 0, which has no context, empty);
+    `topk_sample`: per sequence, one row per sampled token."""
     msg = pb.SampleResponse()
-    for seq in sequences:
+    for i, seq in enumerate(sequences):
         out = msg.sequences.add()
         out.stop_reason = (
             pb.STOP_REASON_STOP if seq.stop_reason == "stop" else pb.STOP_REASON_LENGTH
         )
         out.tokens = np.asarray(seq.tokens, dtype="<i4").tobytes()
         out.logprobs = np.asarray(seq.logprobs, dtype="<f4").tobytes()
+        if topk_sample is not None:
+            _topk(out.topk_sampled_logprobs, topk_sample[i])
     if prompt_logprobs is not None:
         values = [math.nan if v is None else v for v in prompt_logprobs]
         msg.prompt_logprobs = np.asarray(values, dtype="<f4").tobytes()
+    if topk_prompt is not None:
+        _topk(msg.topk_prompt_logprobs, topk_prompt)
     return cast(bytes, msg.SerializeToString())

@@ -34,6 +34,7 @@ from cispo.client import ServiceClient
 from cispo.client.service import TrainingClient
 from cispo.config import TrainConfig, to_dict
 from cispo.engine.engine import EngineConfig, freeze_heap
+from cispo.export import export_hint
 from cispo.logging import Progress, RunLogger
 from cispo.rollout.rollouts import Rollout, sample_rows
 from cispo.rollout.source import InProcessSource, RolloutSource
@@ -288,7 +289,8 @@ def train(
         f"held-out greedy accuracy: {summary.accuracy_start:.1%} -> {summary.accuracy_end:.1%} "
         f"in {summary.seconds:.0f} s; lag mean {summary.lag_mean:.2f}, max {summary.lag_max} "
         f"(bound {source.max_staleness}), {summary.discarded} batch(es) discarded; trainer "
-        f"waited {waits:.1f} s for batches; run directory: {opened.run_dir}"
+        f"waited {waits:.1f} s for batches; run directory: {opened.run_dir}\n"
+        f"{export_hint(opened.run_dir)}"
     )
     return summary
 
