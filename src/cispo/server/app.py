@@ -25,7 +25,7 @@ from cispo.client.types import AdamParams
 from cispo.rollout.sampler import SamplingParams
 from cispo.server.futures import Result, UserError
 from cispo.server.runtime import Backend, NotFound, ServedModel, ServerConfig, _SampleJob
-from cispo.server.wire import WireError, decode_forward_backward
+from cispo.server.wire import ForwardBackwardCall, WireError, decode_forward_backward
 
 PROTO = "application/x-protobuf"
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -125,6 +125,16 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.exception_handler(TooLarge)
     async def _too_large(_: Request, error: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=413)
+
+    def decode_request(body: bytes, zstd: bool) -> ForwardBackwardCall:
+        if zstd:
+            import zstandard
+
+            try:
+                body = zstandard.ZstdDecompressor().decompress(body, max_output_size=limit)
+            except zstandard.ZstdError as error:
+                raise WireError(f"bad zstd body: {error}") from error
+        return decode_forward_backward(body, max_tensor_values=config.max_tensor_values)
 
     async def body_of(request: Request, cls: type[M]) -> M:
         return _parse(cls, await _body(request, limit))
@@ -231,16 +241,12 @@ def create_app(config: ServerConfig) -> FastAPI:
         if PROTO not in request.headers.get("content-type", ""):
             raise UserError(f"forward_backward takes a protobuf body (Content-Type: {PROTO})")
         body = await _body(request, limit)
-        if request.headers.get("content-encoding", "") == "zstd":
-            import zstandard
-
-            try:
-                body = zstandard.ZstdDecompressor().decompress(body, max_output_size=limit)
-            except zstandard.ZstdError as error:
-                raise WireError(f"bad zstd body: {error}") from error
-        call = decode_forward_backward(body)
+        zstd = request.headers.get("content-encoding", "") == "zstd"
+        # Decoding and validation are CPU-bound (up to the body limit): off the event loop, so
+        # one large or hostile request does not stall every other client.
+        call = await asyncio.to_thread(decode_request, body, zstd)
         served = backend.model(call.model_id)
-        backend.check_forward_backward(served, call)
+        await asyncio.to_thread(backend.check_forward_backward, served, call)
         rid = ordered(served, call.seq_id, lambda: backend.run_forward_backward(served, call))
         return future(rid, served.model_id)
 

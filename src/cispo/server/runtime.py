@@ -35,6 +35,7 @@ from cispo.rollout.sampler import SamplingParams, compute_logprobs, sample
 from cispo.server.futures import FutureTable, ModelSequencer, Result, UserError
 from cispo.server.store import RunRecord, Store
 from cispo.server.wire import (
+    MAX_TENSOR_VALUES,
     ForwardBackwardCall,
     encode_forward_backward,
     encode_sample_response,
@@ -83,6 +84,8 @@ class ServerConfig:
     full_finetune: bool = False
     """Train every parameter even when the client asks for LoRA."""
     max_request_bytes: int = 64 << 20
+    max_tensor_values: int = MAX_TENSOR_VALUES
+    """Most values one `loss_fn_inputs` tensor may declare (checked before it is allocated)."""
     poll_timeout: float = 30.0
     """Seconds one retrieve_future long poll waits before answering try_again."""
     engine: EngineConfig | None = None
@@ -94,6 +97,8 @@ class ServerConfig:
             raise ValueError("base_models must name at least one model")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        if self.max_tensor_values < 1:
+            raise ValueError(f"max_tensor_values must be >= 1, got {self.max_tensor_values}")
 
 
 @dataclass

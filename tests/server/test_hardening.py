@@ -1,0 +1,241 @@
+"""Issue 14, "refuse, change nothing, stay up": hostile or absurd requests through the real SDK.
+
+Each test sends what a client can send (through `tinker.TrainingClient` where the SDK lets it, raw
+HTTP where the SDK validates first) and checks the answer is a 4xx naming the field, the server
+stays up, and the model (weights, optimizer, RNG) is exactly as before.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from server_harness import API_KEY, LiveServer
+from tinker import types
+from tinker.proto.request_conv import forward_backward_request_to_proto
+from tinker.proto.response_conv import deserialize_forward_backward_output
+
+import cispo.server.app as server_app
+
+tinker = pytest.importorskip("tinker")
+
+PROTO = {"Content-Type": "application/x-protobuf"}
+PROBE = [1, 20, 30, 40, 50, 60]
+
+
+@pytest.fixture(scope="module")
+def training(service: Any) -> Any:
+    return service.create_lora_training_client("tiny", rank=2, seed=3).result()
+
+
+@pytest.fixture(scope="module")
+def http(live: LiveServer) -> Any:
+    with httpx.Client(
+        base_url=f"{live.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=60
+    ) as client:
+        yield client
+
+
+def _datum(tokens: list[int], **inputs: Any) -> types.Datum:
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], **inputs},
+    )
+
+
+def _sparse_body(model_id: str, seq_id: int, shape: list[int], crow: list[int], col: list[int]):
+    """A forward_backward whose `weights` is a sparse CSR tensor, encoded by the SDK's codec."""
+    weights = types.TensorData(
+        data=[1.0] * len(col),
+        dtype="float32",
+        shape=shape,
+        sparse_crow_indices=crow,
+        sparse_col_indices=col,
+    )
+    request = types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(
+            data=[_datum([1, 2, 3], weights=weights)], loss_fn="cross_entropy"
+        ),
+        model_id=model_id,
+        seq_id=seq_id,
+    )
+    return forward_backward_request_to_proto(request).SerializeToString()
+
+
+def _wait(http: httpx.Client, request_id: str) -> Any:
+    for _ in range(100):
+        r = http.post("/retrieve_future", json={"request_id": request_id})
+        assert r.status_code == 200, r.text
+        if r.headers["content-type"].startswith("application/x-protobuf"):
+            return deserialize_forward_backward_output(r.content)
+        body = r.json()
+        if body.get("type") != "try_again":
+            return body
+    raise AssertionError("future never completed")
+
+
+def _state(live: LiveServer, model_id: str) -> dict[str, Any]:
+    """Everything a refused request must leave alone, cloned."""
+    engine = live.backend.models[model_id].engine
+    params = [p for g in engine.optimizer.param_groups for p in g["params"]]
+    return {
+        "model": {k: v.clone() for k, v in engine.model.state_dict().items()},
+        "grads": [None if p.grad is None else p.grad.clone() for p in params],
+        "optimizer": engine.state()["optimizer"],
+        "generator": engine.sample_generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "version": engine.version,
+        "next_seq_id": live.backend.models[model_id].sequencer.next_seq_id,
+    }
+
+
+def _assert_same(a: Any, b: Any, where: str = "state") -> None:
+    """Bitwise equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b) or (a.is_floating_point() and bool((a == b).all())), where
+        assert a.view(-1).view(torch.uint8).tolist() == b.view(-1).view(torch.uint8).tolist()
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+# ------------------------------------------------------------------ 1. declared sizes
+
+
+def test_a_huge_declared_sparse_shape_is_refused_before_any_allocation() -> None:
+    """~220 bytes declaring a [1, 3e8] float32 (1.2 GB dense) are refused with the address space
+    capped at 256 MiB above the baseline and without growing peak RSS: the shape is checked
+    against the datum length and the configured maximum before densifying."""
+    script = r"""
+import json, resource
+from tinker import types
+from tinker.proto.request_conv import forward_backward_request_to_proto
+from cispo.server.wire import WireError, decode_forward_backward
+# Address space now + 256 MiB: densifying any of the shapes below would need more.
+vm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize:"))
+limit = vm * 1024 + (256 << 20)
+resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+out = {}
+for shape in ([1, 100_000_000], [1, 300_000_000], [2**31, 2**31]):
+    w = types.TensorData(data=[1.0], dtype="float32", shape=shape,
+                         sparse_crow_indices=[0, 1] + [1] * (shape[0] - 1 if shape[0] < 9 else 0),
+                         sparse_col_indices=[0])
+    req = types.ForwardBackwardRequest(forward_backward_input=types.ForwardBackwardInput(
+        data=[types.Datum(model_input=types.ModelInput.from_ints([1, 2]),
+                          loss_fn_inputs={"target_tokens": [2, 3], "weights": w})],
+        loss_fn="cross_entropy"), model_id="m", seq_id=1)
+    body = forward_backward_request_to_proto(req).SerializeToString()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        decode_forward_backward(body)
+        out[str(shape)] = ["accepted", 0, len(body)]
+    except WireError as error:
+        grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        out[str(shape)] = [str(error), grew, len(body)]
+print(json.dumps(out))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for shape, (message, grew_kb, size) in results.items():
+        assert size < 300, shape
+        assert grew_kb < 32 * 1024, f"{shape}: peak RSS grew by {grew_kb} KB"
+        assert "weights" in message and "declares" in message, (shape, message)
+
+
+def test_huge_sparse_shape_through_the_sdk_gets_400_and_the_server_stays_up(
+    live: LiveServer, training: Any, http: httpx.Client
+) -> None:
+    before = _state(live, training.model_id)
+    weights = types.TensorData(
+        data=[1.0],
+        dtype="float32",
+        shape=[1, 100_000_000],
+        sparse_crow_indices=[0, 1],
+        sparse_col_indices=[0],
+    )
+    with pytest.raises(tinker.BadRequestError, match="declares 100000000 values"):
+        training.forward_backward([_datum([1, 2, 3], weights=weights)], "cross_entropy").result()
+    assert http.get("/healthz").json() == {"status": "ok"}
+    _assert_same(before, _state(live, training.model_id))
+
+
+@pytest.mark.parametrize(
+    ("shape", "crow", "col", "message"),
+    [
+        ([1, 2], [0, 1], [2], "column indices must be in [0, 2)"),
+        ([1, 2], [0, 1], [-1], "column indices must be in [0, 2)"),
+        ([2, 1], [0, 2, 1], [0, 0], "never decrease"),
+        ([2, 1], [1, 1, 1], [0], "start at 0"),
+        ([1, 2], [0, 1, 1], [0], "row pointers"),
+        ([-1, -2], [0, 1], [0], "negative dimension"),
+        ([2], [0, 1], [0], "must be 2-D"),
+    ],
+)
+def test_bad_sparse_indices_get_400_not_500(
+    live: LiveServer,
+    training: Any,
+    http: httpx.Client,
+    shape: list[int],
+    crow: list[int],
+    col: list[int],
+    message: str,
+) -> None:
+    before = _state(live, training.model_id)
+    seq = before["next_seq_id"]
+    r = http.post(
+        "/forward_backward",
+        content=_sparse_body(training.model_id, seq, shape, crow, col),
+        headers=PROTO,
+    )
+    assert r.status_code == 400, r.text
+    assert message in r.json()["detail"] and "weights" in r.json()["detail"]
+    _assert_same(before, _state(live, training.model_id))
+
+
+def test_a_valid_sparse_tensor_still_trains_like_the_dense_one(
+    live: LiveServer, training: Any, http: httpx.Client
+) -> None:
+    """The bounds do not refuse what the SDK legitimately sends: weights [[0, 1]] as CSR."""
+    seq = live.backend.models[training.model_id].sequencer.next_seq_id
+    r = http.post(
+        "/forward_backward",
+        content=_sparse_body(training.model_id, seq, [1, 2], [0, 1], [1]),
+        headers=PROTO,
+    )
+    assert r.status_code == 200, r.text
+    sparse = _wait(http, r.json()["request_id"])
+    dense = training.forward([_datum([1, 2, 3], weights=[0.0, 1.0])], "cross_entropy").result()
+    training.optim_step(types.AdamParams(learning_rate=0.0)).result()  # clears the gradient
+    assert dense.metrics["loss:sum"] > 0
+    assert sparse.metrics["loss:sum"] == pytest.approx(dense.metrics["loss:sum"], rel=1e-6)
+
+
+def test_forward_backward_is_decoded_off_the_event_loop(
+    live: LiveServer, training: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[threading.Thread] = []
+    real = server_app.decode_forward_backward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(server_app, "decode_forward_backward", spy)
+    training.forward([_datum(PROBE)], "cross_entropy").result()
+    assert threads and all(t is not live._thread for t in threads)
