@@ -8,6 +8,7 @@ stays up, and the model (weights, optimizer, RNG) is exactly as before.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -29,8 +30,10 @@ PROTO = {"Content-Type": "application/x-protobuf"}
 PROBE = [1, 20, 30, 40, 50, 60]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def training(service: Any) -> Any:
+    """A fresh SDK training client per test: the SDK poisons a TrainingClient after any failed
+    request ("this TrainingClient is poisoned"), so a refusal ends that client's life."""
     return service.create_lora_training_client("tiny", rank=2, seed=3).result()
 
 
@@ -40,6 +43,37 @@ def http(live: LiveServer) -> Any:
         base_url=f"{live.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=60
     ) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def raw(http: httpx.Client) -> str:
+    """A model driven by raw HTTP (seq_ids under the test's control)."""
+    session = http.post(
+        "/create_session", json={"tags": [], "user_metadata": None, "sdk_version": "test"}
+    ).json()["session_id"]
+    created = http.post(
+        "/create_model",
+        json={
+            "session_id": session,
+            "model_seq_id": 0,
+            "base_model": "tiny",
+            "lora_config": {"rank": 2, "seed": 3},
+        },
+    )
+    assert created.status_code == 200, created.text
+    return str(_wait(http, created.json()["request_id"])["model_id"])
+
+
+def _next(live: LiveServer, model_id: str) -> int:
+    return live.backend.models[model_id].sequencer.next_seq_id
+
+
+def _run(http: httpx.Client, route: str, **kwargs: Any) -> Any:
+    r = http.post(route, **kwargs)
+    assert r.status_code == 200, r.text
+    result = _wait(http, r.json()["request_id"])
+    assert not (isinstance(result, dict) and "error" in result), result
+    return result
 
 
 def _datum(tokens: list[int], **inputs: Any) -> types.Datum:
@@ -91,7 +125,6 @@ def _state(live: LiveServer, model_id: str) -> dict[str, Any]:
         "generator": engine.sample_generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "version": engine.version,
-        "next_seq_id": live.backend.models[model_id].sequencer.next_seq_id,
     }
 
 
@@ -99,8 +132,8 @@ def _assert_same(a: Any, b: Any, where: str = "state") -> None:
     """Bitwise equality of nested dicts/lists of tensors and plain values."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b) or (a.is_floating_point() and bool((a == b).all())), where
-        assert a.view(-1).view(torch.uint8).tolist() == b.view(-1).view(torch.uint8).tolist()
+        same = a.reshape(-1).view(torch.uint8).tolist() == b.reshape(-1).view(torch.uint8).tolist()
+        assert same, where
     elif isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), where
         for k in a:
@@ -111,6 +144,19 @@ def _assert_same(a: Any, b: Any, where: str = "state") -> None:
             _assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _probe_body(model_id: str, seq_id: int, *, forward_only: bool = True) -> bytes:
+    request = types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(
+            data=[_datum(PROBE)], loss_fn="cross_entropy"
+        ),
+        model_id=model_id,
+        seq_id=seq_id,
+    )
+    msg = forward_backward_request_to_proto(request)
+    msg.forward_only = forward_only
+    return msg.SerializeToString()
 
 
 # ------------------------------------------------------------------ 1. declared sizes
@@ -189,39 +235,38 @@ def test_huge_sparse_shape_through_the_sdk_gets_400_and_the_server_stays_up(
 )
 def test_bad_sparse_indices_get_400_not_500(
     live: LiveServer,
-    training: Any,
+    raw: str,
     http: httpx.Client,
     shape: list[int],
     crow: list[int],
     col: list[int],
     message: str,
 ) -> None:
-    before = _state(live, training.model_id)
-    seq = before["next_seq_id"]
+    before = _state(live, raw)
     r = http.post(
         "/forward_backward",
-        content=_sparse_body(training.model_id, seq, shape, crow, col),
+        content=_sparse_body(raw, _next(live, raw), shape, crow, col),
         headers=PROTO,
     )
     assert r.status_code == 400, r.text
     assert message in r.json()["detail"] and "weights" in r.json()["detail"]
-    _assert_same(before, _state(live, training.model_id))
+    _assert_same(before, _state(live, raw))
+    assert http.get("/healthz").json() == {"status": "ok"}
 
 
 def test_a_valid_sparse_tensor_still_trains_like_the_dense_one(
     live: LiveServer, training: Any, http: httpx.Client
 ) -> None:
     """The bounds do not refuse what the SDK legitimately sends: weights [[0, 1]] as CSR."""
-    seq = live.backend.models[training.model_id].sequencer.next_seq_id
-    r = http.post(
-        "/forward_backward",
-        content=_sparse_body(training.model_id, seq, [1, 2], [0, 1], [1]),
-        headers=PROTO,
+    weights = types.TensorData(
+        data=[1.0],
+        dtype="float32",
+        shape=[1, 2],
+        sparse_crow_indices=[0, 1],
+        sparse_col_indices=[1],
     )
-    assert r.status_code == 200, r.text
-    sparse = _wait(http, r.json()["request_id"])
+    sparse = training.forward([_datum([1, 2, 3], weights=weights)], "cross_entropy").result()
     dense = training.forward([_datum([1, 2, 3], weights=[0.0, 1.0])], "cross_entropy").result()
-    training.optim_step(types.AdamParams(learning_rate=0.0)).result()  # clears the gradient
     assert dense.metrics["loss:sum"] > 0
     assert sparse.metrics["loss:sum"] == pytest.approx(dense.metrics["loss:sum"], rel=1e-6)
 
@@ -239,3 +284,138 @@ def test_forward_backward_is_decoded_off_the_event_loop(
     monkeypatch.setattr(server_app, "decode_forward_backward", spy)
     training.forward([_datum(PROBE)], "cross_entropy").result()
     assert threads and all(t is not live._thread for t in threads)
+
+
+# ------------------------------------------------------------------ 2. optimizer / sampling numbers
+
+
+def _grad_pending(training: Any) -> None:
+    training.forward_backward([_datum(PROBE)], "cross_entropy").result()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("learning_rate", 1e308), ("weight_decay", 1e300), ("eps", 0.0)]
+)
+def test_absurd_adam_params_through_the_sdk_are_refused_and_change_nothing(
+    live: LiveServer, training: Any, http: httpx.Client, field: str, value: float
+) -> None:
+    _grad_pending(training)
+    before = _state(live, training.model_id)
+    with pytest.raises(tinker.BadRequestError, match=rf"AdamParams\.{field} must be a finite"):
+        training.optim_step(types.AdamParams(**{field: value})).result()
+    _assert_same(before, _state(live, training.model_id))
+    assert http.get("/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("field", "literal"),
+    [
+        ("learning_rate", "Infinity"),
+        ("learning_rate", "1e999"),
+        ("learning_rate", "NaN"),
+        ("weight_decay", "NaN"),
+        ("weight_decay", "Infinity"),
+        ("eps", "Infinity"),
+        ("grad_clip_norm", "NaN"),
+        ("beta2", "-Infinity"),
+    ],
+)
+def test_non_finite_adam_params_in_raw_json_get_400_naming_the_field(
+    live: LiveServer, raw: str, http: httpx.Client, field: str, literal: str
+) -> None:
+    _run(
+        http,
+        "/forward_backward",
+        content=_probe_body(raw, _next(live, raw), forward_only=False),
+        headers=PROTO,
+    )  # a gradient is pending
+    before = _state(live, raw)
+    body = (
+        f'{{"model_id": "{raw}", "seq_id": {_next(live, raw)}, '
+        f'"adam_params": {{"learning_rate": 1e-3, "{field}": {literal}}}}}'
+    )
+    r = http.post("/optim_step", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    detail = r.json()["detail"]
+    assert f"AdamParams.{field}" in detail and "finite" in detail, detail
+    _assert_same(before, _state(live, raw))
+    ok = body.replace(
+        f'"{field}": {literal}', f'"{field}": 0.5' if field == "beta2" else '"eps": 1e-8'
+    )
+    metrics = _run(http, "/optim_step", content=ok, headers={"Content-Type": "application/json"})
+    assert metrics["metrics"]["optim/grad_norm"] > 0  # the same request with a sane value trains
+
+
+@pytest.fixture(scope="module")
+def sampler_id(http: httpx.Client) -> str:
+    session = http.post(
+        "/create_session", json={"tags": [], "user_metadata": None, "sdk_version": "test"}
+    ).json()["session_id"]
+    r = http.post(
+        "/create_sampling_session",
+        json={"session_id": session, "sampling_session_seq_id": 0, "base_model": "tiny"},
+    )
+    assert r.status_code == 200, r.text
+    return str(r.json()["sampling_session_id"])
+
+
+def test_tiny_temperature_and_huge_seed_through_the_sdk_are_refused(training: Any) -> None:
+    sampler = training.save_weights_and_get_sampling_client().result()
+    prompt = types.ModelInput.from_ints(PROBE)
+    with pytest.raises(tinker.BadRequestError, match="temperature"):
+        sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2, temperature=1e-30)).result()
+    with pytest.raises(tinker.BadRequestError, match="seed"):
+        sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2, seed=2**70)).result()
+    ok = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2, seed=1)).result()
+    assert all(math.isfinite(x) for x in ok.sequences[0].logprobs)
+
+
+@pytest.mark.parametrize(
+    ("field", "literal"),
+    [
+        ("temperature", "NaN"),
+        ("temperature", "Infinity"),
+        ("temperature", "1e999"),
+        ("top_p", "NaN"),
+        ("seed", "1000000000000000000000000000000"),
+        ("max_tokens", "0"),
+        ("top_k", "-5"),
+    ],
+)
+def test_non_finite_sampling_params_in_raw_json_get_400_and_leave_the_rng(
+    live: LiveServer, http: httpx.Client, sampler_id: str, field: str, literal: str
+) -> None:
+    generator = live.backend.samplers[sampler_id].generator
+    before = generator.get_state()
+    body = (
+        f'{{"sampling_session_id": "{sampler_id}", "num_samples": 1, '
+        f'"prompt": {{"chunks": [{{"type": "encoded_text", "tokens": {PROBE}}}]}}, '
+        f'"sampling_params": {{"max_tokens": 2, "{field}": {literal}}}}}'
+    )
+    r = http.post("/asample", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert field in r.json()["detail"], r.json()
+    assert torch.equal(generator.get_state(), before)
+
+
+def test_create_model_with_an_out_of_range_seed_is_refused_and_frees_its_model_seq_id(
+    live: LiveServer, service: Any, http: httpx.Client
+) -> None:
+    with pytest.raises(tinker.BadRequestError, match=r"lora_config\.seed"):
+        service.create_lora_training_client("tiny", rank=2, seed=2**70).result()
+    assert not live.backend._reserved
+    session = http.post(
+        "/create_session", json={"tags": [], "user_metadata": None, "sdk_version": "test"}
+    ).json()["session_id"]
+    for seed, status in ((2**70, 400), (-(2**64), 400), (5, 200)):
+        r = http.post(
+            "/create_model",
+            json={
+                "session_id": session,
+                "model_seq_id": 0,
+                "base_model": "tiny",
+                "lora_config": {"rank": 2, "seed": seed},
+            },
+        )
+        assert r.status_code == status, r.text
+    assert _wait(http, r.json()["request_id"])["model_id"] == f"{session}:train:0"

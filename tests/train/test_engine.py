@@ -129,3 +129,87 @@ def test_non_finite_gradient_skips_the_step_and_keeps_weights() -> None:
     for k, v in engine.model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert grads(engine) == {}
+
+
+def _optimizer_tensors(engine) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    state = engine.optimizer.state_dict()["state"]
+    return [v.clone() for st in state.values() for v in st.values()]
+
+
+def test_a_step_that_would_make_weights_non_finite_is_refused_and_restores_everything() -> None:
+    """Finite, in-range AdamParams can still overflow float32 weights (a weight near 3e38 times
+    (1 - lr * weight_decay) = -99). The step is refused; weights, Adam moments, step counters,
+    gradients and the version are bitwise what they were."""
+    engine = tiny_engine()
+    datums = random_datums(2)
+    engine.forward_backward(datums, "cispo", CISPO)
+    engine.optim_step(AdamParams(learning_rate=1e-3))  # Adam state exists from here on
+    engine.forward_backward(datums, "cispo", CISPO)
+    p = next(p for p in engine.model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        p.view(-1)[0] = 3e38  # after the backward: the gradient stays finite
+    weights = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    moments, grads_before = _optimizer_tensors(engine), grads(engine)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        engine.optim_step(AdamParams(learning_rate=10.0, weight_decay=10.0, grad_clip_norm=1e-3))
+    for k, v in engine.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    after = _optimizer_tensors(engine)
+    assert len(after) == len(moments) > 0
+    assert all(torch.equal(a, b) for a, b in zip(after, moments, strict=True))
+    assert grads(engine).keys() == grads_before.keys()
+    assert all(torch.equal(grads(engine)[k], g) for k, g in grads_before.items())
+    assert groups == [
+        {k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups
+    ]
+    assert engine.version == 1
+    out = engine.optim_step(AdamParams(learning_rate=1e-3))  # a sane step still works
+    assert engine.version == 2 and math.isfinite(out["optim/grad_norm"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("learning_rate", math.inf),
+        ("learning_rate", math.nan),
+        ("learning_rate", 1e308),
+        ("learning_rate", -1e-3),
+        ("weight_decay", math.nan),
+        ("weight_decay", 1e300),
+        ("eps", math.inf),
+        ("eps", 0.0),
+        ("beta1", 1.0),
+        ("beta2", math.nan),
+        ("grad_clip_norm", math.nan),
+        ("grad_clip_norm", math.inf),
+        ("learning_rate", "1e-3"),
+    ],
+)
+def test_adam_params_refuse_non_finite_and_absurd_values_naming_the_range(
+    field: str, value: object
+) -> None:
+    with pytest.raises(ValueError, match=rf"AdamParams\.{field} must be .*got"):
+        AdamParams(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": math.nan}, "temperature"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"temperature": 1e-30}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": math.nan}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"seed": 2**70}, "seed"),
+        ({"seed": -(2**64)}, "seed"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_sampling_params_refuse_non_finite_and_out_of_range_values(
+    kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)  # type: ignore[arg-type]

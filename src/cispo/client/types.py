@@ -9,6 +9,7 @@ is optional), `old_logprobs` and `ref_logprobs` (the three-policy accounting of 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -122,9 +123,27 @@ class Datum:
         object.__setattr__(self, "loss_fn_inputs", converted)
 
 
+ADAM_RANGES: dict[str, tuple[float, float, str]] = {
+    "learning_rate": (0.0, 10.0, "[0, 10]"),
+    "beta1": (0.0, 1.0, "[0, 1)"),
+    "beta2": (0.0, 1.0, "[0, 1)"),
+    "eps": (0.0, 1.0, "(0, 1]"),
+    "weight_decay": (0.0, 10.0, "[0, 10]"),
+    "grad_clip_norm": (0.0, 1e30, "[0, 1e30] (0 = off)"),
+}
+"""Allowed range of each `AdamParams` field (low, high, as written in errors). Every value must
+also be a finite float: NaN, inf and 1e999 are refused. The upper bounds are far past any useful
+setting (Tinker's defaults are lr 1e-4, weight decay 0) and exclude the values that overflow
+float32 weights in one step (lr 1e308, weight_decay 1e300)."""
+
+
 @dataclass(frozen=True)
 class AdamParams:
-    """AdamW step settings (Tinker's defaults). `grad_clip_norm=0` means no clipping."""
+    """AdamW step settings (Tinker's defaults). `grad_clip_norm=0` means no clipping.
+
+    Each field must be a finite number in its `ADAM_RANGES` range; anything else is a ValueError
+    naming the field, the value and the range.
+    """
 
     learning_rate: float = 1e-4
     beta1: float = 0.9
@@ -134,16 +153,19 @@ class AdamParams:
     grad_clip_norm: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.learning_rate >= 0:
-            raise ValueError(f"AdamParams.learning_rate must be >= 0, got {self.learning_rate}")
-        for name in ("beta1", "beta2"):
+        for name, (low, high, allowed) in ADAM_RANGES.items():
             value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"AdamParams.{name} must be in [0, 1), got {value}")
-        if not self.eps > 0:
-            raise ValueError(f"AdamParams.eps must be > 0, got {self.eps}")
-        if self.weight_decay < 0 or self.grad_clip_norm < 0:
-            raise ValueError("AdamParams.weight_decay and grad_clip_norm must be >= 0")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"AdamParams.{name} must be a number in {allowed}, got {value!r}")
+            ok = math.isfinite(value) and low <= value <= high
+            if name in ("beta1", "beta2"):
+                ok = ok and value < high
+            elif name == "eps":
+                ok = ok and value > low
+            if not ok:
+                raise ValueError(
+                    f"AdamParams.{name} must be a finite number in {allowed}, got {value!r}"
+                )
 
 
 @dataclass(frozen=True)

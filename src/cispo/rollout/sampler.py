@@ -29,6 +29,19 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PretrainedConfig, PreTrainedTokenizerBase
 
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""Seeds `torch.Generator.manual_seed` accepts; anything else fails inside torch."""
+TEMPERATURE_RANGE = (1e-6, 1e6)
+"""Positive temperatures allowed (0 is greedy). Below 1e-6, logits / temperature overflow float32
+for logits of a few thousand; above 1e6 sampling is uniform to float precision anyway."""
+
+
+def check_seed(name: str, seed: int) -> None:
+    """ValueError naming `name` unless `seed` is an int torch can seed a generator with."""
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+        raise ValueError(f"{name} must be an integer in [-2**63, 2**64 - 1], got {seed!r}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
@@ -50,14 +63,30 @@ class SamplingParams:
     """Sample among the smallest set of tokens whose probability reaches top_p; 1 means all."""
 
     def __post_init__(self) -> None:
+        for name in ("max_tokens", "seed", "top_k"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.seed is not None:
+            check_seed("seed", self.seed)
+        low, high = TEMPERATURE_RANGE
+        if not (self.temperature == 0 or low <= self.temperature <= high):
+            # NaN fails both tests; so do inf and the tiny values whose logits/temperature
+            # overflow float32 (softmax of inf is NaN).
+            raise ValueError(
+                f"temperature must be 0 (greedy) or a finite number in [{low}, {high}], "
+                f"got {self.temperature!r}"
+            )
         if self.top_k != -1 and self.top_k < 1:
             raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"top_p must be a finite number in (0, 1], got {self.top_p!r}")
         if self.stop == "" or (isinstance(self.stop, list) and "" in self.stop):
             raise ValueError("stop strings must be non-empty")
 

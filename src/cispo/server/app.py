@@ -226,7 +226,10 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise
 
         def work() -> Result:
-            backend.create_model(record)
+            try:
+                backend.create_model(record)
+            finally:  # a build that fails must not keep model_seq_id reserved
+                backend._reserved.discard(model_id)
             return {"model_id": model_id, "type": "create_model"}
 
         return future(on_control(work), model_id)

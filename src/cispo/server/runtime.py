@@ -31,7 +31,7 @@ from torch import nn
 from cispo.client.types import AdamParams, ForwardBackwardOutput
 from cispo.losses import make_loss_config, required_inputs
 from cispo.models import apply_lora
-from cispo.rollout.sampler import SamplingParams, compute_logprobs, sample
+from cispo.rollout.sampler import SamplingParams, check_seed, compute_logprobs, sample
 from cispo.server.futures import FutureTable, ModelSequencer, Result, UserError
 from cispo.server.store import RunRecord, Store
 from cispo.server.wire import (
@@ -247,6 +247,11 @@ class Backend:
             m for flag, mods in LORA_TARGETS.items() if (lora or {}).get(flag, True) for m in mods
         ]
         seed = lora.get("seed") if lora else None
+        if seed is not None:
+            try:
+                check_seed("lora_config.seed", seed)
+            except ValueError as error:  # torch.manual_seed would fail later, on the worker
+                raise UserError(str(error)) from error
         return RunRecord(
             training_run_id=model_id,
             base_model=base_model,
@@ -417,7 +422,7 @@ class Backend:
             None,
             snapshot,
             served.tokenizer,
-            served.record.seed + 7919 * sampling_session_seq_id,
+            (served.record.seed + 7919 * sampling_session_seq_id) % 2**64,
         )
         return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 

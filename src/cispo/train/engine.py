@@ -179,6 +179,57 @@ def merge_metrics(parts: Sequence[tuple[float, Mapping[str, float]]]) -> dict[st
     return merged
 
 
+class NonFiniteStep(FloatingPointError, ValueError):
+    """An optimizer step refused because it would produce non-finite values (a user error: the
+    server reports it with category "user")."""
+
+
+@dataclass
+class _OptimizerSnapshot:
+    """Copies of everything `optimizer.step()` (and gradient clipping) mutates."""
+
+    params: list[Tensor]
+    grads: list[Tensor | None]
+    state: dict[Tensor, dict[str, Any]]
+    groups: list[dict[str, Any]]
+
+    @classmethod
+    def take(cls, optimizer: torch.optim.Optimizer) -> _OptimizerSnapshot:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return cls(
+            params=[p.detach().clone() for p in params],
+            grads=[None if p.grad is None else p.grad.clone() for p in params],
+            state={
+                p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in st.items()}
+                for p, st in optimizer.state.items()
+            },
+            groups=[{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+        )
+
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        with torch.no_grad():
+            for p, value, grad in zip(params, self.params, self.grads, strict=True):
+                p.copy_(value)
+                p.grad = grad
+        optimizer.state.clear()
+        optimizer.state.update(self.state)
+        for group, saved in zip(optimizer.param_groups, self.groups, strict=True):
+            group.update(saved)
+
+
+def _first_non_finite(optimizer: torch.optim.Optimizer) -> str | None:
+    """'parameter i' / 'Adam state <key> of parameter i' of the first non-finite value, or None."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, p in enumerate(params):
+        if not bool(torch.isfinite(p).all()):
+            return f"parameter {i} (shape {list(p.shape)})"
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, Tensor) and not bool(torch.isfinite(value).all()):
+                return f"Adam state {key!r} of parameter {i}"
+    return None
+
+
 class Engine:
     """Model + optimizer + sampler snapshot. Not thread-safe: the client serialises calls."""
 
@@ -281,7 +332,16 @@ class Engine:
         )
 
     def optim_step(self, adam: AdamParams) -> dict[str, float]:
-        """Apply the accumulated gradients with AdamW, then zero them."""
+        """Apply the accumulated gradients with AdamW, then zero them.
+
+        Refused (NonFiniteStep) when the gradient norm is not finite (gradients are then cleared:
+        they would poison every later step) or when the step would leave a non-finite weight or
+        Adam moment: weights, optimizer state and gradients are then restored bitwise. Method: the
+        parameters, gradients and optimizer state are copied before the step, checked after it,
+        and copied back on failure (one memcpy of the trainable state per step; cheaper than
+        computing the AdamW update twice, and exact because it restores the same bits instead of
+        predicting torch's arithmetic).
+        """
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in params if p.grad is not None]
         norm = (
@@ -291,10 +351,11 @@ class Engine:
         )
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(
+            raise NonFiniteStep(
                 f"non-finite gradient norm ({float(norm)}); "
                 "the step was skipped and gradients cleared"
             )
+        saved = _OptimizerSnapshot.take(self.optimizer)
         if adam.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, adam.grad_clip_norm)
         for group in self.optimizer.param_groups:
@@ -305,6 +366,14 @@ class Engine:
                 weight_decay=adam.weight_decay,
             )
         self.optimizer.step()
+        bad = _first_non_finite(self.optimizer)
+        if bad is not None:
+            saved.restore(self.optimizer)
+            raise NonFiniteStep(
+                f"this optim_step would make {bad} non-finite (learning_rate="
+                f"{adam.learning_rate}, weight_decay={adam.weight_decay}, eps={adam.eps}); "
+                "refused: weights, optimizer state and gradients are unchanged"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
         return {"optim/grad_norm": float(norm), "optim/lr": adam.learning_rate}
