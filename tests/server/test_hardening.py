@@ -17,12 +17,13 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from server_harness import API_KEY, LiveServer
+from server_harness import API_KEY, LiveServer, start_server
 from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import deserialize_forward_backward_output
 
 import cispo.server.app as server_app
+from cispo.train.engine import EngineConfig
 
 tinker = pytest.importorskip("tinker")
 
@@ -419,3 +420,40 @@ def test_create_model_with_an_out_of_range_seed_is_refused_and_frees_its_model_s
         )
         assert r.status_code == status, r.text
     assert _wait(http, r.json()["request_id"])["model_id"] == f"{session}:train:0"
+
+
+# ------------------------------------------------------------------ 3. failed requests roll back
+
+
+def test_a_forward_backward_failing_in_its_last_micro_batch_leaves_no_gradient(
+    tmp_path: Any,
+) -> None:
+    """Through the SDK, on a server whose engine runs micro-batches of 4: 6 datums, NaN
+    advantages only in the last one, nonfinite="raise". The call fails after the first
+    micro-batch's backward; the gradient accumulated before it is kept bitwise and nothing of
+    the failed call remains (weights, optimizer, RNG too)."""
+    server = start_server(tmp_path, engine=EngineConfig(micro_batch_size=4))
+    try:
+        service = tinker.ServiceClient(base_url=server.base_url)
+        training = service.create_lora_training_client("tiny", rank=2, seed=3).result()
+        rows = [[1, 5 + i, 9, 13 + i, 17] for i in range(6)]
+
+        def datums(last_advantage: float) -> list[types.Datum]:
+            return [
+                _datum(
+                    row,
+                    logprobs=[-1.0] * 4,
+                    advantages=[last_advantage if i == 5 else 1.0 - 0.3 * i] * 4,
+                )
+                for i, row in enumerate(rows)
+            ]
+
+        training.forward_backward(datums(0.5), "cispo").result()  # a pending gradient
+        before = _state(server, training.model_id)
+        assert any(g is not None for g in before["grads"])
+        with pytest.raises(Exception, match="non-finite"):
+            training.forward_backward(datums(math.nan), "cispo", {"nonfinite": "raise"}).result()
+        _assert_same(before, _state(server, training.model_id))
+        service.close("success").result()
+    finally:
+        server.stop()

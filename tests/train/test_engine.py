@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -213,3 +214,44 @@ def test_sampling_params_refuse_non_finite_and_out_of_range_values(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+def _with_nan_advantages(datum):  # type: ignore[no-untyped-def]
+    inputs = dict(datum.loss_fn_inputs)
+    adv = inputs["advantages"].data
+    inputs["advantages"] = [math.nan] * len(adv)
+    return dataclasses.replace(datum, loss_fn_inputs=inputs)
+
+
+@pytest.mark.parametrize("pending_gradient", [False, True])
+def test_a_failing_forward_backward_leaves_gradients_rng_and_weights_exactly_as_before(
+    pending_gradient: bool,
+) -> None:
+    """70 datums, micro-batch 64, NaN advantages only in the last datum with nonfinite="raise":
+    the first micro-batch's gradient must not stay accumulated. The next optim_step then gives
+    bitwise the weights of an engine that never saw the failed call."""
+    datums = random_datums(70, seed=2)
+    bad = [*datums[:-1], _with_nan_advantages(datums[-1])]
+    raising = {**CISPO, "nonfinite": "raise"}
+    engine, reference = tiny_engine(micro_batch_size=64), tiny_engine(micro_batch_size=64)
+    for e in (engine, reference):
+        e.model.train()
+        e.forward_backward(datums[:3], "cispo", CISPO)
+        e.optim_step(AdamParams(learning_rate=1e-2))
+        if pending_gradient:
+            e.forward_backward(datums[3:9], "cispo", CISPO)
+    before, rng = grads(engine), torch.get_rng_state()
+    with pytest.raises(ValueError, match="non-finite"):
+        engine.forward_backward(bad, "cispo", raising)
+    after = grads(engine)
+    assert after.keys() == before.keys() and bool(after) == pending_gradient
+    assert all(torch.equal(after[k], g) for k, g in before.items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert engine.model.training
+    reference.forward_backward(datums[9:12], "cispo", CISPO)
+    engine.forward_backward(datums[9:12], "cispo", CISPO)
+    for e in (engine, reference):
+        e.optim_step(AdamParams(learning_rate=1e-2))
+    want = reference.model.state_dict()
+    for k, v in engine.model.state_dict().items():
+        assert torch.equal(v, want[k]), k

@@ -218,6 +218,20 @@ class _OptimizerSnapshot:
             group.update(saved)
 
 
+def _rng_state(params: Sequence[Tensor]) -> tuple[Tensor, dict[int, Tensor]]:
+    """The global CPU RNG state and the CUDA RNG state of every device `params` live on (dropout
+    draws from them during a training forward)."""
+    devices = {p.device.index or 0 for p in params if p.device.type == "cuda"}
+    return torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices}
+
+
+def _set_rng_state(state: tuple[Tensor, dict[int, Tensor]]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for device, value in cuda.items():
+        torch.cuda.set_rng_state(value, device)
+
+
 def _first_non_finite(optimizer: torch.optim.Optimizer) -> str | None:
     """'parameter i' / 'Adam state <key> of parameter i' of the first non-finite value, or None."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -271,7 +285,55 @@ class Engine:
 
         `num_tokens` / `num_sequences` override the normalisers of token_mean / seq_mean reductions
         when one optimizer step spans several calls (default: the counts of this call).
+
+        All or nothing: if any micro-batch fails (a bad datum, `nonfinite="raise"`, out of memory),
+        the gradients, the global torch RNG and the train/eval mode are exactly what they were
+        before the call. Gradients already accumulated are moved aside (no copy) while this call
+        computes its own, and added back when every micro-batch has succeeded; on failure the
+        call's partial gradients are dropped and the saved ones put back.
         """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        pending = [p.grad for p in params]
+        rng = _rng_state(params)
+        was_training = self.model.training
+        for p in params:
+            p.grad = None
+        try:
+            out = self._forward_backward(
+                datums,
+                loss_fn,
+                loss_fn_config,
+                forward_only=forward_only,
+                temperature=temperature,
+                num_tokens=num_tokens,
+                num_sequences=num_sequences,
+            )
+        except BaseException:
+            for p, grad in zip(params, pending, strict=True):
+                p.grad = grad
+            _set_rng_state(rng)
+            self.model.train(was_training)
+            raise
+        with torch.no_grad():
+            for p, grad in zip(params, pending, strict=True):
+                if grad is not None:
+                    if p.grad is None:
+                        p.grad = grad
+                    else:
+                        p.grad.add_(grad)
+        return out
+
+    def _forward_backward(
+        self,
+        datums: Sequence[Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None,
+        *,
+        forward_only: bool,
+        temperature: float,
+        num_tokens: float | None,
+        num_sequences: float | None,
+    ) -> ForwardBackwardOutput:
         if not datums:
             raise ValueError("forward_backward needs at least one datum")
         if temperature <= 0:
