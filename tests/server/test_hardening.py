@@ -49,6 +49,10 @@ def http(live: LiveServer) -> Any:
 @pytest.fixture(scope="module")
 def raw(http: httpx.Client) -> str:
     """A model driven by raw HTTP (seq_ids under the test's control)."""
+    return _create_raw_model(http)
+
+
+def _create_raw_model(http: httpx.Client) -> str:
     session = http.post(
         "/create_session", json={"tags": [], "user_metadata": None, "sdk_version": "test"}
     ).json()["session_id"]
@@ -455,5 +459,37 @@ def test_a_forward_backward_failing_in_its_last_micro_batch_leaves_no_gradient(
             training.forward_backward(datums(math.nan), "cispo", {"nonfinite": "raise"}).result()
         _assert_same(before, _state(server, training.model_id))
         service.close("success").result()
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------ 5. seq_id window
+
+
+def test_seq_ids_beyond_the_window_get_400_naming_the_range(tmp_path: Any) -> None:
+    """With max_seq_ids_ahead=3 and next=s: s+3, s+100000 and 10**30 are refused with the range
+    [s, s+2]; s+2 is accepted, waits, and runs once s and s+1 arrive."""
+    server = start_server(tmp_path, max_seq_ids_ahead=3)
+    try:
+        with httpx.Client(
+            base_url=f"{server.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=60
+        ) as http:
+            model = _create_raw_model(http)
+            s = _next(server, model)
+            for seq in (s + 3, s + 100_000, 10**30):
+                r = http.post(
+                    "/optim_step",
+                    json={"model_id": model, "seq_id": seq, "adam_params": {"learning_rate": 0}},
+                )
+                assert r.status_code == 400, r.text
+                assert f"expected a seq_id in [{s}, {s + 2}]" in r.json()["detail"]
+            r = http.post("/forward_backward", content=_probe_body(model, s + 2), headers=PROTO)
+            assert r.status_code == 200, r.text
+            last = r.json()["request_id"]
+            assert server.backend.models[model].sequencer.waiting == [s + 2]
+            for seq in (s, s + 1):
+                _run(http, "/forward_backward", content=_probe_body(model, seq), headers=PROTO)
+            assert _wait(http, last).loss_fn_outputs[0]["logprobs"].tolist()
+            assert _next(server, model) == s + 3
     finally:
         server.stop()

@@ -86,6 +86,8 @@ class ServerConfig:
     max_request_bytes: int = 64 << 20
     max_tensor_values: int = MAX_TENSOR_VALUES
     """Most values one `loss_fn_inputs` tensor may declare (checked before it is allocated)."""
+    max_seq_ids_ahead: int = 1024
+    """A model accepts seq_ids in [next, next + max_seq_ids_ahead); further ones get 400."""
     poll_timeout: float = 30.0
     """Seconds one retrieve_future long poll waits before answering try_again."""
     engine: EngineConfig | None = None
@@ -97,6 +99,8 @@ class ServerConfig:
             raise ValueError("base_models must name at least one model")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        if self.max_seq_ids_ahead < 1:
+            raise ValueError(f"max_seq_ids_ahead must be >= 1, got {self.max_seq_ids_ahead}")
         if self.max_tensor_values < 1:
             raise ValueError(f"max_tensor_values must be >= 1, got {self.max_tensor_values}")
 
@@ -293,7 +297,7 @@ class Backend:
             record=record,
             engine=engine,
             tokenizer=tokenizer,
-            sequencer=ModelSequencer(model_id),
+            sequencer=ModelSequencer(model_id, window=self.config.max_seq_ids_ahead),
         )
         self.store.add_run(record)
         self.models[model_id] = served
