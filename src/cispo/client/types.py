@@ -10,6 +10,7 @@ is optional), `old_logprobs` and `ref_logprobs` (the three-policy accounting of 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -155,13 +156,14 @@ class AdamParams:
     def __post_init__(self) -> None:
         for name, (low, high, allowed) in ADAM_RANGES.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"AdamParams.{name} must be a number in {allowed}, got {value!r}")
-            ok = math.isfinite(value) and low <= value <= high
+            number = float(value)
+            ok = math.isfinite(number) and low <= number <= high
             if name in ("beta1", "beta2"):
-                ok = ok and value < high
+                ok = ok and number < high
             elif name == "eps":
-                ok = ok and value > low
+                ok = ok and number > low
             if not ok:
                 raise ValueError(
                     f"AdamParams.{name} must be a finite number in {allowed}, got {value!r}"

@@ -23,6 +23,7 @@ CUDA graphs, and per-row RNG streams (a row's sample depends on the whole batch 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Literal, cast
 
 import torch
@@ -39,7 +40,7 @@ for logits of a few thousand; above 1e6 sampling is uniform to float precision a
 def check_seed(name: str, seed: int) -> None:
     """ValueError naming `name` unless `seed` is an int torch can seed a generator with."""
     low, high = SEED_RANGE
-    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or not low <= seed <= high:
         raise ValueError(f"{name} must be an integer in [-2**63, 2**64 - 1], got {seed!r}")
 
 
@@ -65,11 +66,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         for name in ("max_tokens", "seed", "top_k"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         for name in ("temperature", "top_p"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, Real):
                 raise ValueError(f"{name} must be a number, got {value!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
