@@ -5,6 +5,7 @@ Everything goes through the API the engine, the client, the server and the RL lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -20,6 +21,7 @@ import safetensors
 import torch
 from torch import nn
 
+import cispo.checkpoint as checkpoint_module
 from cispo.checkpoint import Checkpoint, latest_named_state, load_checkpoint, save_named_state
 
 
@@ -327,3 +329,96 @@ def test_sigkill_while_writing_leaves_a_complete_latest_checkpoint(tmp_path: Pat
     # The next save cleans whatever the kill left behind.
     _save_step(tmp_path, ckpt.step + 1)
     assert [p.name for p in tmp_path.glob(".*")] == []
+
+
+KILLED_OVERWRITE = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    import cispo.checkpoint as ck
+    root, mode = sys.argv[1], sys.argv[2]
+
+    def save(value):
+        ck.save_named_state(root, "best", model_state={"w": torch.full((4,), value)},
+                            optimizer_state={}, rng_state={}, trainer_state={})
+
+    save(1.0)
+    if mode == "aside":  # the portable path: die right after the old one went aside
+        ck._exchange = lambda a, b: False
+        real_rename = os.rename
+
+        def rename(src, dst):
+            real_rename(src, dst)
+            if os.path.basename(src) == "best":
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        os.rename = rename
+    else:  # the atomic exchange: die before the old copy is deleted
+        real_exchange = ck._exchange
+
+        def exchange(a, b):
+            assert real_exchange(a, b), "renameat2 exchange unsupported"
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        ck._exchange = exchange
+    save(2.0)
+    """
+)
+
+
+def _best(root: Path) -> float:
+    path = latest_named_state(root)
+    assert path is not None and path.name == "best"
+    return float(load_checkpoint(path).model_state["w"][0])
+
+
+@pytest.mark.parametrize("mode", ["exchange", "aside"])
+def test_a_sigkill_while_overwriting_a_name_never_loses_it(tmp_path: Path, mode: str) -> None:
+    """Overwriting `best` and dying mid-way leaves `best` (old or new) complete and `latest`
+    pointing at it, also after the next save (which used to delete both hidden copies)."""
+    if mode == "exchange":
+        a, b = tmp_path / "a", tmp_path / "b"
+        a.mkdir(), b.mkdir()
+        if not checkpoint_module._exchange(a, b):
+            pytest.skip("no renameat2 RENAME_EXCHANGE here")
+    root = tmp_path / "states"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_OVERWRITE, str(root), mode], env=env, timeout=120
+    )
+    assert done.returncode == -signal.SIGKILL
+    if mode == "exchange":
+        assert _best(root) == 2.0  # the name was never absent
+    else:
+        assert not (root / "best").exists() and (root / ".prev-best").is_dir()
+        checkpoint_module.recover(root)  # what the next save and a server start-up run
+        assert _best(root) == 1.0
+    save_named_state(
+        root, "other", model_state={}, optimizer_state={}, rng_state={}, trainer_state={}
+    )
+    assert float(load_checkpoint(root / "best").model_state["w"][0]) in (1.0, 2.0)
+    assert sorted(p.name for p in root.iterdir()) == ["best", "latest", "other"]
+
+
+def test_identical_saves_write_byte_identical_files(tmp_path: Path) -> None:
+    """sha256 of every file of six saves of the same state: one digest per file. safetensors
+    writes its header metadata in HashMap order, which varied between saves before sorting."""
+    model, opt = _make(seed=3)
+    _train_step(model, opt, torch.Generator().manual_seed(3))
+    digests: dict[str, set[str]] = {}
+    for i in range(6):
+        path = save_named_state(
+            tmp_path / f"root{i}",
+            "same",
+            model_state=model.state_dict(),
+            optimizer_state=opt.state_dict(),
+            rng_state={"torch": torch.get_rng_state()},
+            trainer_state={"step": 1},
+        )
+        for file in sorted(path.iterdir()):
+            digest = hashlib.sha256(file.read_bytes()).hexdigest()
+            digests.setdefault(file.name, set()).add(digest)
+    assert sorted(digests) == ["model.safetensors", "optimizer.pt", "rng.pt", "state.json"]
+    assert all(len(d) == 1 for d in digests.values()), digests
+    raw = (path / "model.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])

@@ -30,9 +30,15 @@ seed: after `load_state` their stream continues where it was saved.
 
 Crash safety: a checkpoint is written into a `.tmp-*` directory in the same parent, every file
 and the directory are fsynced, and only then is it renamed to `step_NNNNNN` (one atomic rename).
+Saving over an existing name swaps the two directories atomically (Linux `renameat2`
+RENAME_EXCHANGE), so the name is never absent; elsewhere the old one is renamed aside to
+`.prev-<name>` first and `recover` puts it back if the process dies before the new one is in.
 `latest` is replaced atomically after that. Pruning renames a directory away before deleting
 it. So a SIGKILL at any moment leaves every visible `step_*` directory complete; stale `.tmp-*`
-and `.trash-*` directories are ignored by readers and removed by the next save.
+and `.trash-*` directories are ignored by readers and removed by the next save (`recover`).
+
+Determinism: the same state gives byte-identical files (the safetensors header's metadata keys
+are sorted; safetensors itself writes them in random HashMap order).
 
 Tied weights: safetensors refuses tensors that share memory. The writer stores one copy of each
 group of identical views and records the other names as aliases in the file's metadata; the
@@ -44,6 +50,7 @@ Left out: async writes; one process writes. Sharded (multi-rank) checkpoints are
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
@@ -62,9 +69,15 @@ from torch import Tensor
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
+_PREV_PREFIX = ".prev-"
 _FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json")
 _ALIASES_KEY = "cispo_aliases"
 _FORMAT_VERSION = 1
+
+try:  # renameat2 for the atomic directory exchange (glibc >= 2.28); absent elsewhere
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:
+    _LIBC = None
 
 # torch's optimizer StateDict is dict[str, Any]; RNG and trainer states are heterogenous too.
 StateDict = dict[str, Any]
@@ -133,8 +146,36 @@ def _dedupe_shared(model_state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor]
 
 def _save_model(path: Path, model_state: Mapping[str, Tensor]) -> None:
     unique, aliases = _dedupe_shared(model_state)
-    metadata = {_ALIASES_KEY: json.dumps(aliases), "format": "pt"}
+    metadata = {_ALIASES_KEY: json.dumps(aliases, sort_keys=True), "format": "pt"}
     safetensors.torch.save_file(unique, str(path), metadata=metadata)
+    _canonical_header(path)
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with its `__metadata__` keys sorted, in place.
+
+    safetensors serialises the metadata from a Rust HashMap, whose iteration order is random per
+    map: two saves of the same state gave different bytes. The header is `u64 length` + JSON
+    (space-padded); tensor entries keep their order (their offsets are explicit), and the sorted
+    JSON has the same length, so only the header bytes change.
+    """
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None)
+        ordered = {} if meta is None else {"__metadata__": dict(sorted(meta.items()))}
+        text = json.dumps({**ordered, **header}, separators=(",", ":"), ensure_ascii=False)
+        encoded = text.encode()
+        if len(encoded) > size:  # cannot happen for the same JSON; rewrite whole file if so
+            rest = f.read()
+            padded = encoded + b" " * (-len(encoded) % 8)
+            f.seek(0)
+            f.write(len(padded).to_bytes(8, "little") + padded + rest)
+            f.truncate()
+            return
+        f.seek(8)
+        f.write(encoded + b" " * (size - len(encoded)))
 
 
 def _load_model(path: Path, device: str | torch.device) -> dict[str, Tensor]:
@@ -190,6 +231,54 @@ def _discard(path: Path) -> None:
     trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{os.getpid()}")
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux `renameat2(RENAME_EXCHANGE)`); False where the
+    platform or file system does not support it."""
+    rename = getattr(_LIBC, "renameat2", None) if _LIBC is not None else None
+    if rename is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    done = rename(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return bool(done == 0)
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Put directory `new` at `final`, replacing the directory there, such that a SIGKILL at any
+    moment leaves a complete checkpoint visible at `final` or recoverable by `recover`.
+
+    Linux: one atomic exchange (`final` is never absent), then the old copy, now at `new`'s
+    hidden name, is deleted. Elsewhere: the old directory is renamed aside to `.prev-<name>`, the
+    new one renamed in, then the old one deleted; a crash between the two renames leaves
+    `.prev-<name>`, which `recover` (run by every save and at server start-up) renames back.
+    """
+    if _exchange(new, final):
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    aside = final.with_name(f"{_PREV_PREFIX}{final.name}")
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.rename(final, aside)
+    os.rename(new, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover(root: Path) -> None:
+    """Finish or undo what a killed save left in `root`: a `.prev-<name>` directory whose `<name>`
+    is missing is renamed back (it is the complete previous checkpoint), other `.prev-*`, and
+    every `.tmp-*` and `.trash-*`, are deleted. Only one process may write under `root`."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if entry.name.startswith(_PREV_PREFIX) and entry.is_dir():
+            target = root / entry.name[len(_PREV_PREFIX) :]
+            if not target.exists() and is_complete(entry):
+                os.rename(entry, target)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+    _remove_stale(root)
 
 
 def _remove_stale(root: Path) -> None:
@@ -282,7 +371,7 @@ def _save(
         indent=1,
     )
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale(root)
+    recover(root)
     final = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=root))
     try:
@@ -295,8 +384,9 @@ def _save(
                 _fsync_file(tmp / file_name)
             _fsync_dir(tmp)
         if final.exists():
-            _discard(final)
-        os.rename(tmp, final)
+            _replace_dir(tmp, final)
+        else:
+            os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,8 +9,11 @@ is optional), `old_logprobs` and `ref_logprobs` (the three-policy accounting of 
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from typing import Literal
 
 import torch
@@ -28,6 +31,20 @@ __all__ = [
     "SaveWeightsResponse",
     "TensorData",
 ]
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""Seeds `torch.Generator.manual_seed` accepts; anything else fails inside torch."""
+TEMPERATURE_RANGE = (1e-6, 1e6)
+"""Positive temperatures allowed (0 is greedy). Below 1e-6, logits / temperature overflow float32
+for logits of a few thousand; above 1e6 sampling is uniform to float precision anyway."""
+
+
+def check_seed(name: str, seed: int) -> None:
+    """ValueError naming `name` unless `seed` is an int torch can seed a generator with."""
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or not low <= seed <= high:
+        raise ValueError(f"{name} must be an integer in [-2**63, 2**64 - 1], got {seed!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,14 +67,30 @@ class SamplingParams:
     """Sample among the smallest set of tokens whose probability reaches top_p; 1 means all."""
 
     def __post_init__(self) -> None:
+        for name in ("max_tokens", "seed", "top_k"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.seed is not None:
+            check_seed("seed", self.seed)
+        low, high = TEMPERATURE_RANGE
+        if not (self.temperature == 0 or low <= self.temperature <= high):
+            # NaN fails both tests; so do inf and the tiny values whose logits/temperature
+            # overflow float32 (softmax of inf is NaN).
+            raise ValueError(
+                f"temperature must be 0 (greedy) or a finite number in [{low}, {high}], "
+                f"got {self.temperature!r}"
+            )
         if self.top_k != -1 and self.top_k < 1:
             raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"top_p must be a finite number in (0, 1], got {self.top_p!r}")
         if self.stop == "" or (isinstance(self.stop, list) and "" in self.stop):
             raise ValueError("stop strings must be non-empty")
 
@@ -163,9 +196,27 @@ class Datum:
         object.__setattr__(self, "loss_fn_inputs", converted)
 
 
+ADAM_RANGES: dict[str, tuple[float, float, str]] = {
+    "learning_rate": (0.0, 10.0, "[0, 10]"),
+    "beta1": (0.0, 1.0, "[0, 1)"),
+    "beta2": (0.0, 1.0, "[0, 1)"),
+    "eps": (0.0, 1.0, "(0, 1]"),
+    "weight_decay": (0.0, 10.0, "[0, 10]"),
+    "grad_clip_norm": (0.0, 1e30, "[0, 1e30] (0 = off)"),
+}
+"""Allowed range of each `AdamParams` field (low, high, as written in errors). Every value must
+also be a finite float: NaN, inf and 1e999 are refused. The upper bounds are far past any useful
+setting (Tinker's defaults are lr 1e-4, weight decay 0) and exclude the values that overflow
+float32 weights in one step (lr 1e308, weight_decay 1e300)."""
+
+
 @dataclass(frozen=True)
 class AdamParams:
-    """AdamW step settings (Tinker's defaults). `grad_clip_norm=0` means no clipping."""
+    """AdamW step settings (Tinker's defaults). `grad_clip_norm=0` means no clipping.
+
+    Each field must be a finite number in its `ADAM_RANGES` range; anything else is a ValueError
+    naming the field, the value and the range.
+    """
 
     learning_rate: float = 1e-4
     beta1: float = 0.9
@@ -175,16 +226,20 @@ class AdamParams:
     grad_clip_norm: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.learning_rate >= 0:
-            raise ValueError(f"AdamParams.learning_rate must be >= 0, got {self.learning_rate}")
-        for name in ("beta1", "beta2"):
+        for name, (low, high, allowed) in ADAM_RANGES.items():
             value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"AdamParams.{name} must be in [0, 1), got {value}")
-        if not self.eps > 0:
-            raise ValueError(f"AdamParams.eps must be > 0, got {self.eps}")
-        if self.weight_decay < 0 or self.grad_clip_norm < 0:
-            raise ValueError("AdamParams.weight_decay and grad_clip_norm must be >= 0")
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"AdamParams.{name} must be a number in {allowed}, got {value!r}")
+            number = float(value)
+            ok = math.isfinite(number) and low <= number <= high
+            if name in ("beta1", "beta2"):
+                ok = ok and number < high
+            elif name == "eps":
+                ok = ok and number > low
+            if not ok:
+                raise ValueError(
+                    f"AdamParams.{name} must be a finite number in {allowed}, got {value!r}"
+                )
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -128,3 +129,128 @@ def test_non_finite_gradient_skips_the_step_and_keeps_weights() -> None:
     for k, v in engine.model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert grads(engine) == {}
+
+
+def _optimizer_tensors(engine) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    state = engine.optimizer.state_dict()["state"]
+    return [v.clone() for st in state.values() for v in st.values()]
+
+
+def test_a_step_that_would_make_weights_non_finite_is_refused_and_restores_everything() -> None:
+    """Finite, in-range AdamParams can still overflow float32 weights (a weight near 3e38 times
+    (1 - lr * weight_decay) = -99). The step is refused; weights, Adam moments, step counters,
+    gradients and the version are bitwise what they were."""
+    engine = tiny_engine()
+    datums = random_datums(2)
+    engine.forward_backward(datums, "cispo", CISPO)
+    engine.optim_step(AdamParams(learning_rate=1e-3))  # Adam state exists from here on
+    engine.forward_backward(datums, "cispo", CISPO)
+    p = next(p for p in engine.model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        p.view(-1)[0] = 3e38  # after the backward: the gradient stays finite
+    weights = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    moments, grads_before = _optimizer_tensors(engine), grads(engine)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        engine.optim_step(AdamParams(learning_rate=10.0, weight_decay=10.0, grad_clip_norm=1e-3))
+    for k, v in engine.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    after = _optimizer_tensors(engine)
+    assert len(after) == len(moments) > 0
+    assert all(torch.equal(a, b) for a, b in zip(after, moments, strict=True))
+    assert grads(engine).keys() == grads_before.keys()
+    assert all(torch.equal(grads(engine)[k], g) for k, g in grads_before.items())
+    assert groups == [
+        {k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups
+    ]
+    assert engine.version == 1
+    out = engine.optim_step(AdamParams(learning_rate=1e-3))  # a sane step still works
+    assert engine.version == 2 and math.isfinite(out["optim/grad_norm"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("learning_rate", math.inf),
+        ("learning_rate", math.nan),
+        ("learning_rate", 1e308),
+        ("learning_rate", -1e-3),
+        ("weight_decay", math.nan),
+        ("weight_decay", 1e300),
+        ("eps", math.inf),
+        ("eps", 0.0),
+        ("beta1", 1.0),
+        ("beta2", math.nan),
+        ("grad_clip_norm", math.nan),
+        ("grad_clip_norm", math.inf),
+        ("learning_rate", "1e-3"),
+    ],
+)
+def test_adam_params_refuse_non_finite_and_absurd_values_naming_the_range(
+    field: str, value: object
+) -> None:
+    with pytest.raises(ValueError, match=rf"AdamParams\.{field} must be .*got"):
+        AdamParams(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": math.nan}, "temperature"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"temperature": 1e-30}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": math.nan}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"seed": 2**70}, "seed"),
+        ({"seed": -(2**64)}, "seed"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_sampling_params_refuse_non_finite_and_out_of_range_values(
+    kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+def _with_nan_advantages(datum):  # type: ignore[no-untyped-def]
+    inputs = dict(datum.loss_fn_inputs)
+    adv = inputs["advantages"].data
+    inputs["advantages"] = [math.nan] * len(adv)
+    return dataclasses.replace(datum, loss_fn_inputs=inputs)
+
+
+@pytest.mark.parametrize("pending_gradient", [False, True])
+def test_a_failing_forward_backward_leaves_gradients_rng_and_weights_exactly_as_before(
+    pending_gradient: bool,
+) -> None:
+    """70 datums, micro-batch 64, NaN advantages only in the last datum with nonfinite="raise":
+    the first micro-batch's gradient must not stay accumulated. The next optim_step then gives
+    bitwise the weights of an engine that never saw the failed call."""
+    datums = random_datums(70, seed=2)
+    bad = [*datums[:-1], _with_nan_advantages(datums[-1])]
+    raising = {**CISPO, "nonfinite": "raise"}
+    engine, reference = tiny_engine(micro_batch_size=64), tiny_engine(micro_batch_size=64)
+    for e in (engine, reference):
+        e.model.train()
+        e.forward_backward(datums[:3], "cispo", CISPO)
+        e.optim_step(AdamParams(learning_rate=1e-2))
+        if pending_gradient:
+            e.forward_backward(datums[3:9], "cispo", CISPO)
+    before, rng = grads(engine), torch.get_rng_state()
+    with pytest.raises(ValueError, match="non-finite"):
+        engine.forward_backward(bad, "cispo", raising)
+    after = grads(engine)
+    assert after.keys() == before.keys() and bool(after) == pending_gradient
+    assert all(torch.equal(after[k], g) for k, g in before.items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert engine.model.training
+    reference.forward_backward(datums[9:12], "cispo", CISPO)
+    engine.forward_backward(datums[9:12], "cispo", CISPO)
+    for e in (engine, reference):
+        e.optim_step(AdamParams(learning_rate=1e-2))
+    want = reference.model.state_dict()
+    for k, v in engine.model.state_dict().items():
+        assert torch.equal(v, want[k]), k

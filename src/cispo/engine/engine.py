@@ -203,6 +203,77 @@ def merge_metrics(parts: Sequence[tuple[float, Mapping[str, float]]]) -> dict[st
     return merged
 
 
+class NonFiniteStep(FloatingPointError, ValueError):
+    """An optimizer step refused because it would produce non-finite values (a user error: the
+    server reports it with category "user")."""
+
+
+@dataclass
+class _OptimizerSnapshot:
+    """Copies of everything `optimizer.step()` (and gradient clipping) mutates."""
+
+    params: list[Tensor]
+    grads: list[Tensor | None]
+    state: dict[Tensor, dict[str, Any]]
+    groups: list[dict[str, Any]]
+
+    @classmethod
+    def take(cls, optimizer: torch.optim.Optimizer) -> _OptimizerSnapshot:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return cls(
+            params=[p.detach().clone() for p in params],
+            grads=[None if p.grad is None else p.grad.clone() for p in params],
+            state={
+                p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in st.items()}
+                for p, st in optimizer.state.items()
+            },
+            groups=[{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+        )
+
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        with torch.no_grad():
+            for p, value, grad in zip(params, self.params, self.grads, strict=True):
+                p.copy_(value)
+                p.grad = grad
+        optimizer.state.clear()
+        optimizer.state.update(self.state)
+        for group, saved in zip(optimizer.param_groups, self.groups, strict=True):
+            group.update(saved)
+
+
+def _rng_state(params: Sequence[Tensor]) -> tuple[Tensor, dict[int, Tensor]]:
+    """The global CPU RNG state and the CUDA RNG state of every device `params` live on (dropout
+    draws from them during a training forward)."""
+    devices = {p.device.index or 0 for p in params if p.device.type == "cuda"}
+    return torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices}
+
+
+def _set_rng_state(state: tuple[Tensor, dict[int, Tensor]]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for device, value in cuda.items():
+        torch.cuda.set_rng_state(value, device)
+
+
+def _first_non_finite(optimizer: torch.optim.Optimizer) -> str | None:
+    """'parameter i' / 'Adam state <key> of parameter i' of the first non-finite value, or None."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, p in enumerate(params):
+        if not bool(torch.isfinite(_local(p)).all()):
+            return f"parameter {i} (shape {list(p.shape)})"
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, Tensor) and not bool(torch.isfinite(_local(value)).all()):
+                return f"Adam state {key!r} of parameter {i}"
+    return None
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (no collective); a plain tensor unchanged."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
 class Engine:
     """Model + optimizer + sampler snapshot. Not thread-safe: the client serialises calls."""
 
@@ -255,7 +326,55 @@ class Engine:
 
         `num_tokens` / `num_sequences` override the normalisers of token_mean / seq_mean reductions
         when one optimizer step spans several calls (default: the counts of this call).
+
+        All or nothing: if any micro-batch fails (a bad datum, `nonfinite="raise"`, out of memory),
+        the gradients, the global torch RNG and the train/eval mode are exactly what they were
+        before the call. Gradients already accumulated are moved aside (no copy) while this call
+        computes its own, and added back when every micro-batch has succeeded; on failure the
+        call's partial gradients are dropped and the saved ones put back.
         """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        pending = [p.grad for p in params]
+        rng = _rng_state(params)
+        was_training = self.model.training
+        for p in params:
+            p.grad = None
+        try:
+            out = self._forward_backward(
+                datums,
+                loss_fn,
+                loss_fn_config,
+                forward_only=forward_only,
+                temperature=temperature,
+                num_tokens=num_tokens,
+                num_sequences=num_sequences,
+            )
+        except BaseException:
+            for p, grad in zip(params, pending, strict=True):
+                p.grad = grad
+            _set_rng_state(rng)
+            self.model.train(was_training)
+            raise
+        with torch.no_grad():
+            for p, grad in zip(params, pending, strict=True):
+                if grad is not None:
+                    if p.grad is None:
+                        p.grad = grad
+                    else:
+                        p.grad.add_(grad)
+        return out
+
+    def _forward_backward(
+        self,
+        datums: Sequence[Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None,
+        *,
+        forward_only: bool,
+        temperature: float,
+        num_tokens: float | None,
+        num_sequences: float | None,
+    ) -> ForwardBackwardOutput:
         if not datums:
             raise ValueError("forward_backward needs at least one datum")
         if temperature <= 0:
@@ -363,7 +482,16 @@ class Engine:
             )
 
     def optim_step(self, adam: AdamParams) -> dict[str, float]:
-        """Apply the accumulated gradients with AdamW, then zero them."""
+        """Apply the accumulated gradients with AdamW, then zero them.
+
+        Refused (NonFiniteStep) when the gradient norm is not finite (gradients are then cleared:
+        they would poison every later step) or when the step would leave a non-finite weight or
+        Adam moment: weights, optimizer state and gradients are then restored bitwise. Method: the
+        parameters, gradients and optimizer state are copied before the step, checked after it,
+        and copied back on failure (one memcpy of the trainable state per step; cheaper than
+        computing the AdamW update twice, and exact because it restores the same bits instead of
+        predicting torch's arithmetic).
+        """
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in params if p.grad is not None]
         norm = (
@@ -375,10 +503,11 @@ class Engine:
             norm = distributed.full_value(norm)
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(
+            raise NonFiniteStep(
                 f"non-finite gradient norm ({float(norm)}); "
                 "the step was skipped and gradients cleared"
             )
+        saved = _OptimizerSnapshot.take(self.optimizer)
         if adam.grad_clip_norm > 0 and self._sharded is not None:
             torch.nn.utils.clip_grads_with_norm_(params, adam.grad_clip_norm, norm)
         elif adam.grad_clip_norm > 0:
@@ -391,6 +520,16 @@ class Engine:
                 weight_decay=adam.weight_decay,
             )
         self.optimizer.step()
+        bad = _first_non_finite(self.optimizer)
+        if self._sharded is not None:  # every rank checks its shards; all refuse if any must
+            bad = next((b for b in distributed.gather_objects(bad) if b is not None), None)
+        if bad is not None:
+            saved.restore(self.optimizer)
+            raise NonFiniteStep(
+                f"this optim_step would make {bad} non-finite (learning_rate="
+                f"{adam.learning_rate}, weight_decay={adam.weight_decay}, eps={adam.eps}); "
+                "refused: weights, optimizer state and gradients are unchanged"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
         return {"optim/grad_norm": float(norm), "optim/lr": adam.learning_rate}

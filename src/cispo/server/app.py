@@ -40,7 +40,7 @@ from cispo.server.runtime import (
     _SampleJob,
 )
 from cispo.server.store import EXTERNAL, SCHEME, age_recipients, check_ttl
-from cispo.server.wire import WireError, decode_forward_backward
+from cispo.server.wire import ForwardBackwardCall, WireError, decode_forward_backward
 from cispo.types import AdamParams, SamplingParams
 
 PROTO = "application/x-protobuf"
@@ -159,6 +159,19 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def _too_large(_: Request, error: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=413)
 
+    def decompress(body: bytes, zstd: bool) -> bytes:
+        if not zstd:
+            return body
+        import zstandard
+
+        try:
+            return zstandard.ZstdDecompressor().decompress(body, max_output_size=limit)
+        except zstandard.ZstdError as error:
+            raise WireError(f"bad zstd body: {error}") from error
+
+    def decode_request(raw: bytes) -> ForwardBackwardCall:
+        return decode_forward_backward(raw, max_tensor_values=config.max_tensor_values)
+
     async def body_of(request: Request, cls: type[M]) -> M:
         return _parse(cls, await _body(request, limit))
 
@@ -269,7 +282,10 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise
 
         def work() -> Result:
-            backend.create_model(record)
+            try:
+                backend.create_model(record)
+            finally:  # a build that fails must not keep model_seq_id reserved
+                backend._reserved.discard(model_id)
             return {"model_id": model_id, "type": "create_model"}
 
         return future(on_control(work), model_id)
@@ -284,21 +300,18 @@ def create_app(config: ServerConfig) -> FastAPI:
         if PROTO not in request.headers.get("content-type", ""):
             raise UserError(f"forward_backward takes a protobuf body (Content-Type: {PROTO})")
         body = await _body(request, limit)
-        if request.headers.get("content-encoding", "") == "zstd":
-            import zstandard
-
-            try:
-                body = zstandard.ZstdDecompressor().decompress(body, max_output_size=limit)
-            except zstandard.ZstdError as error:
-                raise WireError(f"bad zstd body: {error}") from error
+        zstd = request.headers.get("content-encoding", "") == "zstd"
+        # Decompression, decoding and validation are CPU-bound (up to the body limit): off the
+        # event loop, so one large or hostile request does not stall every other client.
+        raw = await asyncio.to_thread(decompress, body, zstd)
         try:
-            call = decode_forward_backward(body)
+            call = await asyncio.to_thread(decode_request, raw)
         except WireError as error:
             # Well-formed but refused content (an image chunk, a bad tensor): still consume the
             # seq_id if the message names a live model.
             header = pb.ForwardBackwardRequest()
             try:
-                header.ParseFromString(body)
+                header.ParseFromString(raw)
             except DecodeError:
                 raise error from None
             served = backend.models.get(header.model_id)
@@ -307,7 +320,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise
         served = backend.model(call.model_id)
         with consumes_seq_id(served, call.seq_id):
-            backend.check_forward_backward(served, call)
+            await asyncio.to_thread(backend.check_forward_backward, served, call)
         rid = ordered(served, call.seq_id, lambda: backend.run_forward_backward(served, call))
         return future(rid, served.model_id)
 

@@ -107,6 +107,10 @@ class ModelSequencer:
     """Runs one model's requests in seq_id order on one worker thread."""
 
     name: str
+    window: int = 1024
+    """seq_ids at or beyond `next_seq_id + window` are refused: they would wait (and hold memory)
+    for predecessors that may never come. The SDK's lead is the chunk count of one
+    forward_backward."""
     next_seq_id: int = 1
     _pending: dict[int, tuple[str, Callable[[], Result]]] = field(default_factory=dict)
     _by_seq_id: dict[int, str] = field(default_factory=dict)
@@ -125,6 +129,12 @@ class ModelSequencer:
             raise UserError(
                 f"seq_id {seq_id} was already executed for model {self.name} "
                 f"(next expected: {self.next_seq_id})"
+            )
+        if seq_id >= self.next_seq_id + self.window:
+            raise UserError(
+                f"seq_id {seq_id} is too far ahead for model {self.name}: expected a seq_id in "
+                f"[{self.next_seq_id}, {self.next_seq_id + self.window - 1}] "
+                f"(next expected: {self.next_seq_id}, window {self.window})"
             )
         request_id = table.create()
         self._by_seq_id[seq_id] = request_id

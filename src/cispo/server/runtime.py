@@ -38,6 +38,7 @@ from cispo.ops.topk_logprobs import model_topk_logprobs
 from cispo.server.futures import FutureTable, ModelSequencer, Result, UserError
 from cispo.server.store import EXTERNAL, RunRecord, Store, encrypt_tree
 from cispo.server.wire import (
+    MAX_TENSOR_VALUES,
     ForwardBackwardCall,
     TopK,
     encode_forward_backward,
@@ -52,6 +53,7 @@ from cispo.types import (
     SampledSequence,
     SamplingParams,
     TensorData,
+    check_seed,
 )
 
 logger = logging.getLogger(__name__)
@@ -109,6 +111,10 @@ class ServerConfig:
     """Train every parameter even when the client asks for LoRA."""
     max_request_bytes: int = 64 << 20
     """Largest accepted request body in bytes (64 MiB); larger requests get 413."""
+    max_tensor_values: int = MAX_TENSOR_VALUES
+    """Most values one `loss_fn_inputs` tensor may declare (checked before it is allocated)."""
+    max_seq_ids_ahead: int = 1024
+    """A model accepts seq_ids in [next, next + max_seq_ids_ahead); further ones get 400."""
     poll_timeout: float = 30.0
     """Seconds one retrieve_future long poll waits before answering try_again."""
     ttl_sweep_seconds: float = 60.0
@@ -125,6 +131,10 @@ class ServerConfig:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
         if not 0 < self.poll_timeout < float("inf"):
             raise ValueError(f"poll_timeout must be a finite number > 0, got {self.poll_timeout}")
+        if self.max_seq_ids_ahead < 1:
+            raise ValueError(f"max_seq_ids_ahead must be >= 1, got {self.max_seq_ids_ahead}")
+        if self.max_tensor_values < 1:
+            raise ValueError(f"max_tensor_values must be >= 1, got {self.max_tensor_values}")
 
 
 @dataclass
@@ -356,6 +366,11 @@ class Backend:
             m for flag, mods in LORA_TARGETS.items() if (lora or {}).get(flag, True) for m in mods
         ]
         seed = lora.get("seed") if lora else None
+        if seed is not None:
+            try:
+                check_seed("lora_config.seed", seed)
+            except ValueError as error:  # torch.manual_seed would fail later, on the worker
+                raise UserError(str(error)) from error
         return RunRecord(
             training_run_id=model_id,
             base_model=base_model,
@@ -398,7 +413,7 @@ class Backend:
             record=record,
             engine=engine,
             tokenizer=tokenizer,
-            sequencer=ModelSequencer(model_id),
+            sequencer=ModelSequencer(model_id, window=self.config.max_seq_ids_ahead),
         )
         self.store.add_run(record)
         self.models[model_id] = served
@@ -610,7 +625,7 @@ class Backend:
             None,
             snapshot,
             served.tokenizer,
-            served.record.seed + 7919 * sampling_session_seq_id,
+            (served.record.seed + 7919 * sampling_session_seq_id) % 2**64,
         )
         return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 

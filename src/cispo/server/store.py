@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from cispo.checkpoint import is_complete
+from cispo.checkpoint import is_complete, recover
 from cispo.engine.engine import load_engine_state, save_engine_state
 from cispo.server.futures import UserError
 
@@ -138,6 +138,9 @@ class Store:
         for path in sorted(self.runs_dir.glob("*/run.json")):
             record = RunRecord(**json.loads(path.read_text()))
             self.runs[record.training_run_id] = record
+        for kind in KINDS:  # finish or undo saves a killed server left half done
+            for directory in sorted(self.runs_dir.glob(f"*/{kind}")):
+                recover(directory)
 
     @staticmethod
     def _dir_name(run_id: str) -> str:

@@ -6,8 +6,10 @@ byte, the server needs that SDK pinned anyway (`cispo[serve]`), and one copy can
 the other.
 
 Tensors on the wire: dense little-endian bytes with a dtype and shape, or sparse CSR (values + int64
-row/column indices), which is densified here. Token chunks are int32 bytes. Only encoded-text chunks
-are accepted; image and audio chunks are refused with a message.
+row/column indices), which is densified here after its declared shape, row pointers and
+column indices are checked (a declared size must equal the datum's token count and stay under a
+configured maximum before anything is allocated). Token chunks are int32 bytes. Only
+encoded-text chunks are accepted; image and audio chunks are refused with a message.
 """
 
 from __future__ import annotations
@@ -44,33 +46,88 @@ class ForwardBackwardCall:
     forward_only: bool
 
 
-def _tensor(name: str, msg: pb.Tensor) -> TensorData:
+_SOFT_TARGET_KEYS = frozenset({"target_tokens", "weights"})
+
+
+def _tensor(name: str, msg: pb.Tensor, where: str, length: int, max_values: int) -> TensorData:
+    """One `loss_fn_inputs` tensor of a datum with `length` tokens, as `TensorData`.
+
+    The declared shape is checked (non-negative, at most `max_values` values, exactly `length`
+    values) before anything is allocated: a sparse tensor is densified into `prod(shape)` values,
+    so a few bytes declaring [1, 10**8] would otherwise allocate gigabytes.
+    """
+    field = f"{where}: loss_fn_inputs[{name!r}]"
     np_dtype = _NUMPY_DTYPE.get(msg.dtype)
     if np_dtype is None:
-        raise WireError(f"loss_fn_inputs[{name!r}]: unsupported dtype {msg.dtype}")
+        raise WireError(f"{field}: unsupported dtype {msg.dtype}; allowed: float32, int64, int32")
     dtype = "int64" if np_dtype.kind == "i" else "float32"
     shape = [int(s) for s in msg.shape]
+    if any(s < 0 for s in shape):
+        raise WireError(f"{field}: shape {shape} has a negative dimension")
+    declared = math.prod(shape) if shape else None
+    if declared is not None and declared > max_values:
+        raise WireError(
+            f"{field}: shape {shape} declares {declared} values; the limit is {max_values}"
+        )
+    # One value per token, or one row of K per token for the soft targets of cross_entropy
+    # (`target_tokens` and `weights` of shape [T, K], as the cookbook's off-policy distillation).
+    soft = name in _SOFT_TARGET_KEYS and len(shape) == 2 and shape[0] == length
+    expected = length * shape[1] if soft else length
+    sparse = msg.HasField("sparse_csr")
+    if sparse and declared != expected:
+        raise WireError(
+            f"{field}: sparse shape {shape} declares {declared} values; this datum has {length} "
+            f"tokens, so it must hold exactly {expected} (one per model_input token, or [T, K])"
+        )
     try:
-        if msg.HasField("sparse_csr"):
-            csr = msg.sparse_csr
-            values = np.frombuffer(csr.values, dtype=np_dtype)
-            crow = np.frombuffer(csr.crow_indices, dtype="<i8")
-            col = np.frombuffer(csr.col_indices, dtype="<i8")
-            if len(shape) != 2 or len(crow) != shape[0] + 1 or len(col) != len(values):
-                raise WireError(f"loss_fn_inputs[{name!r}]: inconsistent sparse CSR tensor")
-            dense = np.zeros(shape, dtype=np_dtype)
-            for row in range(shape[0]):
-                lo, hi = int(crow[row]), int(crow[row + 1])
-                dense[row, col[lo:hi]] = values[lo:hi]
-            flat = dense.reshape(-1)
+        if sparse:
+            flat = _densify(field, msg.sparse_csr, shape, np_dtype)
         else:
             flat = np.frombuffer(msg.dense, dtype=np_dtype)
-    except ValueError as error:  # bytes not a multiple of the item size, bad indices
-        raise WireError(f"loss_fn_inputs[{name!r}]: {error}") from error
-    if shape and math.prod(shape) != flat.size:
-        raise WireError(f"loss_fn_inputs[{name!r}]: shape {shape} but {flat.size} values")
+    except ValueError as error:  # bytes not a multiple of the item size
+        raise WireError(f"{field}: {error}") from error
+    if declared is not None and declared != flat.size:
+        raise WireError(f"{field}: shape {shape} but {flat.size} values")
+    if flat.size != expected:
+        raise WireError(
+            f"{field}: {flat.size} values, expected {expected} (one per model_input token"
+            + (f", {shape[1]} each)" if soft else ")")
+        )
     data = flat.astype(np.int64 if dtype == "int64" else np.float32).tolist()
     return TensorData(data=data, dtype=dtype, shape=shape or [flat.size])  # type: ignore[arg-type]
+
+
+def _densify(
+    field: str, csr: pb.SparseCsr, shape: list[int], np_dtype: np.dtype[Any]
+) -> np.ndarray:
+    """A CSR tensor (values, row pointers, column indices) as the flat dense array.
+
+    `shape` has already been checked against the datum length, so the allocation is bounded.
+    Row pointers must start at 0, never decrease and end at the number of values; column indices
+    must lie in [0, shape[1]).
+    """
+    if len(shape) != 2:
+        raise WireError(f"{field}: a sparse CSR tensor must be 2-D, got shape {shape}")
+    values = np.frombuffer(csr.values, dtype=np_dtype)
+    crow = np.frombuffer(csr.crow_indices, dtype="<i8")
+    col = np.frombuffer(csr.col_indices, dtype="<i8")
+    rows, cols = shape
+    if len(crow) != rows + 1:
+        raise WireError(f"{field}: {len(crow)} row pointers for {rows} rows (need {rows + 1})")
+    if len(col) != len(values):
+        raise WireError(f"{field}: {len(col)} column indices for {len(values)} values")
+    if crow[0] != 0 or crow[-1] != len(values) or bool(np.any(np.diff(crow) < 0)):
+        raise WireError(
+            f"{field}: row pointers must start at 0, never decrease and end at the number of "
+            f"values ({len(values)}), got {crow[:8].tolist()}{'...' if len(crow) > 8 else ''}"
+        )
+    if len(col) and (int(col.min()) < 0 or int(col.max()) >= cols):
+        low, high = int(col.min()), int(col.max())
+        raise WireError(f"{field}: column indices must be in [0, {cols}), got {low}..{high}")
+    dense = np.zeros(rows * cols, dtype=np_dtype)
+    row_of = np.repeat(np.arange(rows, dtype=np.int64), np.diff(crow))
+    dense[row_of * cols + col] = values
+    return dense
 
 
 def _tokens(raw: bytes, where: str) -> list[int]:
@@ -79,8 +136,19 @@ def _tokens(raw: bytes, where: str) -> list[int]:
     return cast(list[int], np.frombuffer(raw, dtype="<i4").tolist())
 
 
-def decode_forward_backward(body: bytes) -> ForwardBackwardCall:
-    """Parse a `ForwardBackwardRequest`; raises WireError on anything malformed."""
+MAX_TENSOR_VALUES = 1 << 24
+"""Default cap on the values one `loss_fn_inputs` tensor may declare (16M: a 64 MiB float32)."""
+
+
+def decode_forward_backward(
+    body: bytes, *, max_tensor_values: int = MAX_TENSOR_VALUES
+) -> ForwardBackwardCall:
+    """Parse a `ForwardBackwardRequest`; raises WireError on anything malformed.
+
+    CPU-bound (protobuf parse, token and tensor conversion): the server runs it off the event
+    loop. Memory is bounded by the body size: every declared tensor size is checked against its
+    datum's token count and `max_tensor_values` before anything is allocated.
+    """
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(body)
@@ -96,7 +164,10 @@ def decode_forward_backward(body: bytes) -> ForwardBackwardCall:
             if kind != "encoded_text":
                 raise WireError(f"datum {i}: only encoded_text chunks are supported, got {kind}")
             tokens.extend(_tokens(chunk.encoded_text.tokens, f"datum {i}"))
-        inputs = {name: _tensor(name, t) for name, t in datum.loss_fn_inputs.items()}
+        inputs = {
+            name: _tensor(name, t, f"datum {i}", len(tokens), max_tensor_values)
+            for name, t in datum.loss_fn_inputs.items()
+        }
         datums.append(Datum(model_input=ModelInput.from_ints(tokens), loss_fn_inputs=inputs))
     # The SDK writes floats to both maps and strings only to v2; v2 wins where both are set.
     config: dict[str, float | str] = {k: float(v) for k, v in msg.loss_fn_config.items()}
