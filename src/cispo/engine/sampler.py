@@ -28,6 +28,7 @@ CUDA graphs, and per-row RNG streams (a row's sample depends on the whole batch 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Literal, Protocol, cast, runtime_checkable
 
@@ -366,11 +367,30 @@ def _forward(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
         use_cache=cache is not None,
         logits_to_keep=logits_to_keep,
+        **{_cache_keyword(model): cache},
     )
     return cast(Tensor, out.logits)
+
+
+_CACHE_KEYWORD: dict[type, str] = {}
+
+
+def _cache_keyword_of(cls: type[torch.nn.Module]) -> str:
+    if cls not in _CACHE_KEYWORD:
+        takes = inspect.signature(cls.forward).parameters
+        _CACHE_KEYWORD[cls] = "cache" if "cache" in takes else "past_key_values"
+    return _CACHE_KEYWORD[cls]
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """`cache` where the model's forward takes it (transformers >= 5.2x deprecates
+    `past_key_values` with a warning per call), else `past_key_values`. A PEFT wrapper forwards
+    keywords to its base model, so the base model's signature decides."""
+    get_base = getattr(model, "get_base_model", None)
+    base: torch.nn.Module = get_base() if callable(get_base) else model
+    return _cache_keyword_of(type(base))
 
 
 def _forward_last(
