@@ -41,6 +41,7 @@ from cispo.client.service import SamplingClient
 from cispo.config import TrainConfig
 from cispo.engine.engine import freeze_heap
 from cispo.engine.sampler import HFSampler, Sampler
+from cispo.engine.weight_sync import WeightSyncError  # one class for every weight-sync path
 from cispo.models import load_bundle
 from cispo.rollout.rollouts import Rollout, collect_rollout
 from cispo.tasks import make_task
@@ -51,10 +52,6 @@ _POLL_S = 0.5  # how often a waiting side re-checks for stop requests and dead p
 
 class WorkerError(RuntimeError):
     """The sampler worker failed or vanished."""
-
-
-class WeightSyncError(RuntimeError):
-    """The weight-sync canary fired: the sampler's weights are not the trainer's."""
 
 
 @dataclass(frozen=True)
