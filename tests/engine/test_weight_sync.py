@@ -109,7 +109,7 @@ def test_a_stale_version_raises_and_leaves_the_sampler_alone(tmp_path: Path) -> 
     _step(engine, 1)
     receiver.load(_publish(engine, tmp_path / "b"))
     held = sampler.fingerprint()
-    with pytest.raises(WeightSyncError, match="stale weights: version 1 .* version 2"):
+    with pytest.raises(WeightSyncError, match=r"stale weights: version 1 .* version 2"):
         receiver.load(old)
     assert sampler.fingerprint() == held and sampler.version == 2
 
@@ -131,7 +131,7 @@ def test_a_probe_that_disagrees_fires_the_logprob_canary(tmp_path: Path) -> None
     probe = _probe(engine)
     wrong = Probe(probe.sequences, [[x + 1e-3 for x in row] for row in probe.logprobs])
     path = publish_weights(tmp_path, 1, engine.model.state_dict(), probe=wrong)
-    with pytest.raises(WeightSyncError, match="probe logprobs differ .* by 0.001"):
+    with pytest.raises(WeightSyncError, match=r"probe logprobs differ .* by 0\.001"):
         WeightReceiver(sampler, threshold=1e-4).load(path)
 
 
