@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from cispo.cli import load_recipe
+from cispo.export import export_checkpoint
 from cispo.train.loop import train
 from tests.distributed.common import ROOT, max_diff, torchrun
 from tests.train.helpers import TINY_RUN, metrics, run_config
@@ -124,3 +125,15 @@ def test_a_resumed_two_rank_run_ends_bitwise_where_the_uninterrupted_one_did(
     resumed = _final_weights(runs["out"] / "resumed.pt")
     assert all(torch.equal(final[k], resumed[k]) for k in final)
     assert len(metrics(runs["run"])) == 4  # the resume dropped and rewrote step 3's line
+
+
+def test_cispo_export_of_the_two_rank_run_gives_its_final_weights(
+    runs: dict[str, Any], tmp_path: Path
+) -> None:
+    """The line `cispo train` ends with works for a sharded run: the export's weights are the
+    final DCP checkpoint's, and its load-back check passed."""
+    result = export_checkpoint(runs["run"], tmp_path / "export")
+    exported = load_file(str(result.model_dir / "model.safetensors"))
+    final = _final_weights(runs["out"] / "final.pt")
+    assert exported and all(torch.equal(exported[k], final[k]) for k in exported)
+    assert result.max_logprob_diff <= 1e-4

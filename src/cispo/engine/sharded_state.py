@@ -13,6 +13,7 @@ engine's version beside `trainer_state`. Loading re-shards onto any world size
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,9 @@ def save_sharded_named_state(
         discard_checkpoint(root / name)
     distributed.barrier()
     path = save_sharded_engine_state(engine, root / name, trainer_state)
-    if distributed.current_rank() == 0:
-        step = trainer_state.get("step", 0)
-        point_latest(root, name, int(step), keep_last=keep_last, durable=durable)
+    if distributed.current_rank() == 0:  # as save_named_state: only `step_N` names prune
+        match = re.fullmatch(r"step_(\d+)", name)
+        step = int(trainer_state.get("step", match.group(1) if match else 0))
+        point_latest(root, name, step, keep_last=keep_last if match else None, durable=durable)
     distributed.barrier()
     return path
