@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cispo.cli import load_recipe
+from cispo.cli import load_recipe, main
 from cispo.export import export_checkpoint
 from cispo.train.loop import train
 from tests.distributed.common import ROOT, max_diff, torchrun
@@ -137,3 +137,17 @@ def test_cispo_export_of_the_two_rank_run_gives_its_final_weights(
     final = _final_weights(runs["out"] / "final.pt")
     assert exported and all(torch.equal(exported[k], final[k]) for k in exported)
     assert result.max_logprob_diff <= 1e-4
+
+
+def test_nproc_below_one_and_nproc_under_torchrun_are_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`cispo train --nproc N` (N > 1 starts torchrun on the same command line: docs) refuses
+    N < 1, and N > 1 inside a torchrun job, before creating anything."""
+    run_dir = tmp_path / "run"
+    assert main(["train", RECIPE, "--nproc", "0", f"--run.dir={run_dir}"]) == 2
+    assert "--nproc must be >= 1, got 0" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", RECIPE, "--nproc=2", f"--run.dir={run_dir}"]) == 2
+    assert "under torchrun (WORLD_SIZE=2)" in capsys.readouterr().err
+    assert not run_dir.exists()
