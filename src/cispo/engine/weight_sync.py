@@ -129,13 +129,16 @@ def publish_weights(
     *,
     probe: Probe | None = None,
     keep_last: int = 2,
+    durable: bool = True,
 ) -> Path:
     """Publish `weights` (full, unsharded tensors by state-dict name) as `version` under `root`.
 
     Every rank calls it under torchrun (rank 0 writes; a barrier at the end). `version` must be
     newer than every version already published there (WeightSyncError otherwise: a trainer that
     went back in time would feed the sampler old weights under a new number). `keep_last` >= 1
-    versions are kept.
+    versions are kept. `durable=False` skips the fsyncs: readers on the same machine still see a
+    whole version or none (the rename), a machine crash may lose it (the async worker's channel,
+    whose versions live only as long as the run).
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -174,14 +177,17 @@ def publish_weights(
         tmp.mkdir()
         safetensors.torch.save_file(tensors, str(tmp / _WEIGHTS), metadata={"format": "pt"})
         (tmp / _MANIFEST).write_text(json.dumps(manifest))
-        for name in (_WEIGHTS, _MANIFEST):
-            _fsync(tmp / name)
-        _fsync(tmp)
+        if durable:
+            for name in (_WEIGHTS, _MANIFEST):
+                _fsync(tmp / name)
+            _fsync(tmp)
         os.rename(tmp, final)
-        _fsync(root)
+        if durable:
+            _fsync(root)
         pointer = root / f".tmp-{_LATEST}"
         pointer.write_text(final.name + "\n")
-        _fsync(pointer)
+        if durable:
+            _fsync(pointer)
         os.replace(pointer, root / _LATEST)
         for _, old in _versions(root)[:-keep_last]:
             trash = old.with_name(f".trash-{old.name}")
@@ -234,13 +240,18 @@ class WeightReceiver:
     """The sampler side: loads published versions into `sampler` and runs the canary on each.
 
     `threshold`: the largest probe |sampler − trainer| logprob difference accepted (0 on CPU
-    with the same model code; a vLLM sampler in bf16 needs more)."""
+    with the same model code; a vLLM sampler in bf16 needs more). `check_fingerprint=False`
+    leaves the fingerprint comparison to the caller (the async worker reports its fingerprint to
+    the trainer's `SyncCanary` instead)."""
 
-    def __init__(self, sampler: Sampler, *, threshold: float = 1e-4) -> None:
+    def __init__(
+        self, sampler: Sampler, *, threshold: float = 1e-4, check_fingerprint: bool = True
+    ) -> None:
         if not threshold >= 0:
             raise ValueError(f"threshold must be >= 0, got {threshold}")
         self.sampler = sampler
         self.threshold = threshold
+        self.check_fingerprint = check_fingerprint
         self.loaded: int | None = None
         """The version loaded last (None before the first load)."""
 
@@ -259,7 +270,9 @@ class WeightReceiver:
             raise WeightSyncError(f"version {published.version}: {error}") from error
         self.loaded = published.version
         seconds = time.perf_counter() - t
-        fingerprint = self.sampler.fingerprint()
+        fingerprint = (
+            self.sampler.fingerprint() if self.check_fingerprint else published.fingerprint
+        )
         if fingerprint != published.fingerprint:
             raise WeightSyncError(
                 f"canary: after loading version {published.version} the sampler's weight "
