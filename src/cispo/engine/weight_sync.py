@@ -27,6 +27,11 @@ model code). A failed canary after the load raises too (the sampler then holds t
 
 Under torchrun the caller gathers the full weights first (`cispo.distributed.full_state_dict`,
 a collective on every rank) and every rank calls `publish_weights`; rank 0 writes.
+
+In memory, for a sampler that is a rank of the trainer's process group: `broadcast_weights`
+sends rank 0's weights to every rank (one `torch.distributed.broadcast` per tensor, in the
+manifest's order, after the manifest itself), and `BroadcastReceiver` loads them with the same
+checks (stale, skipped, fingerprint). Every rank calls both, so they raise on every rank alike.
 """
 
 from __future__ import annotations
@@ -41,16 +46,20 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from cispo import distributed
 from cispo.engine.sampler import Sampler, weight_fingerprint
 
 __all__ = [
+    "BroadcastReceiver",
     "Probe",
     "Published",
     "WeightReceiver",
     "WeightSyncError",
+    "broadcast_weights",
     "latest_published",
     "publish_weights",
     "read_published",
@@ -290,3 +299,97 @@ class WeightReceiver:
                 )
             metrics["canary/max_abs_logprob_diff"] = diff
         return metrics
+
+
+def broadcast_weights(
+    weights: Mapping[str, Tensor] | None,
+    version: int,
+    template: Mapping[str, Tensor],
+) -> tuple[int, dict[str, Tensor], float]:
+    """Every rank: (version, rank 0's `weights`, their fingerprint), through torch.distributed.
+
+    Rank 0 passes its full weights and `version` (the others' `weights` and `version` are
+    ignored); every rank passes `template`, tensors by name giving the shapes and dtypes it will
+    receive (its sampler's state dict). Rank 0 broadcasts a manifest first; if any rank's template
+    lacks a name, has another or differs in shape or dtype, every rank raises `WeightSyncError`
+    before a tensor moves. Without a process group: `weights` itself.
+    """
+    rank = distributed.current_rank()
+    manifest: dict[str, Any] | None = None
+    if rank == 0:
+        if weights is None:
+            raise ValueError("broadcast_weights: rank 0 must pass the weights")
+        manifest = {
+            "version": version,
+            "fingerprint": weight_fingerprint(weights),
+            "tensors": {n: (str(t.dtype), tuple(t.shape)) for n, t in weights.items()},
+        }
+    manifest = distributed.broadcast_object(manifest)
+    assert manifest is not None
+    listed: dict[str, tuple[str, tuple[int, ...]]] = manifest["tensors"]
+    missing, extra = (
+        sorted(template.keys() - listed.keys()),
+        sorted(listed.keys() - template.keys()),
+    )
+    wrong = [
+        n
+        for n in listed.keys() & template.keys()
+        if (str(template[n].dtype), tuple(template[n].shape)) != listed[n]
+    ]
+    problem = (
+        f"rank {rank}: version {manifest['version']} lacks {missing[:3]}, has unexpected "
+        f"{extra[:3]}, differs in shape or dtype for {sorted(wrong)[:3]}"
+        if missing or extra or wrong
+        else None
+    )
+    problems = [p for p in distributed.gather_objects(problem) if p is not None]
+    if problems:
+        raise WeightSyncError("broadcast weights do not fit: " + "; ".join(problems))
+    out: dict[str, Tensor] = {}
+    for name, (_, shape) in listed.items():
+        if rank == 0:
+            assert weights is not None
+            buffer = weights[name].detach().to("cpu").contiguous().clone()
+        else:
+            buffer = torch.empty(shape, dtype=template[name].dtype)
+        if distributed.active():
+            dist.broadcast(buffer, src=0)
+        out[name] = buffer
+    return int(manifest["version"]), out, float(manifest["fingerprint"])
+
+
+class BroadcastReceiver:
+    """`WeightReceiver`'s checks for weights that arrive by `broadcast_weights`: every rank calls
+    `receive` at the same point; rank 0 sends, the others load into `sampler` (rank 0 may pass
+    None: it has nothing to load)."""
+
+    def __init__(self, sampler: Sampler | None) -> None:
+        self.sampler = sampler
+        self.loaded: int | None = None
+
+    def receive(
+        self, weights: Mapping[str, Tensor] | None, version: int, template: Mapping[str, Tensor]
+    ) -> dict[str, float]:
+        received, tensors, fingerprint = broadcast_weights(weights, version, template)
+        stale = self.loaded is not None and received <= self.loaded
+        problem = (
+            f"stale weights: version {received} after version {self.loaded}" if stale else None
+        )
+        problems = [p for p in distributed.gather_objects(problem) if p is not None]
+        if problems:
+            raise WeightSyncError(problems[0])
+        self.loaded = received
+        problem = None
+        if self.sampler is not None:
+            self.sampler.load_weights(tensors, received)
+            mine = self.sampler.fingerprint()
+            if mine != fingerprint:
+                problem = (
+                    f"canary: after receiving version {received} the weight fingerprint of rank "
+                    f"{distributed.current_rank()}'s sampler is {mine!r}, the sender's "
+                    f"{fingerprint!r}"
+                )
+        problems = [p for p in distributed.gather_objects(problem) if p is not None]
+        if problems:  # on every rank, so that none waits in a later collective
+            raise WeightSyncError("; ".join(problems))
+        return {"weight_sync/version": float(received)}
