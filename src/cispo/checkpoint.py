@@ -301,7 +301,14 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
 
 
 def is_complete(path: Path) -> bool:
-    return all((path / name).is_file() for name in _FILES)
+    """A whole `save_named_state` directory, or a whole sharded one (`is_sharded`)."""
+    return all((path / name).is_file() for name in _FILES) or is_sharded(path)
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether `path` is a sharded (DCP) checkpoint that `cispo.distributed.checkpoint` wrote:
+    DCP's `.metadata` and its `state.json` (written last, before the rename)."""
+    return (path / ".metadata").is_file() and (path / "state.json").is_file()
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,14 +397,29 @@ def _save(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    point_latest(root, final.name, step, keep_last=keep_last, durable=durable)
+    return final
+
+
+def point_latest(root: Path, name: str, step: int, *, keep_last: int | None, durable: bool) -> None:
+    """After `root/name` (the checkpoint of `step`) is complete: point `root/latest` at it
+    atomically and prune older `step_N` directories to `keep_last` (0 or None keeps all).
+    Sharded checkpoints (`cispo.engine.sharded_state`) use it too, from rank 0."""
+    if keep_last is not None and keep_last < 0:
+        raise ValueError(f"keep_last must be >= 0 (0 or None keeps all), got {keep_last}")
     if durable:
         _fsync_dir(root)
-    _write_text_atomic(root / "latest", final.name + "\n", durable=durable)
+    _write_text_atomic(root / "latest", name + "\n", durable=durable)
     if keep_last:
         older = [path for s, path in _step_dirs(root) if s < step]
         for path in older[: max(0, len(older) - (keep_last - 1))]:
             _discard(path)
-    return final
+
+
+def discard_checkpoint(path: Path) -> None:
+    """Remove a checkpoint directory: renamed away first, so it never looks half-deleted."""
+    if path.exists():
+        _discard(path)
 
 
 def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> Checkpoint:

@@ -28,7 +28,9 @@ import importlib
 import importlib.util
 import io
 import json
+import os
 import pkgutil
+import subprocess
 import sys
 import types
 from collections.abc import Callable, Sequence
@@ -135,6 +137,9 @@ class TrainArgs:
     config: Annotated[TrainConfig, tyro.conf.arg(name=""), tyro.conf.FlagConversionOff]
     resume: tyro.conf.FlagCreatePairsOff[bool] = False
     """Continue from the latest checkpoint in run.dir (weights, optimizer, data position)."""
+    nproc: int = 1
+    """Processes on this machine: N > 1 starts `torchrun --standalone --nproc-per-node N` on
+    this same command line (data parallel, docs/distributed.md); under torchrun already, 1."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,6 +230,24 @@ def train_command(argv: list[str]) -> int:
         description=_describe(name),
         bool_flags=True,  # --resume; the config's own booleans take values (FlagConversionOff)
     )
+    if args.nproc < 1:
+        print(f"cispo train: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
+        return 2
+    if args.nproc > 1:
+        if os.environ.get("WORLD_SIZE") is not None:
+            print(
+                f"cispo train: --nproc={args.nproc} under torchrun (WORLD_SIZE="
+                f"{os.environ['WORLD_SIZE']}): give the process count to torchrun only",
+                file=sys.stderr,
+            )
+            return 2
+        rest = [a for a in argv if not (a == "--nproc" or a.startswith("--nproc="))]
+        if "--nproc" in argv:  # "--nproc N": drop the value too
+            i = argv.index("--nproc")
+            rest = argv[:i] + argv[i + 2 :]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += ["--nproc-per-node", str(args.nproc), "-m", "cispo", "train", *rest]
+        return subprocess.run(command, check=False).returncode
     from cispo.tasks.base import TaskDataError
     from cispo.train.loop import train
 

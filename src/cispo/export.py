@@ -43,7 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cispo.checkpoint import is_complete, latest_named_state, load_checkpoint
+from cispo.checkpoint import is_complete, is_sharded, latest_named_state, load_checkpoint
+from cispo.distributed.checkpoint import read_sharded_model_state
 from cispo.models import apply_lora, load_bundle
 
 _LORA_KEY = re.compile(r"^(?P<prefix>.*)\.(?P<module>[^.]+)\.lora_A\.(?P<adapter>[^.]+)\.weight$")
@@ -268,10 +269,13 @@ def find_checkpoint(path: str | Path) -> Path:
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, verify: bool = True) -> Export:
     """Export a `cispo.checkpoint` directory, or the newest checkpoint of a run directory."""
     directory = find_checkpoint(checkpoint)
-    loaded = load_checkpoint(directory)
-    state = loaded.trainer_state
+    if is_sharded(directory):  # a run trained under torchrun (docs/distributed.md)
+        model_state, state = read_sharded_model_state(directory)
+    else:
+        loaded = load_checkpoint(directory)
+        model_state, state = loaded.model_state, loaded.trainer_state
     return export_state(
-        loaded.model_state,
+        model_state,
         str(state.get("base_model", "tiny")),
         out,
         model_overrides=state.get("model_overrides") or {},

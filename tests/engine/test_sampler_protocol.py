@@ -18,8 +18,10 @@ import torch
 from cispo.datums import rl_datum
 from cispo.engine.engine import Engine
 from cispo.engine.sampler import HFSampler, Sampler, weight_fingerprint
+from cispo.engine.vllm_sampler import VLLMSampler
 from cispo.models import ModelBundle
 from cispo.types import AdamParams, SampledSequence, SamplingParams
+from tests.engine.fake_vllm import FakeLLM, FakeSamplingParams
 from tests.train.helpers import random_datums, tiny_bundle
 
 
@@ -32,7 +34,21 @@ def _hf(bundle: ModelBundle) -> Sampler:
     )
 
 
-IMPLEMENTATIONS: dict[str, Callable[[ModelBundle], Sampler]] = {"hf": _hf}
+def _vllm_fake(bundle: ModelBundle) -> Sampler:
+    """`VLLMSampler` over the fake vLLM engine of tests/engine/fake_vllm.py (real vLLM: the
+    `gpu` tests of tests/engine/test_vllm_sampler.py)."""
+    model = copy.deepcopy(bundle.model)
+    return VLLMSampler(
+        FakeLLM(model, eos_token_id=bundle.tokenizer.eos_token_id),
+        weight_names=model.state_dict().keys(),
+        sampling_params_cls=FakeSamplingParams,
+    )
+
+
+IMPLEMENTATIONS: dict[str, Callable[[ModelBundle], Sampler]] = {
+    "hf": _hf,
+    "vllm-fake": _vllm_fake,
+}
 
 PROMPTS = [[1, 20, 21], [1, 22], [1, 23, 24, 25, 26]]  # mixed lengths: padding is exercised
 

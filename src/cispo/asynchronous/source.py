@@ -76,9 +76,7 @@ class WorkerSource:
         self.config = config
         self.probe = probe_batch(task, training.get_tokenizer(), config)
         self.canary = SyncCanary(run.canary_threshold)
-        self.worker = SamplerWorker(
-            config, start=start, probe_tokens=self.probe, weights=training.get_weights()
-        )
+        self.worker = SamplerWorker(config, start=start, probe_tokens=self.probe)
         self.worker.start()
 
     def describe(self) -> str:

@@ -1,17 +1,21 @@
 """The sampler worker: a separate process with its own copy of the weights, producing batches.
 
-The trainer publishes weights into shared-memory buffers (`WeightChannel`) with a version (trainer
-rounds done); the worker loads the newest into its `Sampler` (`load_weights`) before each batch,
-scores a fixed probe batch, reports that with the sampler's weight fingerprint (`SyncReport`), and
-samples the batch with `cispo.rollout.rollouts.collect_rollout` (same data stream and sampling
-seeds as the in-process source). `cispo.asynchronous.staleness.StalenessGate` paces it. Messages
-go back on one queue, in order: a batch's `SyncReport` always precedes it. The trainer's side is
+The trainer publishes weights as `cispo.engine.weight_sync` version directories (safetensors +
+manifest, renamed into place) with a version (trainer rounds done); the worker loads the newest
+into its `Sampler` through a `WeightReceiver` (stale versions and skipped tensors refused) before
+each batch, scores a fixed probe batch, reports that with the sampler's weight fingerprint
+(`SyncReport`), and samples the batch with `cispo.rollout.rollouts.collect_rollout` (same data
+stream and sampling seeds as the in-process source). `cispo.asynchronous.staleness.StalenessGate`
+paces it through `WeightChannel`'s shared counters. Messages go back on one queue, in order: a
+batch's `SyncReport` always precedes it. The trainer's side is
 `cispo.asynchronous.source.WorkerSource`.
 
-Why shared memory and not a queue for weights: one in-place copy per sync on each side, no
-pickling, and the worker reads the newest weights only when it starts a batch (a version it never
-read costs nothing). A `torch.multiprocessing` "spawn" context: forking after torch has started
-threads is unsafe.
+Why directories and not shared-memory buffers (as before) or a queue: one format for every
+sampler (another process here, vLLM, a sampler on another node reading a shared file system), a
+version is whole or absent (the rename), and the worker reads only the newest version when it
+starts a batch. The cost is one file write and read per sync, unsynced (the directory is private
+to the run and removed with the worker). A `torch.multiprocessing` "spawn" context: forking after
+torch has started threads is unsafe.
 Shutdown: the worker ignores SIGINT (Ctrl-C reaches the whole process group; the trainer owns
 shutdown), stops when asked or when its parent dies, and `SamplerWorker.close` joins it, then
 terminates and kills it if it does not exit.
@@ -24,12 +28,15 @@ from __future__ import annotations
 import math
 import pickle
 import queue
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +48,12 @@ from cispo.client.service import SamplingClient
 from cispo.config import TrainConfig
 from cispo.engine.engine import freeze_heap
 from cispo.engine.sampler import HFSampler, Sampler
+from cispo.engine.weight_sync import (  # one WeightSyncError for every weight-sync path
+    WeightReceiver,
+    WeightSyncError,
+    publish_weights,
+    version_dir,
+)
 from cispo.models import load_bundle
 from cispo.rollout.rollouts import Rollout, collect_rollout
 from cispo.tasks import make_task
@@ -51,10 +64,6 @@ _POLL_S = 0.5  # how often a waiting side re-checks for stop requests and dead p
 
 class WorkerError(RuntimeError):
     """The sampler worker failed or vanished."""
-
-
-class WeightSyncError(RuntimeError):
-    """The weight-sync canary fired: the sampler's weights are not the trainer's."""
 
 
 @dataclass(frozen=True)
@@ -72,27 +81,30 @@ class WorkerFailure:
     traceback: str
 
 
-def _shared_copy(tensor: Tensor) -> Tensor:
-    copy = tensor.detach().clone()
-    copy.share_memory_()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
-    return copy
-
-
 class WeightChannel:
-    """Shared-memory weights + published version + consumed count, under one condition variable."""
+    """Published version + consumed count under one condition variable (the pacing), and the
+    weights themselves as `cispo.engine.weight_sync` version directories under `root`.
 
-    def __init__(self, weights: Mapping[str, Tensor], *, consumed: int = 0) -> None:
-        self._buffers = {k: _shared_copy(v) for k, v in weights.items()}
+    `publish` writes version k's directory (not fsynced: it lives only as long as the run) and
+    then sets the version, both under the lock; `load_into` reads the published version's
+    directory under the lock too, so no publish replaces or prunes it mid-read (two versions are
+    kept). The reader's `WeightReceiver` refuses a stale version or a skipped tensor
+    (`WeightSyncError`) before loading; the fingerprint and probe checks stay on the trainer's
+    side (`SyncCanary`, from the worker's `SyncReport`), as before.
+    """
+
+    def __init__(self, root: Path, *, consumed: int = 0) -> None:
+        self.root = Path(root)
         self._cond = SPAWN.Condition()
         self._published = SPAWN.RawValue("q", NO_WEIGHTS)
         self._consumed = SPAWN.RawValue("q", consumed)
         self._stopped = SPAWN.RawValue("b", 0)
+        self._receiver: WeightReceiver | None = None  # the worker's, made on its first load
 
     # ---------------------------------------------------------------- trainer side
     def publish(self, weights: Mapping[str, Tensor], version: int) -> None:
-        with self._cond, torch.no_grad():
-            for name, buffer in self._buffers.items():
-                buffer.copy_(weights[name])
+        with self._cond:
+            publish_weights(self.root, version, weights, keep_last=2, durable=False)
             self._published.value = version
             self._cond.notify_all()
 
@@ -127,12 +139,20 @@ class WeightChannel:
             return int(self._published.value)
 
     def load_into(self, sampler: Sampler) -> int:
-        """`sampler.load_weights` of the newest published weights (under the lock, so that no
-        publish overwrites them mid-copy); returns their version."""
+        """Load the newest published version into `sampler` through a `WeightReceiver` (under
+        the lock, so that no publish replaces it mid-read); returns its version."""
         with self._cond:
             version = int(self._published.value)
-            sampler.load_weights(self._buffers, version)
+            if self._receiver is None or self._receiver.sampler is not sampler:
+                # The fingerprint goes to the trainer's SyncCanary in the SyncReport instead.
+                self._receiver = WeightReceiver(sampler, check_fingerprint=False)
+            self._receiver.load(version_dir(self.root, version))
             return version
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_receiver"] = None  # the trainer's side never has one; the worker makes its own
+        return state
 
 
 def max_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
@@ -209,9 +229,10 @@ class SamplerWorker:
         *,
         start: int,
         probe_tokens: list[list[int]],
-        weights: Mapping[str, Tensor],
     ) -> None:
-        self.channel = WeightChannel(weights, consumed=start)
+        # Version directories in a private temporary directory, removed by `close`.
+        self.weights_root = Path(tempfile.mkdtemp(prefix="cispo-weights-"))
+        self.channel = WeightChannel(self.weights_root, consumed=start)
         self.messages: Any = SPAWN.Queue()
         self.timeout_s = config.asynchronous.worker_timeout_s
         self.process = SPAWN.Process(
@@ -279,6 +300,7 @@ class SamplerWorker:
         self._drain()
         self.messages.close()
         self.messages.cancel_join_thread()
+        shutil.rmtree(self.weights_root, ignore_errors=True)
 
     def _drain(self) -> None:
         try:

@@ -33,10 +33,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cispo.checkpoint import load_checkpoint
+from cispo.checkpoint import is_sharded, load_checkpoint
 from cispo.client.futures import APIFuture, OrderedWorker, completed
 from cispo.engine.engine import Engine, EngineConfig, load_engine_state, save_engine_state
 from cispo.engine.sampler import HFSampler, Sampler
+from cispo.engine.sharded_state import load_sharded_engine_state, save_sharded_named_state
 from cispo.models import ModelBundle, load_bundle
 from cispo.types import (
     AdamParams,
@@ -246,6 +247,16 @@ class TrainingClient:
                 "model_overrides": self.bundle.overrides,
                 **dict(metadata or {}),
             }
+            if self.engine.sharded:  # every rank calls; a DCP directory (docs/distributed.md)
+                path = save_sharded_named_state(
+                    self.engine,
+                    self.checkpoint_dir,
+                    name,
+                    trainer_state,
+                    keep_last=keep_last,
+                    durable=durable,
+                )
+                return SaveWeightsResponse(path=str(path))
             path = save_engine_state(
                 self.checkpoint_dir,
                 name,
@@ -262,6 +273,9 @@ class TrainingClient:
         """Restore weights (and optimizer) from `save_state`; returns the saved metadata."""
 
         def run() -> dict[str, Any]:
+            if is_sharded(Path(path)):  # any world size, with or without a process group
+                loaded = load_sharded_engine_state(self.engine, Path(path), optimizer=optimizer)
+                return dict(loaded.trainer_state)
             state, trainer_state = load_engine_state(Path(path))
             if optimizer and state["optimizer"] is None:
                 raise ValueError(

@@ -10,11 +10,13 @@ Sits below `cispo.engine`, which shards its model when a process group is active
 (docs/distributed.md).
 """
 
-from cispo.distributed.fsdp import TokenLogprobs, decoder_layers, shard_model
+from cispo.distributed.fsdp import TokenLogprobs, decoder_layers, full_state_dict, shard_model
 from cispo.distributed.group import (
     ProcessGroupInfo,
     active,
     all_reduce_totals,
+    barrier,
+    broadcast_object,
     current_rank,
     current_world_size,
     full_value,
@@ -29,9 +31,12 @@ __all__ = [
     "TokenLogprobs",
     "active",
     "all_reduce_totals",
+    "barrier",
+    "broadcast_object",
     "current_rank",
     "current_world_size",
     "decoder_layers",
+    "full_state_dict",
     "full_value",
     "gather_objects",
     "init_from_env",

@@ -29,6 +29,7 @@ import json
 import os
 import random
 import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,13 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from cispo.distributed.group import active, current_rank, current_world_size
 
-__all__ = ["LoadedShardedState", "export_hf", "load_sharded", "save_sharded"]
+__all__ = [
+    "LoadedShardedState",
+    "export_hf",
+    "load_sharded",
+    "read_sharded_model_state",
+    "save_sharded",
+]
 
 _STATE_FILE = "state.json"
 
@@ -244,3 +251,22 @@ def export_hf(path: Path, model: nn.Module) -> Path | None:
     config.save_pretrained(str(path))
     _barrier()
     return path
+
+
+def read_sharded_model_state(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(model state dict, trainer_state) of a `save_sharded` directory, in this process, without
+    a model or a process group (DCP's `dcp_to_torch_save` through a temporary file). For tools
+    (`cispo export`) that need the plain weights of a run trained under torchrun."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = Path(path)
+    state_file = path / _STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a sharded checkpoint (no {_STATE_FILE})")
+    payload = json.loads(state_file.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "state.pt"
+        dcp_to_torch_save(str(path), str(target))
+        data = torch.load(target, weights_only=False)
+    model = {k: v for k, v in data["model"].items() if isinstance(v, Tensor)}
+    return model, dict(payload["trainer_state"])

@@ -21,13 +21,20 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from cispo.distributed.group import active, current_world_size
 from cispo.ops import model_token_logprobs
 
-__all__ = ["TokenLogprobs", "check_same_weights", "decoder_layers", "shard_model"]
+__all__ = [
+    "TokenLogprobs",
+    "check_same_weights",
+    "decoder_layers",
+    "full_state_dict",
+    "shard_model",
+]
 
 
 class TokenLogprobs(nn.Module):
@@ -131,3 +138,18 @@ def shard_model(model: nn.Module, *, bf16: bool = False) -> TokenLogprobs:
     root = TokenLogprobs(model)
     fully_shard(root, mesh=mesh, mp_policy=policy)
     return root
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The unsharded weights of a sharded `model` on every rank, by state-dict name, on the CPU.
+
+    A collective: every rank calls it (each parameter is all-gathered in turn, so the peak is one
+    full copy per rank plus one parameter). Names are those of the model before `shard_model`, so
+    the result loads into an unsharded copy of it. Without a process group: the model's own
+    tensors, detached.
+    """
+    if not active():
+        return {k: v.detach() for k, v in model.state_dict().items()}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    state = get_model_state_dict(model, options=options)
+    return {k: v.detach().to("cpu") for k, v in state.items() if isinstance(v, Tensor)}

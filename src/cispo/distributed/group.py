@@ -27,6 +27,8 @@ __all__ = [
     "ProcessGroupInfo",
     "active",
     "all_reduce_totals",
+    "barrier",
+    "broadcast_object",
     "current_rank",
     "current_world_size",
     "full_value",
@@ -163,6 +165,23 @@ def gather_objects(value: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+def broadcast_object(value: T) -> T:
+    """Rank 0's `value` (picklable) on every rank; `value` itself without a process group.
+
+    Every rank calls it; what the other ranks pass is ignored (None is fine)."""
+    if not active():
+        return value
+    box: list[Any] = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]  # type: ignore[no-any-return]
+
+
+def barrier() -> None:
+    """Wait for every rank; nothing without a process group."""
+    if active():
+        dist.barrier()
 
 
 def full_value(tensor: Tensor) -> Tensor:

@@ -293,11 +293,15 @@ class Engine:
         # Under a process group the model is sharded in place with FSDP2 and scored through this
         # root module (docs/distributed.md); without one, None and nothing changes.
         self._sharded: distributed.TokenLogprobs | None = None
+        # Sharded: an unsharded copy of the model for the sampler, refreshed from the gathered
+        # full weights at each version (`sampler`).
+        self._sampler_template: nn.Module | None = None
         if distributed.active():
             if self.config.shared_prefix:
                 raise ValueError(
                     "EngineConfig.shared_prefix=True is not supported under a process group yet"
                 )
+            self._sampler_template = copy.deepcopy(model)
             self._sharded = distributed.shard_model(model, bf16=self.config.bf16)
         elif self.config.bf16:
             raise ValueError("EngineConfig.bf16=True needs a process group on CUDA (torchrun)")
@@ -477,8 +481,8 @@ class Engine:
         if self._sharded is not None:
             raise NotImplementedError(
                 f"Engine.{what} on a sharded (FSDP2) engine: use cispo.engine.sharded_state "
-                "(save_sharded_engine_state / load_sharded_engine_state / export_hf); sampling "
-                "under torchrun is not built yet (docs/distributed.md)"
+                "(save_sharded_engine_state / load_sharded_engine_state / export_hf) "
+                "(docs/distributed.md)"
             )
 
     def optim_step(self, adam: AdamParams) -> dict[str, float]:
@@ -539,10 +543,31 @@ class Engine:
         """A frozen copy of the current weights for sampling, refreshed when the version changes."""
         return self.sampler().model
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded over a process group (FSDP2)."""
+        return self._sharded is not None
+
     def sampler(self) -> HFSampler:
         """An `HFSampler` on a frozen copy of the current weights (one per version), drawing
-        unseeded samples from the engine's checkpointed generator."""
-        self._refuse_when_sharded("sampler")
+        unseeded samples from the engine's checkpointed generator.
+
+        Sharded: a collective when the version changed (every rank calls it at the same points):
+        the full weights are gathered on every rank and loaded into one unsharded copy of the
+        model per rank, so each rank's sampler holds the whole current policy."""
+        if self._sampler_template is not None:
+            if self._sampler is None or self._sampler.version != self.version:
+                full = distributed.full_state_dict(self.model)
+                if self._sampler is None:
+                    self._sampler = HFSampler(
+                        self._sampler_template,
+                        eos_token_id=self.eos_token_id,
+                        pad_token_id=self.pad_token_id,
+                        tokenizer=self.tokenizer,
+                        generator=self.sample_generator,
+                    )
+                self._sampler.load_weights(full, self.version)
+            return self._sampler
         if self._sampler is None or self._sampler.version != self.version:
             self._sampler = HFSampler(
                 copy.deepcopy(self.model),

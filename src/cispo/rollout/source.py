@@ -6,7 +6,10 @@ source that the trainer's weights are now version `step + 1`. Versions count rou
 trainer version `step` has lag `step − v`, at most the source's `max_staleness`.
 
 - `InProcessSource` (here): batch `step` is sampled through the training client's own sampling
-  client with the current weights, so every batch has lag 0. This is the synchronous loop.
+  client with the current weights, so every batch has lag 0. This is the synchronous loop. Under
+  torchrun every rank gathers the current weights (a collective), rank 0 alone samples and scores
+  the whole batch and broadcasts it, and each rank then trains its share (`cispo.train.update`):
+  the batches are those of one process at any world size (docs/distributed.md says why).
 - `cispo.asynchronous.source.WorkerSource`: batches come from a sampler worker process that runs
   ahead of the trainer, lag ≤ `asynchronous.max_staleness`.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from cispo import distributed
 from cispo.client.service import TrainingClient
 from cispo.config import TrainConfig
 from cispo.rollout.rollouts import Rollout, collect_rollout
@@ -60,10 +64,14 @@ class InProcessSource:
         return "rollouts: sampled in process with the current weights (lag 0)"
 
     def next(self, step: int) -> Rollout:
-        sampler = self.training.save_weights_and_get_sampling_client()
-        rollout = collect_rollout(sampler, self.task, step, self.config)
-        rollout.version = step  # the current weights are the policy after `step` rounds
-        return rollout
+        sampler = self.training.save_weights_and_get_sampling_client()  # every rank: collective
+        rollout = None
+        if distributed.current_rank() == 0:
+            rollout = collect_rollout(sampler, self.task, step, self.config)
+            rollout.version = step  # the current weights are the policy after `step` rounds
+        shared = distributed.broadcast_object(rollout)
+        assert shared is not None  # rank 0 always has one
+        return shared
 
     def after_step(self, version: int) -> dict[str, float]:
         return {}  # the next batch reads the weights straight from the training client

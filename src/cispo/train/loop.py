@@ -13,6 +13,13 @@ up to `asynchronous.max_staleness` rounds ahead (docs/async.md). Everything else
 start, evaluation, logging, checkpoints, the staleness check and lag statistics, the summary) is
 the same code for both: synchronous training is lag 0 of this loop.
 
+Under `torchrun` (docs/distributed.md) every rank runs this loop on the same config: the engine
+shards the model, rank 0 samples, scores and broadcasts each batch (`InProcessSource`), every rank
+trains its share of it (`train_on_rollout`), evaluation runs on rank 0's full copy of the weights,
+checkpoints are sharded (DCP) directories that every rank writes, and rank 0 alone prints and
+writes config.json, the logs, samples and plots. Every collective is issued by every rank in the
+same order; nothing in a rank-0-only branch issues one.
+
 Deliberately left out: multi-turn environments and a value function (GAE).
 """
 
@@ -27,6 +34,7 @@ from typing import Any
 
 import torch
 
+from cispo import distributed
 from cispo.asynchronous.source import WorkerSource
 from cispo.asynchronous.staleness import LagStats, StalenessGate
 from cispo.checkpoint import latest_named_state
@@ -62,6 +70,39 @@ class RunSummary:
     """Time the sampler worker was paused by the staleness gate (in process: 0)."""
 
 
+class OtherRankLogger:
+    """The logger of ranks other than 0 under torchrun: writes nothing (rank 0 logs the merged
+    metrics, which are the same on every rank)."""
+
+    def resume(self, step: int) -> None:
+        pass
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        pass
+
+    def log_samples(self, step: int, rows: Any) -> None:
+        pass
+
+    def plot(self) -> Path | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def rank0_evaluate(
+    training: TrainingClient, task: Task, test: list[Problem], config: TrainConfig
+) -> dict[str, float]:
+    """Held-out evaluation on the current weights. Under torchrun every rank gathers the weights
+    (a collective), rank 0 evaluates on its full copy (no collective) and broadcasts the
+    metrics."""
+    sampler = training.save_weights_and_get_sampling_client()
+    result = evaluate(sampler, task, test, config) if distributed.current_rank() == 0 else None
+    shared = distributed.broadcast_object(result)
+    assert shared is not None
+    return shared
+
+
 @dataclass
 class OpenRun:
     """What a loop needs once a run is set up (or resumed): the task, the clients, the logger and
@@ -70,7 +111,7 @@ class OpenRun:
     run_dir: Path
     task: Task
     training: TrainingClient
-    logger: RunLogger
+    logger: RunLogger | OtherRankLogger
     start: int
     state: dict[str, Any]
     test: list[Problem]
@@ -85,8 +126,7 @@ class OpenRun:
             self.training.save_state(
                 "step_000000", metadata={"step": 0, "warm_started": True}
             ).result()
-        sampler = self.training.save_weights_and_get_sampling_client()
-        first = evaluate(sampler, self.task, self.test, config)
+        first = rank0_evaluate(self.training, self.task, self.test, config)
         if not self.state:  # a fresh run; a resumed one logged step 0 already
             self.logger.log(0, first)
         echo(f"held-out greedy accuracy before RL: {first['eval/accuracy']:.1%}")
@@ -100,8 +140,7 @@ class OpenRun:
         Returns the evaluation's metrics if one ran."""
         evaluation = None
         if done % config.eval.every == 0 or done == config.rl.steps:
-            sampler = self.training.save_weights_and_get_sampling_client()
-            evaluation = evaluate(sampler, self.task, self.test, config)
+            evaluation = rank0_evaluate(self.training, self.task, self.test, config)
             metrics |= evaluation
             self.logger.log_samples(done, sample_rows(rollout, config.rl.group_size))
         self.logger.log(done, metrics)
@@ -119,13 +158,24 @@ class OpenRun:
 def open_run(config: TrainConfig, *, resume: bool, echo: Callable[[str], None]) -> OpenRun:
     """Threads and seeds, the task, a training client on the model, the logger; on `resume`, the
     latest checkpoint's weights, optimizer and step (refused, before anything changes, if the
-    config changes the run's trajectory: `check_resume_config`), else a fresh `config.json`."""
+    config changes the run's trajectory: `check_resume_config`), else a fresh `config.json`.
+    Under torchrun every rank builds the same model (same seed) and its engine shards it; rank 0
+    alone writes the run's files."""
+    info = distributed.init_from_env()
+    if info.world_size > 1 and config.asynchronous.enabled:
+        raise ValueError(
+            "asynchronous.enabled=True is not supported under torchrun (world size "
+            f"{info.world_size}) yet: run the asynchronous loop in one process "
+            "(docs/distributed.md)"
+        )
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     torch.manual_seed(config.run.seed)
     task = make_task(config.task.name, **config.task.kwargs())  # a bad task file leaves no run
     run_dir = Path(config.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    writes = info.rank == 0  # on several nodes run.dir must be on a shared file system
+    if writes:
+        run_dir.mkdir(parents=True, exist_ok=True)
     service = ServiceClient(checkpoint_root=run_dir / "checkpoints", seed=config.run.seed)
     training = service.create_lora_training_client(
         config.model.base_model,
@@ -143,8 +193,12 @@ def open_run(config: TrainConfig, *, resume: bool, echo: Callable[[str], None]) 
         except ValueError:
             training.close()
             raise
-    logger = RunLogger(
-        run_dir, tensorboard=config.run.tensorboard, wandb_project=config.run.wandb_project
+    logger: RunLogger | OtherRankLogger = (
+        RunLogger(
+            run_dir, tensorboard=config.run.tensorboard, wandb_project=config.run.wandb_project
+        )
+        if writes
+        else OtherRankLogger()
     )
     start, state = 0, {}
     if latest is not None:
@@ -152,7 +206,7 @@ def open_run(config: TrainConfig, *, resume: bool, echo: Callable[[str], None]) 
         start = int(state["step"])
         logger.resume(start)
         echo(f"resumed from {latest} at step {start}")
-    if latest is None or not saved.exists():
+    if writes and (latest is None or not saved.exists()):
         saved.write_text(json.dumps(data, indent=2, sort_keys=True))
     test = task.problems("test", seed=config.run.seed, n=config.eval.num_problems)
     freeze_heap()
@@ -217,6 +271,8 @@ def train(
             "with the sampler anchor the ratio already contains exp(old − sampler)"
         )
     started = time.perf_counter()
+    if distributed.init_from_env().rank != 0:
+        echo = _silent  # rank 0 prints
     opened = open_run(config, resume=resume, echo=echo)
     training, rl = opened.training, config.rl
     echo(describe_plan(config, training))
@@ -236,6 +292,7 @@ def train(
             rl.steps,
             initial=opened.start,
             desc=f"{name} (lag ≤ {source.max_staleness})" if source.max_staleness else name,
+            disable=distributed.current_rank() != 0,
         )
         for step in range(opened.start, rl.steps):
             t = time.perf_counter()
@@ -293,6 +350,10 @@ def train(
         f"{export_hint(opened.run_dir)}"
     )
     return summary
+
+
+def _silent(line: str) -> None:
+    """The `echo` of ranks other than 0."""
 
 
 def describe_plan(config: TrainConfig, training: TrainingClient) -> str:

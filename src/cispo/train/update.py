@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from cispo import distributed
 from cispo.client import AdamParams, TrainingClient
 from cispo.config import TrainConfig
 from cispo.rollout.rollouts import Rollout, minibatch_size, output_logprobs, with_old_logprobs
@@ -19,13 +20,21 @@ def train_on_rollout(
     `lag`: trainer version − the version that sampled the batch (0: on-policy). A stale batch gets
     old logprobs recomputed at the current weights when `recomputes_old_logprobs` says so; the
     loss is `loss_fn_config(config)`, the configured loss plus any train-vs-sampler correction.
+
+    Under torchrun every rank holds the whole batch and passes its contiguous share of each
+    minibatch (`cispo.distributed.rank_share`); the engine sums the normalisers over the ranks,
+    so the update is that of one process, and its metrics are merged (the same on every rank).
     """
     rl, datums = config.rl, list(rollout.datums)
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
     if datums and recomputes_old_logprobs(config, lag):
-        old = training.forward(datums, "cross_entropy", temperature=config.sampling.temperature)
-        datums = with_old_logprobs(datums, output_logprobs(old.result().loss_fn_outputs))
+        old = training.forward(
+            distributed.rank_share(datums), "cross_entropy", temperature=config.sampling.temperature
+        )
+        mine = output_logprobs(old.result().loss_fn_outputs)
+        everyone = [lp for share in distributed.gather_objects(mine) for lp in share]
+        datums = with_old_logprobs(datums, everyone)
     if datums:
         adam = adam_params(config, rollout.step)
         loss_config = loss_fn_config(config)
@@ -33,7 +42,7 @@ def train_on_rollout(
         for epoch in range(rl.epochs):
             for start in range(0, len(datums), per):
                 fwd = training.forward_backward(
-                    datums[start : start + per],
+                    distributed.rank_share(datums[start : start + per]),
                     config.loss.name,
                     loss_config,
                     temperature=config.sampling.temperature,

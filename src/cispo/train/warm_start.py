@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from cispo import distributed
 from cispo.client import AdamParams
 from cispo.client.service import TrainingClient
 from cispo.config import TrainConfig
@@ -19,7 +20,7 @@ def supervised_warm_start(training: TrainingClient, task: Task, config: TrainCon
     """`sft.steps` cross_entropy steps on the task's training answers."""
     tok = training.get_tokenizer()
     sft = config.sft
-    progress = Progress(sft.steps, desc="warm start (SFT)")
+    progress = Progress(sft.steps, desc="warm start (SFT)", disable=distributed.current_rank() != 0)
     for step in range(sft.steps):
         warm = min(1.0, (step + 1) / max(1, sft.warmup_steps))
         floor = sft.final_lr_ratio
@@ -37,7 +38,9 @@ def supervised_warm_start(training: TrainingClient, task: Task, config: TrainCon
         datums = [
             sft_datum(encode_prompt(tok, p.prompt), encode_answer(tok, p.answer)) for p in problems
         ]
-        fwd = training.forward_backward(datums, "cross_entropy", {"reduction": "token_mean"})
+        fwd = training.forward_backward(  # under torchrun: this rank's share of the problems
+            distributed.rank_share(datums), "cross_entropy", {"reduction": "token_mean"}
+        )
         training.optim_step(adam).result()
         progress.update({"nll": fwd.result().metrics["loss:sum"]})
     progress.close()
