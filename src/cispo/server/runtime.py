@@ -5,7 +5,7 @@ no second loss or sampler here) with its own `ModelSequencer`, so its requests r
 on its own thread. Sampling goes through a `cispo.engine.sampler.Sampler` (`HFSampler`) on one
 sampling thread,
 which batches every queued request with the same (sampler, num_samples, params) into one
-KV-cached pass.
+KV-cached pass with the in-process client's batching (`cispo.engine.batching`).
 
 Validation happens before anything is queued, so a bad request gets a 4xx and changes nothing:
 a forward_backward's datums and loss go through the engine's own check (`Engine.check`,
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 import shutil
 import threading
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cispo.engine.batching import SampleRequest, run_sample_batches
 from cispo.engine.engine import Engine, EngineConfig
 from cispo.engine.sampler import HFSampler
 from cispo.engine.validation import DatumError, context_length, vocab_size
@@ -175,19 +175,8 @@ class _SampleJob:
     topk_prompt: int = 0
     topk_sample: int = 0
 
-    def group_key(self) -> tuple[Any, ...]:
-        p = self.params
-        stop = json.dumps(p.stop)
-        return (
-            id(self.sampler),
-            self.num_samples,
-            p.max_tokens,
-            p.seed,
-            stop,
-            p.temperature,
-            p.top_k,
-            p.top_p,
-        )
+    def request(self) -> SampleRequest:
+        return SampleRequest(self.sampler.sampler, self.prompt, self.num_samples, self.params)
 
 
 class Backend:
@@ -558,33 +547,25 @@ class Backend:
             self._sampling.submit(self._drain_samples)
 
     def _drain_samples(self) -> None:
+        """Every queued request, batched as the in-process client batches
+        (`cispo.engine.batching.run_sample_batches`); each future resolves on its event loop."""
         with self._sample_lock:
             jobs, self._sample_queue = self._sample_queue, []
-        groups: dict[tuple[Any, ...], list[_SampleJob]] = {}
-        for job in jobs:
-            groups.setdefault(job.group_key(), []).append(job)
-        for group in groups.values():
-            first = group[0]
-            s = first.sampler
-            try:
-                results = s.sampler.sample(
-                    [j.prompt for j in group], first.num_samples, first.params
-                )
-                encoded = [
-                    encode_sample_response(
-                        seqs,
-                        self._prompt_logprobs(j),
-                        topk_prompt=self._topk_prompt(j),
-                        topk_sample=self._topk_sample(j, seqs),
-                    )
-                    for j, seqs in zip(group, results, strict=True)
-                ]
-            except Exception as error:  # every waiter of the group gets the error
-                for j in group:
-                    j.loop.call_soon_threadsafe(self.futures.fail, j.request_id, error)
-                continue
-            for j, payload in zip(group, encoded, strict=True):
-                j.loop.call_soon_threadsafe(self.futures.resolve, j.request_id, payload)
+        run_sample_batches(
+            [(j.request(), j) for j in jobs], self._deliver_sample, self._fail_sample
+        )
+
+    def _deliver_sample(self, job: _SampleJob, sequences: list[SampledSequence]) -> None:
+        payload = encode_sample_response(
+            sequences,
+            self._prompt_logprobs(job),
+            topk_prompt=self._topk_prompt(job),
+            topk_sample=self._topk_sample(job, sequences),
+        )
+        job.loop.call_soon_threadsafe(self.futures.resolve, job.request_id, payload)
+
+    def _fail_sample(self, job: _SampleJob, error: BaseException) -> None:
+        job.loop.call_soon_threadsafe(self.futures.fail, job.request_id, error)
 
     @staticmethod
     def _prompt_logprobs(job: _SampleJob) -> list[float | None] | None:
