@@ -5,6 +5,8 @@
 - `sampler.py`: the `Sampler` protocol (what the client, the async worker and the server sample
   through) and its first implementation, `HFSampler`: the KV-cached HF sampler (`sample`,
   `compute_logprobs`).
+- `batching.py`: `run_sample_batches`, the batching of pending sample requests (one `sample` per
+  group of compatible requests) that the client's `SamplingClient` and the server both use.
 - `validation.py`: `validate_datums` (what `Engine.check` and the server run before a
   forward_backward) and its `DatumError`; soft targets [T, K] as K ordinary datums.
 - `sharded_state.py`: an engine's state as a sharded DCP checkpoint, and the HF export, under
