@@ -26,7 +26,6 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from torch import Tensor
 
 from cispo.checkpoint import is_sharded, load_checkpoint
 from cispo.client.futures import APIFuture, OrderedWorker, completed
+from cispo.engine.batching import SampleRequest, run_sample_batches
 from cispo.engine.engine import Engine, EngineConfig, load_engine_state, save_engine_state
 from cispo.engine.sampler import HFSampler, Sampler
 from cispo.engine.sharded_state import load_sharded_engine_state, save_sharded_named_state
@@ -299,14 +299,6 @@ class TrainingClient:
         self._worker.shutdown()
 
 
-@dataclass
-class _Pending:
-    prompt: list[int]
-    num_samples: int
-    params: SamplingParams
-    future: concurrent.futures.Future[SampleResponse]
-
-
 class SamplingClient:
     """Samples from one fixed set of weights (any `Sampler`), batching deferred requests into one
     pass of the sampler."""
@@ -316,7 +308,7 @@ class SamplingClient:
         self.tokenizer = tokenizer
         self.version = sampler.version
         """The policy version of the weights, stamped on rollouts sampled here."""
-        self._pending: list[_Pending] = []
+        self._pending: list[tuple[SampleRequest, concurrent.futures.Future[SampleResponse]]] = []
         self._lock = threading.Lock()
 
     def result(self, timeout: float | None = None) -> SamplingClient:
@@ -342,8 +334,9 @@ class SamplingClient:
             response = self._sample_now(tokens, num_samples, sampling_params)
             return completed(SampleResponse(response.sequences, prompt_logprobs=prompt_lp))
         future: concurrent.futures.Future[SampleResponse] = concurrent.futures.Future()
+        request = SampleRequest(self.sampler, prompt.to_ints(), num_samples, sampling_params)
         with self._lock:
-            self._pending.append(_Pending(prompt.to_ints(), num_samples, sampling_params, future))
+            self._pending.append((request, future))
         return APIFuture(future, on_wait=self.flush)
 
     def _sample_now(self, tokens: list[int], n: int, params: SamplingParams) -> SampleResponse:
@@ -351,22 +344,16 @@ class SamplingClient:
         return SampleResponse(sequences=sequences)
 
     def flush(self) -> None:
-        """Run every pending request, grouped by (num_samples, params), one batch per group."""
+        """Run every pending request, one batch per (num_samples, params) group
+        (`cispo.engine.batching.run_sample_batches`, the server's batching too); a failing
+        group's error goes to each of its waiters."""
         with self._lock:
             pending, self._pending = self._pending, []
-        groups: dict[tuple[int, str], list[_Pending]] = {}
-        for request in pending:  # SamplingParams may hold a list (stop), so key on its repr
-            groups.setdefault((request.num_samples, repr(request.params)), []).append(request)
-        for (n, _), requests in groups.items():
-            params = requests[0].params
-            try:
-                results = self.sampler.sample([r.prompt for r in requests], n, params)
-            except BaseException as error:  # delivered to every waiter, then re-raised
-                for r in requests:
-                    r.future.set_exception(error)
-                raise
-            for request, sequences in zip(requests, results, strict=True):
-                request.future.set_result(SampleResponse(sequences=sequences))
+        run_sample_batches(
+            pending,
+            lambda future, sequences: future.set_result(SampleResponse(sequences=sequences)),
+            lambda future, error: future.set_exception(error),
+        )
 
     def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
         """Teacher-forced logprob of every token of `prompt` (the first is None)."""

@@ -5,6 +5,10 @@
 - `sampler.py`: the `Sampler` protocol (what the client, the async worker and the server sample
   through) and its first implementation, `HFSampler`: the KV-cached HF sampler (`sample`,
   `compute_logprobs`).
+- `batching.py`: `run_sample_batches`, the batching of pending sample requests (one `sample` per
+  group of compatible requests) that the client's `SamplingClient` and the server both use.
+- `validation.py`: `validate_datums` (what `Engine.check` and the server run before a
+  forward_backward) and its `DatumError`; soft targets [T, K] as K ordinary datums.
 - `sharded_state.py`: an engine's state as a sharded DCP checkpoint, and the HF export, under
   torchrun (`cispo.distributed`; docs/distributed.md).
 
@@ -22,8 +26,10 @@ from cispo.engine.engine import (
     save_engine_state,
 )
 from cispo.engine.sampler import HFSampler, Sampler, compute_logprobs, sample, weight_fingerprint
+from cispo.engine.validation import DatumError, validate_datums
 
 __all__ = [
+    "DatumError",
     "Engine",
     "EngineConfig",
     "HFSampler",
@@ -35,5 +41,6 @@ __all__ = [
     "merge_metrics",
     "sample",
     "save_engine_state",
+    "validate_datums",
     "weight_fingerprint",
 ]

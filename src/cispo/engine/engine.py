@@ -38,7 +38,14 @@ from cispo import distributed
 from cispo.checkpoint import load_checkpoint, save_named_state
 from cispo.engine.packing import micro_batches, token_logprobs
 from cispo.engine.sampler import HFSampler
-from cispo.losses import LossInputs, compute_loss, make_loss_config
+from cispo.engine.validation import (
+    collapse_soft_targets,
+    context_length,
+    expand_soft_targets,
+    validate_datums,
+    vocab_size,
+)
+from cispo.losses import LossConfig, LossInputs, compute_loss
 from cispo.ops import FusedLogprobOutput
 from cispo.types import (
     AdamParams,
@@ -93,22 +100,14 @@ class _Batch:
 
 
 def _collate(datums: Sequence[Datum]) -> _Batch:
-    """Right-pad datums into [B, T] tensors (one tensor build per key, not per datum)."""
+    """Right-pad datums into [B, T] tensors (one tensor build per key, not per datum).
+
+    The datums are valid ones (`cispo.engine.validation.validate_datums`, which
+    `Engine.forward_backward` runs first) with ordinary [T] targets."""
     lengths = [d.model_input.length for d in datums]
     width = max(lengths)
     valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]  # [B, T]
     keys = set(datums[0].loss_fn_inputs)
-    for i, datum in enumerate(datums):
-        if set(datum.loss_fn_inputs) != keys:
-            raise ValueError("all datums in one call must carry the same loss_fn_inputs keys")
-        if "target_tokens" not in keys:
-            raise ValueError(f"datum {i}: loss_fn_inputs needs 'target_tokens'")
-        for key, values in datum.loss_fn_inputs.items():
-            if len(values.data) != lengths[i]:
-                raise ValueError(
-                    f"datum {i}: loss_fn_inputs[{key!r}] has {len(values.data)} entries, "
-                    f"expected {lengths[i]} (one per model_input position)"
-                )
 
     def padded(rows: Sequence[Sequence[float]], dtype: torch.dtype) -> Tensor:
         out = torch.zeros(len(datums), width, dtype=dtype)
@@ -331,12 +330,19 @@ class Engine:
         `num_tokens` / `num_sequences` override the normalisers of token_mean / seq_mean reductions
         when one optimizer step spans several calls (default: the counts of this call).
 
+        The datums and the loss are checked first (`check`: a bad datum raises `DatumError`,
+        naming its index and field), before any state is touched. Soft targets (cross_entropy
+        with target_tokens and weights [T, K]) run as K ordinary datums and their outputs come
+        back [T, K].
+
         All or nothing: if any micro-batch fails (a bad datum, `nonfinite="raise"`, out of memory),
         the gradients, the global torch RNG and the train/eval mode are exactly what they were
         before the call. Gradients already accumulated are moved aside (no copy) while this call
         computes its own, and added back when every micro-batch has succeeded; on failure the
         call's partial gradients are dropped and the saved ones put back.
         """
+        config = self.check(datums, loss_fn, loss_fn_config)
+        expanded, widths = expand_soft_targets(datums)
         params = [p for p in self.model.parameters() if p.requires_grad]
         pending = [p.grad for p in params]
         rng = _rng_state(params)
@@ -345,9 +351,8 @@ class Engine:
             p.grad = None
         try:
             out = self._forward_backward(
-                datums,
-                loss_fn,
-                loss_fn_config,
+                expanded,
+                config,
                 forward_only=forward_only,
                 temperature=temperature,
                 num_tokens=num_tokens,
@@ -366,24 +371,43 @@ class Engine:
                         p.grad = grad
                     else:
                         p.grad.add_(grad)
+        if any(widths):
+            out = ForwardBackwardOutput(
+                loss_fn_output_type=out.loss_fn_output_type,
+                loss_fn_outputs=collapse_soft_targets(out.loss_fn_outputs, widths),
+                metrics=out.metrics,
+            )
         return out
+
+    def check(
+        self,
+        datums: Sequence[Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None = None,
+    ) -> LossConfig:
+        """`validate_datums` against this model's vocabulary and context length: `DatumError`
+        for a bad datum, ValueError/TypeError for a bad loss; returns the loss config. Touches
+        no state (the server calls it before queueing a request)."""
+        return validate_datums(
+            datums,
+            loss_fn,
+            loss_fn_config,
+            vocab_size=vocab_size(self.model),
+            max_context_length=context_length(self.model),
+        )
 
     def _forward_backward(
         self,
         datums: Sequence[Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, Any] | None,
+        config: LossConfig,
         *,
         forward_only: bool,
         temperature: float,
         num_tokens: float | None,
         num_sequences: float | None,
     ) -> ForwardBackwardOutput:
-        if not datums:
-            raise ValueError("forward_backward needs at least one datum")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 for trainer logprobs, got {temperature}")
-        config = make_loss_config(loss_fn, loss_fn_config)
         full = _collate(datums)
         tokens_total = float(full.loss_mask.sum()) if num_tokens is None else num_tokens
         # Sequences with no active token contribute 0 and are not counted (cispo.losses.aggregate).

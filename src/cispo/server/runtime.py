@@ -5,18 +5,17 @@ no second loss or sampler here) with its own `ModelSequencer`, so its requests r
 on its own thread. Sampling goes through a `cispo.engine.sampler.Sampler` (`HFSampler`) on one
 sampling thread,
 which batches every queued request with the same (sampler, num_samples, params) into one
-KV-cached pass.
+KV-cached pass with the in-process client's batching (`cispo.engine.batching`).
 
-Validation happens on the event loop before anything is queued, so a bad request gets a 4xx and
-changes nothing: the loss config is built with `make_loss_config`, every datum's lengths, token ids
-and required `loss_fn_inputs` are checked against the loss and the model.
+Validation happens before anything is queued, so a bad request gets a 4xx and changes nothing:
+a forward_backward's datums and loss go through the engine's own check (`Engine.check`,
+`cispo.engine.validation`), whose `DatumError` is a 400 here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 import shutil
 import threading
@@ -30,9 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from cispo.engine.batching import SampleRequest, run_sample_batches
 from cispo.engine.engine import Engine, EngineConfig
 from cispo.engine.sampler import HFSampler
-from cispo.losses import make_loss_config, required_inputs
+from cispo.engine.validation import DatumError, context_length, vocab_size
 from cispo.models import TINY, apply_lora, load_bundle
 from cispo.ops.topk_logprobs import model_topk_logprobs
 from cispo.server.futures import FutureTable, ModelSequencer, Result, UserError
@@ -48,11 +48,9 @@ from cispo.server.wire import (
 from cispo.tokenizer import build_char_tokenizer
 from cispo.types import (
     AdamParams,
-    Datum,
     ForwardBackwardOutput,
     SampledSequence,
     SamplingParams,
-    TensorData,
     check_seed,
 )
 
@@ -65,16 +63,6 @@ LORA_TARGETS = {
     "train_unembed": ("lm_head",),
 }
 MAX_NUM_SAMPLES = 1024
-# loss_fn_inputs keys the engine reads, and the LossInputs field each feeds.
-_INPUT_KEYS = {
-    "logprobs": "sampler_logprobs",
-    "advantages": "advantages",
-    "weights": "weights",
-    "old_logprobs": "old_logprobs",
-    "ref_logprobs": "ref_logprobs",
-    "mask": "mask",
-}
-
 # Tinker's StableReinforce: documented as an alpha loss whose objective uses per-sequence
 # information recorded at sampling time (`record_stability_info=True`); the objective itself is not
 # published, so there is nothing faithful to implement under that name.
@@ -187,82 +175,8 @@ class _SampleJob:
     topk_prompt: int = 0
     topk_sample: int = 0
 
-    def group_key(self) -> tuple[Any, ...]:
-        p = self.params
-        stop = json.dumps(p.stop)
-        return (
-            id(self.sampler),
-            self.num_samples,
-            p.max_tokens,
-            p.seed,
-            stop,
-            p.temperature,
-            p.top_k,
-            p.top_p,
-        )
-
-
-def _width(targets: TensorData) -> int:
-    """K of soft targets (target_tokens [T, K]); 1 for ordinary [T] targets."""
-    shape = list(targets.shape or [])
-    return int(shape[1]) if len(shape) == 2 else 1
-
-
-def expand_soft_targets(datums: list[Datum]) -> tuple[list[Datum], list[int]]:
-    """Soft-target datums (target_tokens and weights [T, K]) as K ordinary ones, column k each.
-
-    Under cross_entropy's sum reduction, -Σ_t Σ_k w[t,k]·log p(tok[t,k] | prefix_t) is exactly the
-    sum of the K column datums' losses, so the engine needs no second code path (it runs the
-    prefix K times; the cost of keeping one path). Returns the datums and each input datum's K.
-    """
-    out: list[Datum] = []
-    widths: list[int] = []
-    for datum in datums:
-        k = _width(datum.loss_fn_inputs["target_tokens"])
-        widths.append(k if len(datum.loss_fn_inputs["target_tokens"].shape or []) == 2 else 0)
-        if not widths[-1]:
-            out.append(datum)
-            continue
-        tokens = datum.loss_fn_inputs["target_tokens"].data
-        weights = datum.loss_fn_inputs["weights"].data
-        for j in range(k):
-            column = {
-                "target_tokens": TensorData(data=list(tokens[j::k]), dtype="int64"),
-                "weights": TensorData(data=list(weights[j::k]), dtype="float32"),
-            }
-            out.append(Datum(model_input=datum.model_input, loss_fn_inputs=column))
-    return out, widths
-
-
-def collapse_soft_targets(
-    outputs: list[dict[str, TensorData]], widths: list[int]
-) -> list[dict[str, TensorData]]:
-    """Inverse of `expand_soft_targets` on the engine's per-datum outputs: [T, K] per soft datum."""
-    result: list[dict[str, TensorData]] = []
-    at = 0
-    for k in widths:
-        if not k:
-            result.append(outputs[at])
-            at += 1
-            continue
-        columns = outputs[at : at + k]
-        at += k
-        merged = {}
-        for name in columns[0]:
-            stacked = torch.stack([c[name].to_torch() for c in columns], dim=1)  # [T, K]
-            merged[name] = TensorData.from_torch(stacked)
-        result.append(merged)
-    return result
-
-
-def context_length(model: nn.Module) -> int | None:
-    """The model's `max_position_embeddings` (peft wrappers forward `.config`); None if absent."""
-    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return int(value) if value else None
-
-
-def _vocab_size(model: nn.Module) -> int:
-    return int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
+    def request(self) -> SampleRequest:
+        return SampleRequest(self.sampler.sampler, self.prompt, self.num_samples, self.params)
 
 
 class Backend:
@@ -455,103 +369,27 @@ class Backend:
 
     # ------------------------------------------------------------------ training ops
     def check_forward_backward(self, served: ServedModel, call: ForwardBackwardCall) -> None:
-        """Everything that can be wrong with a forward_backward request, before it is queued."""
+        """Everything that can be wrong with a forward_backward request, before it is queued: the
+        engine's own check (`Engine.check`, the one the engine runs again before touching any
+        state), with its `DatumError` and loss-config errors as 400s."""
         if call.loss_fn == "stable_reinforce":
             raise UserError(STABLE_REINFORCE_REFUSED)
         try:
-            config = make_loss_config(call.loss_fn, call.loss_fn_config)
-        except (ValueError, TypeError) as error:
+            served.engine.check(call.datums, call.loss_fn, call.loss_fn_config)
+        except DatumError as error:
+            raise UserError(str(error)) from error
+        except (ValueError, TypeError) as error:  # make_loss_config: the loss name or config
             raise UserError(f"bad loss: {error}") from error
-        if not call.datums:
-            raise UserError("forward_backward needs at least one datum")
-        need = required_inputs(config)
-        need.pop("entropy", None)  # computed by the engine
-        vocab = served.vocab_size
-        limit = served.max_context_length
-        keys0: set[str] | None = None
-        for i, datum in enumerate(call.datums):
-            inputs = datum.loss_fn_inputs
-            n = datum.model_input.length
-            if n == 0:
-                raise UserError(f"datum {i}: model_input is empty")
-            if limit is not None and n > limit:
-                raise UserError(
-                    f"datum {i}: {n} tokens exceed max_context_length={limit} of "
-                    f"{served.record.base_model!r}"
-                )
-            tokens = datum.model_input.to_ints()
-            if "target_tokens" not in inputs:
-                raise UserError(f"datum {i}: loss_fn_inputs needs 'target_tokens'")
-            shape = list(inputs["target_tokens"].shape or [])
-            if len(shape) > 1:
-                self._check_soft_targets(i, call.loss_fn, n, inputs)
-                targets = inputs["target_tokens"].data[:: shape[1]]  # lengths checked above
-                every = list(inputs["target_tokens"].data)
-                if min(every) < 0 or max(every) >= vocab:
-                    raise UserError(f"datum {i}: token ids must be in [0, {vocab})")
-            else:
-                targets = inputs["target_tokens"].data
-            if len(targets) != n:
-                raise UserError(
-                    f"datum {i}: target_tokens has {len(targets)} entries, model_input has {n}"
-                )
-            if min(tokens + list(targets)) < 0 or max(tokens + list(targets)) >= vocab:
-                raise UserError(f"datum {i}: token ids must be in [0, {vocab})")
-            for key in inputs.keys() & _INPUT_KEYS.keys():
-                if len(inputs[key].data) != n * _width(inputs["target_tokens"]):
-                    raise UserError(
-                        f"datum {i}: loss_fn_inputs[{key!r}] has "
-                        f"{len(inputs[key].data)} entries, expected {n}"
-                    )
-            present = {_INPUT_KEYS[k] for k in inputs.keys() & _INPUT_KEYS.keys()}
-            missing = [f"{name} ({why})" for name, why in need.items() if name not in present]
-            if missing:
-                hint = (
-                    " ('sampler_logprobs' is the 'logprobs' key)"
-                    if any(m.startswith("sampler_logprobs") for m in missing)
-                    else ""
-                )
-                raise UserError(
-                    f"datum {i}: loss_fn={call.loss_fn!r} needs loss_fn_inputs {missing}{hint}"
-                )
-            keys = set(inputs.keys() & _INPUT_KEYS.keys())
-            if keys0 is None:
-                keys0 = keys
-            elif keys != keys0:
-                raise UserError("all datums in one call must carry the same loss_fn_inputs keys")
-
-    @staticmethod
-    def _check_soft_targets(i: int, loss_fn: str, n: int, inputs: Mapping[str, Any]) -> None:
-        """Soft targets: target_tokens and weights both [T, K], cross_entropy only."""
-        shape = list(inputs["target_tokens"].shape)
-        extra = sorted(set(inputs) - {"target_tokens", "weights"})
-        weights = inputs.get("weights")
-        if (
-            loss_fn != "cross_entropy"
-            or len(shape) != 2
-            or shape[0] != n
-            or shape[1] < 1
-            or weights is None
-            or list(weights.shape or []) != shape
-            or extra
-        ):
-            raise UserError(
-                f"datum {i}: target_tokens of shape {shape} (soft targets) need loss_fn="
-                f"'cross_entropy', shape [{n}, K] with K >= 1, weights of the same shape, and no "
-                f"other loss_fn_inputs; got loss_fn={loss_fn!r}, weights shape "
-                f"{None if weights is None else weights.shape}, other keys {extra}"
-            )
 
     @staticmethod
     def run_forward_backward(served: ServedModel, call: ForwardBackwardCall) -> bytes:
-        datums, widths = expand_soft_targets(call.datums)
         out = served.engine.forward_backward(
-            datums, call.loss_fn, call.loss_fn_config, forward_only=call.forward_only
+            call.datums, call.loss_fn, call.loss_fn_config, forward_only=call.forward_only
         )
         return encode_forward_backward(
             ForwardBackwardOutput(
                 loss_fn_output_type=out.loss_fn_output_type,
-                loss_fn_outputs=collapse_soft_targets(out.loss_fn_outputs, widths),
+                loss_fn_outputs=out.loss_fn_outputs,
                 metrics=sdk_metrics(out.metrics),
             )
         )
@@ -667,7 +505,7 @@ class Backend:
                 generator=torch.Generator().manual_seed(seed),
             ),
             tokenizer=tokenizer,
-            vocab_size=_vocab_size(model),
+            vocab_size=vocab_size(model),
             max_context_length=context_length(model),
         )
 
@@ -709,33 +547,25 @@ class Backend:
             self._sampling.submit(self._drain_samples)
 
     def _drain_samples(self) -> None:
+        """Every queued request, batched as the in-process client batches
+        (`cispo.engine.batching.run_sample_batches`); each future resolves on its event loop."""
         with self._sample_lock:
             jobs, self._sample_queue = self._sample_queue, []
-        groups: dict[tuple[Any, ...], list[_SampleJob]] = {}
-        for job in jobs:
-            groups.setdefault(job.group_key(), []).append(job)
-        for group in groups.values():
-            first = group[0]
-            s = first.sampler
-            try:
-                results = s.sampler.sample(
-                    [j.prompt for j in group], first.num_samples, first.params
-                )
-                encoded = [
-                    encode_sample_response(
-                        seqs,
-                        self._prompt_logprobs(j),
-                        topk_prompt=self._topk_prompt(j),
-                        topk_sample=self._topk_sample(j, seqs),
-                    )
-                    for j, seqs in zip(group, results, strict=True)
-                ]
-            except Exception as error:  # every waiter of the group gets the error
-                for j in group:
-                    j.loop.call_soon_threadsafe(self.futures.fail, j.request_id, error)
-                continue
-            for j, payload in zip(group, encoded, strict=True):
-                j.loop.call_soon_threadsafe(self.futures.resolve, j.request_id, payload)
+        run_sample_batches(
+            [(j.request(), j) for j in jobs], self._deliver_sample, self._fail_sample
+        )
+
+    def _deliver_sample(self, job: _SampleJob, sequences: list[SampledSequence]) -> None:
+        payload = encode_sample_response(
+            sequences,
+            self._prompt_logprobs(job),
+            topk_prompt=self._topk_prompt(job),
+            topk_sample=self._topk_sample(job, sequences),
+        )
+        job.loop.call_soon_threadsafe(self.futures.resolve, job.request_id, payload)
+
+    def _fail_sample(self, job: _SampleJob, error: BaseException) -> None:
+        job.loop.call_soon_threadsafe(self.futures.fail, job.request_id, error)
 
     @staticmethod
     def _prompt_logprobs(job: _SampleJob) -> list[float | None] | None:

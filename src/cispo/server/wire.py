@@ -52,9 +52,10 @@ _SOFT_TARGET_KEYS = frozenset({"target_tokens", "weights"})
 def _tensor(name: str, msg: pb.Tensor, where: str, length: int, max_values: int) -> TensorData:
     """One `loss_fn_inputs` tensor of a datum with `length` tokens, as `TensorData`.
 
-    The declared shape is checked (non-negative, at most `max_values` values, exactly `length`
-    values) before anything is allocated: a sparse tensor is densified into `prod(shape)` values,
-    so a few bytes declaring [1, 10**8] would otherwise allocate gigabytes.
+    The declared shape is checked (non-negative, at most `max_values` values; a sparse one exactly
+    `length` values) before anything is allocated: a sparse tensor is densified into `prod(shape)`
+    values, so a few bytes declaring [1, 10**8] would otherwise allocate gigabytes. Whether the
+    values fit the datum and the loss is the engine's check (`Engine.check`), run next.
     """
     field = f"{where}: loss_fn_inputs[{name!r}]"
     np_dtype = _NUMPY_DTYPE.get(msg.dtype)
@@ -88,11 +89,6 @@ def _tensor(name: str, msg: pb.Tensor, where: str, length: int, max_values: int)
         raise WireError(f"{field}: {error}") from error
     if declared is not None and declared != flat.size:
         raise WireError(f"{field}: shape {shape} but {flat.size} values")
-    if flat.size != expected:
-        raise WireError(
-            f"{field}: {flat.size} values, expected {expected} (one per model_input token"
-            + (f", {shape[1]} each)" if soft else ")")
-        )
     data = flat.astype(np.int64 if dtype == "int64" else np.float32).tolist()
     return TensorData(data=data, dtype=dtype, shape=shape or [flat.size])  # type: ignore[arg-type]
 
