@@ -26,7 +26,10 @@ from __future__ import annotations
 import copy
 import gc
 import math
-from collections.abc import Mapping, Sequence, Set
+import threading
+import weakref
+from collections.abc import Iterator, Mapping, Sequence, Set
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,11 +47,28 @@ from cispo.types import (
     AdamParams,
     Datum,
     ForwardBackwardOutput,
+    SampledSequence,
+    SamplingParams,
     TensorData,
 )
 
 # Keys of `loss_fn_inputs` that are per-token float tensors read by the losses.
 _FLOAT_KEYS = ("logprobs", "advantages", "weights", "old_logprobs", "ref_logprobs")
+
+
+ADAMW_IMPLS = ("for-loop", "foreach", "fused")
+"""`EngineConfig.adamw_impl` values."""
+
+
+def adamw_flags(impl: str | None) -> tuple[bool | None, bool | None]:
+    """torch.optim.AdamW's (`foreach`, `fused`) arguments for an `EngineConfig.adamw_impl`."""
+    flags: dict[str | None, tuple[bool | None, bool | None]] = {
+        None: (None, None),
+        "for-loop": (False, False),
+        "foreach": (True, False),
+        "fused": (False, True),
+    }
+    return flags[impl]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,8 +92,18 @@ class EngineConfig:
     bf16: bool = False
     """Under a process group on CUDA (NCCL): FSDP2 mixed precision, bf16 compute and fp32
     gradient reduction (`cispo.distributed.fsdp`). Refused without one and on CPU."""
+    adamw_impl: str | None = None
+    """torch.optim.AdamW's implementation: "for-loop" (one parameter at a time), "foreach"
+    (multi-tensor ops over all parameters), "fused" (one fused kernel; CPU too since torch 2.4).
+    The same update to float rounding (tests/engine/test_adamw_impl.py). None: torch's own
+    choice (for-loop on CPU, foreach on CUDA)."""
 
     def __post_init__(self) -> None:
+        if self.adamw_impl is not None and self.adamw_impl not in ADAMW_IMPLS:
+            raise ValueError(
+                f"adamw_impl must be one of {', '.join(ADAMW_IMPLS)} or None, "
+                f"got {self.adamw_impl!r}"
+            )
         if self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:
@@ -235,9 +265,19 @@ class Engine:
         self.version = 0
         """Number of optimizer steps applied; the policy version of sampled tokens."""
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-12)
+        foreach, fused = adamw_flags(self.config.adamw_impl)
+        self.optimizer = torch.optim.AdamW(
+            params, lr=0.0, betas=(0.9, 0.95), eps=1e-12, foreach=foreach, fused=fused
+        )
         self.sample_generator = torch.Generator().manual_seed(seed)
-        self._sampler: HFSampler | None = None
+        # Sampling shares the live weights (`sampler()`); `_lock` keeps a sampling pass and a
+        # training call from running at once, `_live` is the current shared sampler if anyone
+        # still holds it, `_snapshot` the frozen copy `sampler_model()` hands out.
+        self._lock = threading.RLock()
+        self._live: weakref.ref[SharedSampler] | None = None
+        self._snapshot: tuple[int, nn.Module] | None = None
+        self.sampler_copies = 0
+        """Copies of the model made for sampling (copy-on-write; tests and benchmarks read it)."""
 
     # ---------------------------------------------------------------- training
     def forward_backward(
@@ -256,6 +296,28 @@ class Engine:
         `num_tokens` / `num_sequences` override the normalisers of token_mean / seq_mean reductions
         when one optimizer step spans several calls (default: the counts of this call).
         """
+        with self._lock:  # no sampling pass on the shared weights meanwhile (`sampler()`)
+            return self._forward_backward(
+                datums,
+                loss_fn,
+                loss_fn_config,
+                forward_only=forward_only,
+                temperature=temperature,
+                num_tokens=num_tokens,
+                num_sequences=num_sequences,
+            )
+
+    def _forward_backward(
+        self,
+        datums: Sequence[Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None,
+        *,
+        forward_only: bool,
+        temperature: float,
+        num_tokens: float | None,
+        num_sequences: float | None,
+    ) -> ForwardBackwardOutput:
         if not datums:
             raise ValueError("forward_backward needs at least one datum")
         if temperature <= 0:
@@ -363,7 +425,12 @@ class Engine:
             )
 
     def optim_step(self, adam: AdamParams) -> dict[str, float]:
-        """Apply the accumulated gradients with AdamW, then zero them."""
+        """Apply the accumulated gradients with AdamW, then zero them. A sampler of the old
+        version that is still held gets its own copy of the old weights first (`sampler()`)."""
+        with self._lock:
+            return self._optim_step(adam)
+
+    def _optim_step(self, adam: AdamParams) -> dict[str, float]:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in params if p.grad is not None]
         norm = (
@@ -390,6 +457,7 @@ class Engine:
                 eps=adam.eps,
                 weight_decay=adam.weight_decay,
             )
+        self._release_sampler()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
@@ -397,23 +465,62 @@ class Engine:
 
     # ---------------------------------------------------------------- sampling
     def sampler_model(self) -> nn.Module:
-        """A frozen copy of the current weights for sampling, refreshed when the version changes."""
-        return self.sampler().model
+        """A frozen copy of the current weights (eval mode, no gradients), one per version, for
+        a caller that builds its own sampler on it (the server)."""
+        self._refuse_when_sharded("sampler_model")
+        if self._snapshot is None or self._snapshot[0] != self.version:
+            self._snapshot = None  # the old copy is freed before the new one is made
+            with self._lock:
+                self._snapshot = (self.version, self._frozen_copy())
+        return self._snapshot[1]
 
     def sampler(self) -> HFSampler:
-        """An `HFSampler` on a frozen copy of the current weights (one per version), drawing
-        unseeded samples from the engine's checkpointed generator."""
+        """An `HFSampler` on the current weights (policy version `self.version`), drawing
+        unseeded samples from the engine's checkpointed generator.
+
+        Copy-on-write: the sampler reads the trainer's own parameters (eval mode, no gradients,
+        never at the same time as a training call), so sampling then training (the synchronous
+        loop) copies nothing. When the weights are about to change (`optim_step`, `load_state`)
+        while a sampler of the current version is still held, that sampler first gets a frozen
+        copy of them, so a client keeps sampling from its own version's weights."""
         self._refuse_when_sharded("sampler")
-        if self._sampler is None or self._sampler.version != self.version:
-            self._sampler = HFSampler(
-                copy.deepcopy(self.model),
-                eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id,
-                tokenizer=self.tokenizer,
-                generator=self.sample_generator,
-                version=self.version,
-            )
-        return self._sampler
+        live = self._live() if self._live is not None else None
+        if live is not None and live.version == self.version and live.shared:
+            return live
+        live = SharedSampler(
+            self.model,
+            lock=self._lock,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            tokenizer=self.tokenizer,
+            generator=self.sample_generator,
+            version=self.version,
+        )
+        self._live = weakref.ref(live)
+        return live
+
+    def _release_sampler(self) -> None:
+        """Before the weights change: the held shared sampler (if any) takes a frozen copy."""
+        live = self._live() if self._live is not None else None
+        self._live = None
+        if live is not None and live.shared:
+            live.detach(self._frozen_copy())
+
+    def _frozen_copy(self) -> nn.Module:
+        """A deep copy of the model without its gradients, in eval mode, parameters frozen."""
+        params = list(self.model.parameters())
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            model = copy.deepcopy(self.model)
+        finally:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.sampler_copies += 1
+        return model.eval()
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
@@ -427,13 +534,76 @@ class Engine:
 
     def load_state(self, state: Mapping[str, Any], *, optimizer: bool = True) -> None:
         self._refuse_when_sharded("load_state")
-        self.model.load_state_dict(state["model"])
+        with self._lock:
+            self._release_sampler()
+            self.model.load_state_dict(state["model"])
         if optimizer and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+            foreach, fused = adamw_flags(self.config.adamw_impl)
+            for group in self.optimizer.param_groups:  # a checkpoint's groups carry its impl
+                group.update(foreach=foreach, fused=fused)
         self.version = int(state.get("version", 0))
         if "sample_generator" in state:
             self.sample_generator.set_state(state["sample_generator"])
-        self._sampler = None
+        self._snapshot = None
+
+
+class SharedSampler(HFSampler):
+    """An `HFSampler` that reads a training model's live parameters until `detach` gives it a
+    frozen copy of its own (`Engine.sampler`'s copy-on-write).
+
+    While shared, every pass holds the engine's lock, runs under no_grad in eval mode and then
+    restores the model's mode; `load_weights` detaches first (it would overwrite the trainer's
+    weights otherwise)."""
+
+    def __init__(self, model: nn.Module, *, lock: threading.RLock, **kwargs: Any) -> None:
+        self._lock = lock
+        self.shared = True
+        """Whether it still reads the trainer's parameters."""
+        super().__init__(model, freeze=False, **kwargs)
+
+    def detach(self, copy_of_weights: nn.Module) -> None:
+        """From now on sample from `copy_of_weights` (a frozen copy of the same version)."""
+        with self._lock:
+            self._model, self.shared = copy_of_weights, False
+
+    def sample(
+        self, prompts: list[list[int]], num_samples: int, params: SamplingParams
+    ) -> list[list[SampledSequence]]:
+        with self._lock, _eval_mode(self.model if self.shared else None):
+            return super().sample(prompts, num_samples, params)
+
+    def compute_logprobs(
+        self, sequences: list[list[int]], *, temperature: float = 1.0
+    ) -> list[list[float]]:
+        with self._lock, _eval_mode(self.model if self.shared else None):
+            return super().compute_logprobs(sequences, temperature=temperature)
+
+    def load_weights(self, source: Mapping[str, Tensor], version: int) -> None:
+        with self._lock:
+            if self.shared:
+                model = copy.deepcopy(self.model)
+                for p in model.parameters():
+                    p.grad = None
+                    p.requires_grad_(False)
+                self.detach(model.eval())
+            super().load_weights(source, version)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module | None) -> Iterator[None]:
+    """`model` in eval mode under no_grad for the block, its training flags restored after."""
+    if model is None:
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def freeze_heap() -> None:
