@@ -28,9 +28,10 @@ import gc
 import math
 import threading
 import weakref
-from collections.abc import Iterator, Mapping, Sequence, Set
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,8 @@ class _Batch:
 
 
 def _collate(datums: Sequence[Datum]) -> _Batch:
-    """Right-pad datums into [B, T] tensors (one tensor build per key, not per datum)."""
+    """Right-pad datums into [B, T] tensors: one tensor build per key over the datums' lists
+    chained end to end, so the Python work is per datum and key, never per token."""
     lengths = [d.model_input.length for d in datums]
     width = max(lengths)
     valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]  # [B, T]
@@ -140,23 +142,19 @@ def _collate(datums: Sequence[Datum]) -> _Batch:
                     f"expected {lengths[i]} (one per model_input position)"
                 )
 
-    def padded(rows: Sequence[Sequence[float]], dtype: torch.dtype) -> Tensor:
+    def padded(rows: Iterable[Iterable[float]], dtype: torch.dtype) -> Tensor:
         out = torch.zeros(len(datums), width, dtype=dtype)
-        out[valid] = torch.tensor([x for row in rows for x in row], dtype=dtype)
+        out[valid] = torch.tensor(list(chain.from_iterable(rows)), dtype=dtype)
         return out
 
-    input_ids = padded([d.model_input.to_ints() for d in datums], torch.long)
-    targets = padded([d.loss_fn_inputs["target_tokens"].data for d in datums], torch.long)
+    def field(key: str, dtype: torch.dtype) -> Tensor:
+        return padded((d.loss_fn_inputs[key].data for d in datums), dtype)
+
+    input_ids = padded((t.tokens for d in datums for t in d.model_input.chunks), torch.long)
+    targets = field("target_tokens", torch.long)
     mask_key = _mask_key(keys)
-    if mask_key is None:
-        loss_mask = valid.clone()
-    else:
-        loss_mask = padded([d.loss_fn_inputs[mask_key].data for d in datums], torch.float32) > 0
-    fields = {
-        key: padded([d.loss_fn_inputs[key].data for d in datums], torch.float32)
-        for key in _FLOAT_KEYS
-        if key in keys
-    }
+    loss_mask = valid.clone() if mask_key is None else field(mask_key, torch.float32) > 0
+    fields = {key: field(key, torch.float32) for key in _FLOAT_KEYS if key in keys}
     return _Batch(input_ids, valid, targets, loss_mask, fields, lengths)
 
 
@@ -175,7 +173,7 @@ def loss_totals(datums: Sequence[Datum]) -> tuple[float, float]:
         count = (
             datum.model_input.length
             if key is None
-            else sum(1 for x in datum.loss_fn_inputs[key].data if x > 0)
+            else int((torch.tensor(datum.loss_fn_inputs[key].data) > 0).sum())
         )
         tokens += count
         sequences += count > 0
