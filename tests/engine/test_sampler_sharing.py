@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -145,3 +146,33 @@ def test_the_synchronous_loop_trains_without_copying_the_model(tmp_path: Path) -
     assert trained > 0, "vacuous: no step had RL datums"
     assert training.engine.sampler_copies == 0
     training.close()
+
+
+def test_a_step_from_another_thread_waits_for_a_sampling_pass_on_the_shared_weights() -> None:
+    """The trainer thread steps while the sampler is half-way through a pass (held there by a
+    hook on the first layer): the step waits for the pass, so the pass sees one set of weights
+    and equals the same pass without a concurrent step."""
+    engine = tiny_engine()
+    held = engine.sampler()
+    before = held.compute_logprobs(PROMPTS)
+    engine.forward_backward(random_datums(4), "cispo", {"reduction": "token_mean"})
+    in_pass, stepped = threading.Event(), threading.Event()
+
+    def pause(*_: object) -> None:
+        if threading.current_thread() is not threading.main_thread() and not in_pass.is_set():
+            in_pass.set()
+            stepped.wait(timeout=0.5)  # a step that does not wait for the pass lands here
+
+    first_layer = engine.model.model.layers[0]  # type: ignore[union-attr,index]
+    hook = first_layer.register_forward_pre_hook(pause)
+    out: list[list[list[float]]] = []
+    worker = threading.Thread(target=lambda: out.append(held.compute_logprobs(PROMPTS)))
+    worker.start()
+    assert in_pass.wait(timeout=30)
+    engine.optim_step(ADAM)
+    stepped.set()
+    worker.join(timeout=60)
+    hook.remove()
+    assert engine.version == 1 and engine.sampler_copies == 1
+    assert out == [before]
+    assert engine.sampler().compute_logprobs(PROMPTS) != before

@@ -15,6 +15,10 @@ Contracts:
 - The loss mask of a datum is `loss_fn_inputs["mask"]` if given, else `weights > 0` if given, else
   every position of the datum (Tinker's semantics, where masking is done by zero advantages or
   weights).
+- `sampler()` reads the trainer's own parameters (no copy: sample-then-train holds one model);
+  an `optim_step` or `load_state` that finds a sampler of the old version still held gives that
+  sampler a frozen copy first, so a held sampler always samples from its own version's weights.
+  Sampling and training calls never overlap (one lock), so the two may come from two threads.
 - Under a process group (torchrun, `cispo.distributed`), each rank passes its share of the datums;
   the model is sharded with FSDP2, the normalisers are summed over the ranks and the merged
   metrics are the same on every rank, so the gradient is the single-process one
