@@ -71,17 +71,11 @@ def test_shared_sampling_equals_sampling_from_a_frozen_copy() -> None:
     )
     shared = engine.sampler()
     want, got = frozen.sample(PROMPTS, 3, PARAMS), shared.sample(PROMPTS, 3, PARAMS)
+    # Bitwise: the async worker samples from a frozen copy, and lag 0 of the async loop must
+    # reproduce the synchronous run exactly (tests/train/test_async.py).
     assert [[s.tokens for s in g] for g in got] == [[s.tokens for s in g] for g in want]
-    # Same weights, other addresses: float rounding of the reductions may differ (~1e-7).
-    for g_got, g_want in zip(got, want, strict=True):
-        for a, b in zip(g_got, g_want, strict=True):
-            torch.testing.assert_close(
-                torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5
-            )
-    for a_lp, b_lp in zip(
-        shared.compute_logprobs(PROMPTS), frozen.compute_logprobs(PROMPTS), strict=True
-    ):
-        torch.testing.assert_close(torch.tensor(a_lp), torch.tensor(b_lp), rtol=0, atol=1e-5)
+    assert [[s.logprobs for s in g] for g in got] == [[s.logprobs for s in g] for g in want]
+    assert shared.compute_logprobs(PROMPTS) == frozen.compute_logprobs(PROMPTS)
 
 
 def test_shared_sampling_leaves_the_trainers_mode_and_trainable_parameters_alone() -> None:

@@ -594,16 +594,24 @@ class SharedSampler(HFSampler):
 
 @contextmanager
 def _eval_mode(model: nn.Module | None) -> Iterator[None]:
-    """`model` in eval mode under no_grad for the block, its training flags restored after."""
+    """`model` as a frozen copy would be for the block (eval mode, no parameter requiring grad,
+    under no_grad), its training flags and `requires_grad` restored after. Parameters that
+    require grad take other kernels in places (sampling logprobs ~5e-7 apart), so a shared pass
+    is bitwise the pass of a frozen copy (what the async worker's sampler is)."""
     if model is None:
         yield
         return
     modes = [(m, m.training) for m in model.modules()]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.eval()
+    for p in trainable:
+        p.requires_grad_(False)
     try:
         with torch.no_grad():
             yield
     finally:
+        for p in trainable:
+            p.requires_grad_(True)
         for m, training in modes:
             m.training = training
 
