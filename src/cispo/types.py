@@ -13,6 +13,7 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from numbers import Integral, Real
 from typing import Literal
 
@@ -132,7 +133,9 @@ class ModelInput:
         return cls(chunks=[])
 
     def to_ints(self) -> list[int]:
-        return [t for chunk in self.chunks for t in chunk.tokens]
+        if len(self.chunks) == 1:
+            return list(self.chunks[0].tokens)
+        return list(chain.from_iterable(chunk.tokens for chunk in self.chunks))
 
     @property
     def length(self) -> int:
@@ -177,7 +180,7 @@ def as_tensor_data(key: str, value: object) -> TensorData:
         return TensorData.from_torch(value)
     if isinstance(value, Sequence):
         dtype: Dtype = "int64" if key in _INT_KEYS else "float32"
-        data = [int(v) for v in value] if dtype == "int64" else [float(v) for v in value]
+        data = list(map(int if dtype == "int64" else float, value))  # no per-token bytecode
         return TensorData(data=data, dtype=dtype, shape=[len(data)])
     raise TypeError(
         f"loss_fn_inputs[{key!r}] must be a TensorData, torch.Tensor or list, got {type(value)}"

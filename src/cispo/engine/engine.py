@@ -15,6 +15,10 @@ Contracts:
 - The loss mask of a datum is `loss_fn_inputs["mask"]` if given, else `weights > 0` if given, else
   every position of the datum (Tinker's semantics, where masking is done by zero advantages or
   weights).
+- `sampler()` reads the trainer's own parameters (no copy: sample-then-train holds one model);
+  an `optim_step` or `load_state` that finds a sampler of the old version still held gives that
+  sampler a frozen copy first, so a held sampler always samples from its own version's weights.
+  Sampling and training calls never overlap (one lock), so the two may come from two threads.
 - Under a process group (torchrun, `cispo.distributed`), each rank passes its share of the datums;
   the model is sharded with FSDP2, the normalisers are summed over the ranks and the merged
   metrics are the same on every rank, so the gradient is the single-process one
@@ -26,8 +30,12 @@ from __future__ import annotations
 import copy
 import gc
 import math
-from collections.abc import Mapping, Sequence, Set
+import threading
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
+from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +59,28 @@ from cispo.types import (
     AdamParams,
     Datum,
     ForwardBackwardOutput,
+    SampledSequence,
+    SamplingParams,
     TensorData,
 )
 
 # Keys of `loss_fn_inputs` that are per-token float tensors read by the losses.
 _FLOAT_KEYS = ("logprobs", "advantages", "weights", "old_logprobs", "ref_logprobs")
+
+
+ADAMW_IMPLS = ("for-loop", "foreach", "fused")
+"""`EngineConfig.adamw_impl` values."""
+
+
+def adamw_flags(impl: str | None) -> tuple[bool | None, bool | None]:
+    """torch.optim.AdamW's (`foreach`, `fused`) arguments for an `EngineConfig.adamw_impl`."""
+    flags: dict[str | None, tuple[bool | None, bool | None]] = {
+        None: (None, None),
+        "for-loop": (False, False),
+        "foreach": (True, False),
+        "fused": (False, True),
+    }
+    return flags[impl]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,8 +104,18 @@ class EngineConfig:
     bf16: bool = False
     """Under a process group on CUDA (NCCL): FSDP2 mixed precision, bf16 compute and fp32
     gradient reduction (`cispo.distributed.fsdp`). Refused without one and on CPU."""
+    adamw_impl: str | None = None
+    """torch.optim.AdamW's implementation: "for-loop" (one parameter at a time), "foreach"
+    (multi-tensor ops over all parameters), "fused" (one fused kernel; CPU too since torch 2.4).
+    The same update to float rounding (tests/engine/test_adamw_impl.py). None: torch's own
+    choice (for-loop on CPU, foreach on CUDA)."""
 
     def __post_init__(self) -> None:
+        if self.adamw_impl is not None and self.adamw_impl not in ADAMW_IMPLS:
+            raise ValueError(
+                f"adamw_impl must be one of {', '.join(ADAMW_IMPLS)} or None, "
+                f"got {self.adamw_impl!r}"
+            )
         if self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:
@@ -100,7 +135,8 @@ class _Batch:
 
 
 def _collate(datums: Sequence[Datum]) -> _Batch:
-    """Right-pad datums into [B, T] tensors (one tensor build per key, not per datum).
+    """Right-pad datums into [B, T] tensors: one tensor build per key over the datums' lists
+    chained end to end, so the Python work is per datum and key, never per token.
 
     The datums are valid ones (`cispo.engine.validation.validate_datums`, which
     `Engine.forward_backward` runs first) with ordinary [T] targets."""
@@ -109,23 +145,19 @@ def _collate(datums: Sequence[Datum]) -> _Batch:
     valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]  # [B, T]
     keys = set(datums[0].loss_fn_inputs)
 
-    def padded(rows: Sequence[Sequence[float]], dtype: torch.dtype) -> Tensor:
+    def padded(rows: Iterable[Iterable[float]], dtype: torch.dtype) -> Tensor:
         out = torch.zeros(len(datums), width, dtype=dtype)
-        out[valid] = torch.tensor([x for row in rows for x in row], dtype=dtype)
+        out[valid] = torch.tensor(list(chain.from_iterable(rows)), dtype=dtype)
         return out
 
-    input_ids = padded([d.model_input.to_ints() for d in datums], torch.long)
-    targets = padded([d.loss_fn_inputs["target_tokens"].data for d in datums], torch.long)
+    def field(key: str, dtype: torch.dtype) -> Tensor:
+        return padded((d.loss_fn_inputs[key].data for d in datums), dtype)
+
+    input_ids = padded((t.tokens for d in datums for t in d.model_input.chunks), torch.long)
+    targets = field("target_tokens", torch.long)
     mask_key = _mask_key(keys)
-    if mask_key is None:
-        loss_mask = valid.clone()
-    else:
-        loss_mask = padded([d.loss_fn_inputs[mask_key].data for d in datums], torch.float32) > 0
-    fields = {
-        key: padded([d.loss_fn_inputs[key].data for d in datums], torch.float32)
-        for key in _FLOAT_KEYS
-        if key in keys
-    }
+    loss_mask = valid.clone() if mask_key is None else field(mask_key, torch.float32) > 0
+    fields = {key: field(key, torch.float32) for key in _FLOAT_KEYS if key in keys}
     return _Batch(input_ids, valid, targets, loss_mask, fields, lengths)
 
 
@@ -144,7 +176,7 @@ def loss_totals(datums: Sequence[Datum]) -> tuple[float, float]:
         count = (
             datum.model_input.length
             if key is None
-            else sum(1 for x in datum.loss_fn_inputs[key].data if x > 0)
+            else int((torch.tensor(datum.loss_fn_inputs[key].data) > 0).sum())
         )
         tokens += count
         sequences += count > 0
@@ -295,6 +327,7 @@ class Engine:
         # Sharded: an unsharded copy of the model for the sampler, refreshed from the gathered
         # full weights at each version (`sampler`).
         self._sampler_template: nn.Module | None = None
+        self._sampler: HFSampler | None = None  # the sharded case's unsharded sampler
         if distributed.active():
             if self.config.shared_prefix:
                 raise ValueError(
@@ -309,9 +342,19 @@ class Engine:
         self.version = 0
         """Number of optimizer steps applied; the policy version of sampled tokens."""
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-12)
+        foreach, fused = adamw_flags(self.config.adamw_impl)
+        self.optimizer = torch.optim.AdamW(
+            params, lr=0.0, betas=(0.9, 0.95), eps=1e-12, foreach=foreach, fused=fused
+        )
         self.sample_generator = torch.Generator().manual_seed(seed)
-        self._sampler: HFSampler | None = None
+        # Sampling shares the live weights (`sampler()`); `_lock` keeps a sampling pass and a
+        # training call from running at once, `_live` is the current shared sampler if anyone
+        # still holds it, `_snapshot` the frozen copy `sampler_model()` hands out.
+        self._lock = threading.RLock()
+        self._live: weakref.ref[SharedSampler] | None = None
+        self._snapshot: tuple[int, nn.Module] | None = None
+        self.sampler_copies = 0
+        """Copies of the model made for sampling (copy-on-write; tests and benchmarks read it)."""
 
     # ---------------------------------------------------------------- training
     def forward_backward(
@@ -341,43 +384,44 @@ class Engine:
         computes its own, and added back when every micro-batch has succeeded; on failure the
         call's partial gradients are dropped and the saved ones put back.
         """
-        config = self.check(datums, loss_fn, loss_fn_config)
-        expanded, widths = expand_soft_targets(datums)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        pending = [p.grad for p in params]
-        rng = _rng_state(params)
-        was_training = self.model.training
-        for p in params:
-            p.grad = None
-        try:
-            out = self._forward_backward(
-                expanded,
-                config,
-                forward_only=forward_only,
-                temperature=temperature,
-                num_tokens=num_tokens,
-                num_sequences=num_sequences,
-            )
-        except BaseException:
-            for p, grad in zip(params, pending, strict=True):
-                p.grad = grad
-            _set_rng_state(rng)
-            self.model.train(was_training)
-            raise
-        with torch.no_grad():
-            for p, grad in zip(params, pending, strict=True):
-                if grad is not None:
-                    if p.grad is None:
-                        p.grad = grad
-                    else:
-                        p.grad.add_(grad)
-        if any(widths):
-            out = ForwardBackwardOutput(
-                loss_fn_output_type=out.loss_fn_output_type,
-                loss_fn_outputs=collapse_soft_targets(out.loss_fn_outputs, widths),
-                metrics=out.metrics,
-            )
-        return out
+        with self._lock:  # no sampling pass on the shared weights meanwhile (`sampler()`)
+            config = self.check(datums, loss_fn, loss_fn_config)
+            expanded, widths = expand_soft_targets(datums)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            pending = [p.grad for p in params]
+            rng = _rng_state(params)
+            was_training = self.model.training
+            for p in params:
+                p.grad = None
+            try:
+                out = self._forward_backward(
+                    expanded,
+                    config,
+                    forward_only=forward_only,
+                    temperature=temperature,
+                    num_tokens=num_tokens,
+                    num_sequences=num_sequences,
+                )
+            except BaseException:
+                for p, grad in zip(params, pending, strict=True):
+                    p.grad = grad
+                _set_rng_state(rng)
+                self.model.train(was_training)
+                raise
+            with torch.no_grad():
+                for p, grad in zip(params, pending, strict=True):
+                    if grad is not None:
+                        if p.grad is None:
+                            p.grad = grad
+                        else:
+                            p.grad.add_(grad)
+            if any(widths):
+                out = ForwardBackwardOutput(
+                    loss_fn_output_type=out.loss_fn_output_type,
+                    loss_fn_outputs=collapse_soft_targets(out.loss_fn_outputs, widths),
+                    metrics=out.metrics,
+                )
+            return out
 
     def check(
         self,
@@ -520,6 +564,10 @@ class Engine:
         computing the AdamW update twice, and exact because it restores the same bits instead of
         predicting torch's arithmetic).
         """
+        with self._lock:
+            return self._optim_step(adam)
+
+    def _optim_step(self, adam: AdamParams) -> dict[str, float]:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in params if p.grad is not None]
         norm = (
@@ -547,6 +595,7 @@ class Engine:
                 eps=adam.eps,
                 weight_decay=adam.weight_decay,
             )
+        self._release_sampler()
         self.optimizer.step()
         bad = _first_non_finite(self.optimizer)
         if self._sharded is not None:  # every rank checks its shards; all refuse if any must
@@ -564,8 +613,14 @@ class Engine:
 
     # ---------------------------------------------------------------- sampling
     def sampler_model(self) -> nn.Module:
-        """A frozen copy of the current weights for sampling, refreshed when the version changes."""
-        return self.sampler().model
+        """A frozen copy of the current weights (eval mode, no gradients), one per version, for
+        a caller that builds its own sampler on it (the server)."""
+        self._refuse_when_sharded("sampler_model")
+        if self._snapshot is None or self._snapshot[0] != self.version:
+            self._snapshot = None  # the old copy is freed before the new one is made
+            with self._lock:
+                self._snapshot = (self.version, self._frozen_copy())
+        return self._snapshot[1]
 
     @property
     def sharded(self) -> bool:
@@ -573,8 +628,14 @@ class Engine:
         return self._sharded is not None
 
     def sampler(self) -> HFSampler:
-        """An `HFSampler` on a frozen copy of the current weights (one per version), drawing
+        """An `HFSampler` on the current weights (policy version `self.version`), drawing
         unseeded samples from the engine's checkpointed generator.
+
+        Copy-on-write: the sampler reads the trainer's own parameters (eval mode, no gradients,
+        never at the same time as a training call), so sampling then training (the synchronous
+        loop) copies nothing. When the weights are about to change (`optim_step`, `load_state`)
+        while a sampler of the current version is still held, that sampler first gets a frozen
+        copy of them, so a client keeps sampling from its own version's weights.
 
         Sharded: a collective when the version changed (every rank calls it at the same points):
         the full weights are gathered on every rank and loaded into one unsharded copy of the
@@ -592,16 +653,43 @@ class Engine:
                     )
                 self._sampler.load_weights(full, self.version)
             return self._sampler
-        if self._sampler is None or self._sampler.version != self.version:
-            self._sampler = HFSampler(
-                copy.deepcopy(self.model),
-                eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id,
-                tokenizer=self.tokenizer,
-                generator=self.sample_generator,
-                version=self.version,
-            )
-        return self._sampler
+        live = self._live() if self._live is not None else None
+        if live is not None and live.version == self.version and live.shared:
+            return live
+        live = SharedSampler(
+            self.model,
+            lock=self._lock,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            tokenizer=self.tokenizer,
+            generator=self.sample_generator,
+            version=self.version,
+        )
+        self._live = weakref.ref(live)
+        return live
+
+    def _release_sampler(self) -> None:
+        """Before the weights change: the held shared sampler (if any) takes a frozen copy."""
+        live = self._live() if self._live is not None else None
+        self._live = None
+        if live is not None and live.shared:
+            live.detach(self._frozen_copy())
+
+    def _frozen_copy(self) -> nn.Module:
+        """A deep copy of the model without its gradients, in eval mode, parameters frozen."""
+        params = list(self.model.parameters())
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            model = copy.deepcopy(self.model)
+        finally:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.sampler_copies += 1
+        return model.eval()
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
@@ -615,13 +703,84 @@ class Engine:
 
     def load_state(self, state: Mapping[str, Any], *, optimizer: bool = True) -> None:
         self._refuse_when_sharded("load_state")
-        self.model.load_state_dict(state["model"])
+        with self._lock:
+            self._release_sampler()
+            self.model.load_state_dict(state["model"])
         if optimizer and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+            foreach, fused = adamw_flags(self.config.adamw_impl)
+            for group in self.optimizer.param_groups:  # a checkpoint's groups carry its impl
+                group.update(foreach=foreach, fused=fused)
         self.version = int(state.get("version", 0))
         if "sample_generator" in state:
             self.sample_generator.set_state(state["sample_generator"])
-        self._sampler = None
+        self._snapshot = None
+
+
+class SharedSampler(HFSampler):
+    """An `HFSampler` that reads a training model's live parameters until `detach` gives it a
+    frozen copy of its own (`Engine.sampler`'s copy-on-write).
+
+    While shared, every pass holds the engine's lock, runs under no_grad in eval mode and then
+    restores the model's mode; `load_weights` detaches first (it would overwrite the trainer's
+    weights otherwise)."""
+
+    def __init__(self, model: nn.Module, *, lock: threading.RLock, **kwargs: Any) -> None:
+        self._lock = lock
+        self.shared = True
+        """Whether it still reads the trainer's parameters."""
+        super().__init__(model, freeze=False, **kwargs)
+
+    def detach(self, copy_of_weights: nn.Module) -> None:
+        """From now on sample from `copy_of_weights` (a frozen copy of the same version)."""
+        with self._lock:
+            self._model, self.shared = copy_of_weights, False
+
+    def sample(
+        self, prompts: list[list[int]], num_samples: int, params: SamplingParams
+    ) -> list[list[SampledSequence]]:
+        with self._lock, _eval_mode(self.model if self.shared else None):
+            return super().sample(prompts, num_samples, params)
+
+    def compute_logprobs(
+        self, sequences: list[list[int]], *, temperature: float = 1.0
+    ) -> list[list[float]]:
+        with self._lock, _eval_mode(self.model if self.shared else None):
+            return super().compute_logprobs(sequences, temperature=temperature)
+
+    def load_weights(self, source: Mapping[str, Tensor], version: int) -> None:
+        with self._lock:
+            if self.shared:
+                model = copy.deepcopy(self.model)
+                for p in model.parameters():
+                    p.grad = None
+                    p.requires_grad_(False)
+                self.detach(model.eval())
+            super().load_weights(source, version)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module | None) -> Iterator[None]:
+    """`model` as a frozen copy would be for the block (eval mode, no parameter requiring grad,
+    under no_grad), its training flags and `requires_grad` restored after. Parameters that
+    require grad take other kernels in places (sampling logprobs ~5e-7 apart), so a shared pass
+    is bitwise the pass of a frozen copy (what the async worker's sampler is)."""
+    if model is None:
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        for m, training in modes:
+            m.training = training
 
 
 def freeze_heap() -> None:

@@ -85,7 +85,9 @@ class HFSampler:
     KV-cached `sample` and `compute_logprobs` of this module.
 
     `generator` draws the samples of requests without a seed (the engine passes its own, so that
-    it is checkpointed with the engine's state); `tokenizer` is needed only for stop strings.
+    it is checkpointed with the engine's state); `tokenizer` is needed only for stop strings;
+    `freeze=False` leaves the model's mode and `requires_grad` alone (`cispo.engine.engine`'s
+    shared sampler, which reads a training model).
     """
 
     def __init__(
@@ -97,10 +99,13 @@ class HFSampler:
         tokenizer: PreTrainedTokenizerBase | None = None,
         generator: torch.Generator | None = None,
         version: int = 0,
+        freeze: bool = True,
     ) -> None:
-        self._model: torch.nn.Module | None = model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
+        self._model: torch.nn.Module | None = model
+        if freeze:  # False: the caller owns the model's mode and gradients (a shared sampler)
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.tokenizer = tokenizer

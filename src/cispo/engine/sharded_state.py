@@ -56,7 +56,7 @@ def load_sharded_engine_state(
         generators={"sample_generator": engine.sample_generator},
     )
     engine.version = int(loaded.trainer_state.get("version", 0))
-    engine._sampler = None
+    engine._snapshot = None
     return loaded
 
 

@@ -134,4 +134,4 @@ def with_old_logprobs(datums: Sequence[Any], old: Sequence[Sequence[float]]) -> 
 
 def output_logprobs(outputs: Sequence[Mapping[str, Any]]) -> list[list[float]]:
     """The per-position `logprobs` of each datum of a forward pass's `loss_fn_outputs`."""
-    return [[float(x) for x in o["logprobs"].tolist()] for o in outputs]
+    return [list(map(float, o["logprobs"].tolist())) for o in outputs]

@@ -181,7 +181,9 @@ def open_run(config: TrainConfig, *, resume: bool, echo: Callable[[str], None]) 
         config.model.base_model,
         rank=config.model.lora_rank,
         seed=config.run.seed,
-        engine_config=EngineConfig(micro_batch_size=config.rl.micro_batch_size),
+        engine_config=EngineConfig(
+            micro_batch_size=config.rl.micro_batch_size, **config.engine.kwargs()
+        ),
         model_overrides=config.model.overrides(),
     )
     latest = latest_named_state(training.checkpoint_dir) if resume else None
@@ -228,6 +230,11 @@ RESUME_MAY_CHANGE = {
     "asynchronous.worker_timeout_s": "a time-out, not a computation",
     "asynchronous.canary_threshold": "a check of the weight sync, not a computation",
     "asynchronous.probe_size": "a check of the weight sync, not a computation",
+    "engine.shared_prefix": "a speed switch of the engine: float summation order only",
+    "engine.packed_row_tokens": "a speed switch of the engine: float summation order only",
+    "engine.adamw_impl": "a speed switch of the engine: float rounding of the update only",
+    "engine.fused_logprobs": "a speed switch of the engine: float summation order only",
+    "engine.logprob_chunk_size": "a speed switch of the engine: float summation order only",
 }
 """Config fields a resumed run may change, and why none of them changes the trajectory (the
 batches, the updates, the learning rates). Every other field must equal the run's config.json."""
@@ -371,6 +378,7 @@ def describe_plan(config: TrainConfig, training: TrainingClient) -> str:
             "completion tokens/step",
             f"loss: {config.loss.describe()}; reduction {config.loss.reduction}; "
             f"advantages {rl.advantage}",
+            config.engine.describe(),
             f"run directory: {config.run.dir}",
         ]
     )

@@ -1,0 +1,108 @@
+"""Claims about the per-step hot path: building datums, collating them for the engine and
+counting their loss tokens run no Python loop over tokens (their Python work grows with the
+number of datums, not with their lengths)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import torch
+
+from cispo.datums import rl_datum, sft_datum
+from cispo.engine.engine import _collate, loss_totals
+from cispo.rollout.rollouts import output_logprobs
+from cispo.types import TensorData
+
+DATUMS = 8
+
+
+def _cispo_lines(fn: Callable[[], Any]) -> int:
+    """Python lines executed inside the cispo package while `fn` runs (every iteration of a
+    Python loop or comprehension is at least one)."""
+    count = 0
+
+    def tracer(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal count
+        if "/cispo/" not in frame.f_code.co_filename:
+            return None  # torch, transformers, the test: not traced line by line
+        if event == "line":
+            count += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    return count
+
+
+def _datums(completion: int) -> list[Any]:
+    return [
+        rl_datum(
+            list(range(1, 6 + i % 3)),
+            [7] * completion,
+            [-0.5] * completion,
+            0.5 - i % 2,
+            old_logprobs=[-0.4] * completion,
+        )
+        for i in range(DATUMS)
+    ]
+
+
+def test_building_an_rl_datum_runs_no_python_loop_over_its_tokens() -> None:
+    short = _cispo_lines(
+        lambda: rl_datum([1, 2, 3], [7] * 4, [-0.5] * 4, 1.0, old_logprobs=[-0.5] * 4)
+    )
+    long = _cispo_lines(
+        lambda: rl_datum([1, 2, 3], [7] * 400, [-0.5] * 400, 1.0, old_logprobs=[-0.5] * 400)
+    )
+    assert short > 0, "vacuous: the tracer saw no line of rl_datum"
+    assert long == short
+    assert _cispo_lines(lambda: sft_datum([1, 2, 3], [7] * 400)) == _cispo_lines(
+        lambda: sft_datum([1, 2, 3], [7] * 4)
+    )
+
+
+def test_collating_datums_runs_no_python_loop_over_their_tokens() -> None:
+    short, long = _datums(4), _datums(400)
+    lines = _cispo_lines(lambda: _collate(short))
+    assert lines > DATUMS, "vacuous: the tracer saw no per-datum work in _collate"
+    assert _cispo_lines(lambda: _collate(long)) == lines
+
+
+def test_counting_loss_tokens_runs_no_python_loop_over_tokens() -> None:
+    short, long = _datums(4), _datums(400)
+    assert _cispo_lines(lambda: loss_totals(long)) == _cispo_lines(lambda: loss_totals(short))
+    assert loss_totals(long) == (400.0 * DATUMS, float(DATUMS))
+
+
+def test_output_logprobs_runs_no_python_loop_over_tokens() -> None:
+    def outputs(n: int) -> list[dict[str, TensorData]]:
+        return [{"logprobs": TensorData.from_torch(torch.full((n,), -0.5))}] * DATUMS
+
+    short, long = outputs(4), outputs(400)
+    assert _cispo_lines(lambda: output_logprobs(long)) == _cispo_lines(
+        lambda: output_logprobs(short)
+    )
+    assert output_logprobs(short) == [[-0.5] * 4] * DATUMS
+
+
+def test_collate_still_pads_and_masks_like_the_datums_say() -> None:
+    datums = _datums(3)
+    batch = _collate(datums)
+    for i, datum in enumerate(datums):
+        n = datum.model_input.length
+        assert batch.lengths[i] == n
+        assert batch.input_ids[i, :n].tolist() == datum.model_input.to_ints()
+        assert not bool(batch.attention_mask[i, n:].any())
+        assert batch.targets[i, :n].tolist() == datum.loss_fn_inputs["target_tokens"].data
+        want_mask = [x > 0 for x in datum.loss_fn_inputs["mask"].data]
+        assert batch.loss_mask[i, :n].tolist() == want_mask
+        for key in ("logprobs", "advantages", "old_logprobs"):
+            want = torch.tensor(datum.loss_fn_inputs[key].data, dtype=torch.float32)
+            assert torch.equal(batch.fields[key][i, :n], want), key
+            assert not bool(batch.fields[key][i, n:].any())
