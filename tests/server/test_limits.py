@@ -173,3 +173,20 @@ def test_idle_sessions_expire_and_heartbeating_sdk_sessions_do_not(tmp_path: Any
         sdk.close("success").result()
     finally:
         live.stop()
+
+
+def test_results_are_forgotten_after_result_keep_seconds() -> None:
+    """A finished request's result is dropped `keep_seconds` after it is ready (then its id is
+    unknown: 404), so the table does not grow with every request a server ever answered."""
+    from cispo.server.futures import FutureTable, NotFound
+
+    table = FutureTable(poll_timeout=1.0, keep_seconds=0.2)
+    old = table.create("u")
+    table.resolve(old, {"ok": 1})
+    pending = table.create("u")  # not finished: kept however long it takes
+    time.sleep(0.3)
+    table.create("u")
+    with pytest.raises(NotFound):
+        table.check(old, "u")
+    table.check(pending, "u")
+    assert len(table) == 2

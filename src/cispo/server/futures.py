@@ -20,8 +20,10 @@ All methods run on the event loop thread, except the work itself, which runs on 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,21 +54,32 @@ class _Entry:
 class FutureTable:
     """request_id -> result, filled by workers, read by long polls. Request ids are random
     (uuid4: 122 bits), and each future belongs to the user whose request created it: another
-    user's poll gets NotFound, as for an id that never existed."""
+    user's poll gets NotFound, as for an id that never existed. A result is kept for
+    `keep_seconds` after it is ready, then forgotten (its id becomes unknown), so a long-running
+    server does not hold every result it ever produced."""
 
-    def __init__(self, poll_timeout: float = 30.0) -> None:
+    def __init__(self, poll_timeout: float = 30.0, keep_seconds: float = 3600.0) -> None:
         self.poll_timeout = poll_timeout
+        self.keep_seconds = keep_seconds
         self._entries: dict[str, _Entry] = {}
+        self._done: collections.deque[tuple[float, str]] = collections.deque()
 
     def create(self, owner: str) -> str:
+        cutoff = time.monotonic() - self.keep_seconds
+        while self._done and self._done[0][0] < cutoff:
+            self._entries.pop(self._done.popleft()[1], None)
         request_id = f"req-{uuid.uuid4().hex}"
         self._entries[request_id] = _Entry(owner)
         return request_id
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def resolve(self, request_id: str, result: Result) -> None:
         entry = self._entries[request_id]
         entry.result = result
         entry.done.set()
+        self._done.append((time.monotonic(), request_id))
 
     def fail(self, request_id: str, error: BaseException) -> None:
         user = (UserError, ValueError, KeyError, NotFound)

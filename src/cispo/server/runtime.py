@@ -159,6 +159,9 @@ class ServerConfig:
     """A model accepts seq_ids in [next, next + max_seq_ids_ahead); further ones get 400."""
     poll_timeout: float = 30.0
     """Seconds one retrieve_future long poll waits before answering try_again."""
+    result_keep_seconds: float = 3600.0
+    """How long a finished request's result stays retrievable (retrieve_future); then its
+    request_id is unknown (404)."""
     ttl_sweep_seconds: float = 60.0
     """How often checkpoints whose TTL has passed are deleted (they are refused at once anyway)
     and idle sessions are finished."""
@@ -193,6 +196,10 @@ class ServerConfig:
         if not 0 < self.session_idle_seconds < float("inf"):
             raise ValueError(
                 f"session_idle_seconds must be a finite number > 0, got {self.session_idle_seconds}"
+            )
+        if not 0 < self.result_keep_seconds < float("inf"):
+            raise ValueError(
+                f"result_keep_seconds must be a finite number > 0, got {self.result_keep_seconds}"
             )
         if not 0 < self.ttl_sweep_seconds < float("inf"):
             raise ValueError(
@@ -359,7 +366,7 @@ class Backend:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.store = Store(config.root)
-        self.futures = FutureTable(config.poll_timeout)
+        self.futures = FutureTable(config.poll_timeout, config.result_keep_seconds)
         self.sessions: dict[str, Session] = {}
         self.models: dict[str, ServedModel] = {}
         self.samplers: dict[str, SamplerSession] = {}
