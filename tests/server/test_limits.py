@@ -119,6 +119,9 @@ def test_old_sampler_copies_are_released_and_memory_stays_flat(
         latest = step_and_sampler()
         peak = max(peak, _rss())
     gc.collect()
+    print(
+        f"12 sampler copies of {copy_bytes / MIB:.1f} MiB: peak RSS +{(peak - before) / MIB:.0f} MiB"
+    )
     assert peak - before < 4 * copy_bytes, (peak - before) / MIB
     mine = [s for s in live.backend.samplers.values() if s.session_id == served.session_id]
     assert len(mine) <= 2
@@ -160,11 +163,13 @@ def test_idle_sessions_expire_and_heartbeating_sdk_sessions_do_not(tmp_path: Any
                 time.sleep(0.2)
             refs = [weakref.ref(live.backend.models[m].engine.model) for m in idle]
             grown = _rss() - before
+            print(f"8 idle sessions with a model: +{grown / MIB:.0f} MiB", end="; ")
             assert grown > 4 * 16 * MIB, grown / MIB  # the models are really there
             time.sleep(20)
             assert not any(m in live.backend.models for m in idle)
             gc.collect()
             assert all(ref() is None for ref in refs)
+            print(f"after expiry: +{(_rss() - before) / MIB:.0f} MiB")
             assert _rss() - before < grown / 3, (_rss() - before) / MIB
             r = http.post("/get_info", json={"model_id": idle[0]})
             assert r.status_code == 404
