@@ -120,7 +120,8 @@ def test_old_sampler_copies_are_released_and_memory_stays_flat(
         peak = max(peak, _rss())
     gc.collect()
     print(
-        f"12 sampler copies of {copy_bytes / MIB:.1f} MiB: peak RSS +{(peak - before) / MIB:.0f} MiB"
+        f"12 sampler copies of {copy_bytes / MIB:.1f} MiB: "
+        f"peak RSS +{(peak - before) / MIB:.0f} MiB"
     )
     assert peak - before < 4 * copy_bytes, (peak - before) / MIB
     mine = [s for s in live.backend.samplers.values() if s.session_id == served.session_id]
@@ -195,3 +196,24 @@ def test_results_are_forgotten_after_result_keep_seconds() -> None:
         table.check(old, "u")
     table.check(pending, "u")
     assert len(table) == 2
+
+
+def test_the_least_recently_used_sampler_is_the_one_released(
+    training: Any, live: LiveServer
+) -> None:
+    """LRU by last request, not by age: a sampler still in use outlives a newer idle one."""
+    prompt = types.ModelInput.from_ints([1, 2, 3])
+    params = types.SamplingParams(max_tokens=2, seed=0)
+
+    def new_sampler() -> Any:
+        training.forward_backward([_datum(PROBE)], "cross_entropy")
+        training.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+        return training.save_weights_and_get_sampling_client().result()
+
+    used, idle = new_sampler(), new_sampler()
+    assert used.sample(prompt, 1, params).result().sequences
+    newest = new_sampler()
+    assert used.sample(prompt, 1, params).result().sequences
+    assert newest.sample(prompt, 1, params).result().sequences
+    with pytest.raises(tinker.NotFoundError, match="was released"):
+        idle.sample(prompt, 1, params).result()

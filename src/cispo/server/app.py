@@ -729,7 +729,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         prefix = f"{session_id}:"
         return {
             "training_run_ids": [r for r in backend.store.runs if r.startswith(prefix)],
-            "sampler_ids": [s for s in backend.samplers if s.startswith(prefix)],
+            "sampler_ids": [s for s in list(backend.samplers) if s.startswith(prefix)],
             "user_metadata": session.user_metadata,
         }
 
