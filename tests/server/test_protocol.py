@@ -236,7 +236,7 @@ def test_unknown_checkpoint_path_and_unknown_future_are_refused(
             "optimizer": True,
         },
     )
-    assert r.status_code == 400 and "unknown training run" in r.json()["detail"]
+    assert r.status_code == 404 and "unknown training run" in r.json()["detail"]
     r = http.post(
         "/load_weights",
         json={

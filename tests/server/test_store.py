@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cispo.checkpoint import load_checkpoint
-from cispo.server.futures import UserError
+from cispo.server.futures import NotFound, UserError
 from cispo.server.store import RunRecord, Store
 
 RUN = "s:train:0"
@@ -37,7 +37,7 @@ def test_saved_weights_round_trip_and_are_a_cispo_checkpoint(tmp_path: Path) -> 
     state = {"model": model, "optimizer": optimizer, "version": 7, "sample_generator": generator}
     path = store.save(RUN, "weights", "a", state)
     assert path == "tinker://s:train:0/weights/a"
-    _, loaded = store.load(path)
+    _, loaded = store.load(path, "default")
     assert torch.equal(loaded["model"]["w"], model["w"]) and loaded["version"] == 7
     assert loaded["optimizer"]["param_groups"] == [{"lr": 0.1}]
     assert torch.equal(loaded["sample_generator"], generator)
@@ -51,7 +51,7 @@ def test_saved_weights_round_trip_and_are_a_cispo_checkpoint(tmp_path: Path) -> 
 def test_sampler_weights_load_with_no_optimizer(tmp_path: Path) -> None:
     store = _store(tmp_path)
     path = store.save(RUN, "sampler_weights", "s", {"model": {"w": torch.ones(2)}, "version": 1})
-    _, loaded = store.load(path)
+    _, loaded = store.load(path, "default")
     assert loaded["optimizer"] is None and "sample_generator" not in loaded
 
 
@@ -72,7 +72,7 @@ def test_a_checkpoint_from_the_old_single_file_format_is_still_read(tmp_path: Pa
     torch.save(
         {"model": {"w": torch.ones(2)}, "optimizer": None, "version": 3}, legacy / "state.pt"
     )
-    _, loaded = store.load("tinker://s:train:0/weights/old")
+    _, loaded = store.load("tinker://s:train:0/weights/old", "default")
     assert loaded["version"] == 3 and torch.equal(loaded["model"]["w"], torch.ones(2))
 
 
@@ -80,5 +80,5 @@ def test_an_incomplete_checkpoint_directory_is_not_a_checkpoint(tmp_path: Path) 
     store = _store(tmp_path)
     store.save(RUN, "weights", "c", {"model": {"w": torch.ones(1)}, "version": 0})
     (tmp_path / "runs" / "s_train_0" / "weights" / "c" / "optimizer.pt").unlink()
-    with pytest.raises(UserError, match="no checkpoint"):
-        store.load("tinker://s:train:0/weights/c")
+    with pytest.raises(NotFound, match="no checkpoint"):
+        store.load("tinker://s:train:0/weights/c", "default")

@@ -1,6 +1,7 @@
 """`cispo serve`: an HTTP server that the `tinker` Python SDK (0.38.x) drives unchanged.
 
     CISPO_API_KEY=tml-local cispo serve --port 8000 --root runs/server
+    cispo serve --keys-file keys.txt     # one "<key> [<user>]" a line: users isolated
     TINKER_API_KEY=tml-local python -c "import tinker; tinker.ServiceClient(base_url='http://127.0.0.1:8000')"
 
 It serves the same engine as the in-process client (`cispo.client`); see docs/server.md for the
@@ -41,8 +42,17 @@ class ServeArgs:
 def serve_main(argv: list[str]) -> int:
     """`cispo serve ARGV...`: parse (tyro), then run uvicorn until interrupted. Bad options and
     values the config refuses print a message and raise SystemExit(2)."""
-    api_key: Any = os.environ.get("CISPO_API_KEY") or tyro.MISSING  # MISSING: a required option
-    default = ServeArgs(server=ServerConfig(root=Path("runs/server"), api_key=api_key))
+    api_key = os.environ.get("CISPO_API_KEY", "")
+    # Built without validation: the key may come from --api-key or --keys-file, checked below.
+    template = object.__new__(ServerConfig)
+    for f in dataclasses.fields(ServerConfig):
+        default_value: Any = f.default
+        if f.default_factory is not dataclasses.MISSING:
+            default_value = f.default_factory()
+        object.__setattr__(template, f.name, default_value)
+    object.__setattr__(template, "root", Path("runs/server"))
+    object.__setattr__(template, "api_key", api_key)
+    default = ServeArgs(server=template)
     try:
         args = tyro.cli(
             ServeArgs,

@@ -2,7 +2,10 @@
 
 Request bodies are validated with the SDK's own pydantic request types (`tinker.types.*Request`),
 so a field the SDK sends is read exactly as the SDK means it, and an unknown field is a 400.
-Every request needs `X-API-Key` (401 otherwise); bodies over `max_request_bytes` get 413.
+Every request needs an `X-API-Key` the server knows (401 otherwise); the key names a user, and
+every session, model, sampling session, future and checkpoint belongs to the user whose request
+created it: another user gets 404 for it, exactly as for an id that does not exist.
+Bodies over `max_request_bytes` get 413.
 Mutating calls answer `{"request_id"}` at once and run on the model's ordered worker; the result is
 fetched with `retrieve_future` (see `futures.py`). Left out: JWT auth, custom losses, images,
 stability info (stable_reinforce: refused with the reason), `retrieve_futures` batching.
@@ -14,6 +17,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import secrets
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
@@ -29,14 +33,14 @@ from tinker import types as tt
 from tinker.proto import tinker_public_pb2 as pb
 
 from cispo.losses import LOSSES
-from cispo.server.futures import Result, UserError
+from cispo.server.futures import NotFound, Result, UserError
 from cispo.server.runtime import (
     LORA_TARGETS,
     STABLE_REINFORCE_REFUSED,
     Backend,
-    NotFound,
     ServedModel,
     ServerConfig,
+    Session,
     _SampleJob,
 )
 from cispo.server.store import EXTERNAL, SCHEME, age_recipients, check_ttl
@@ -59,11 +63,28 @@ class TooLarge(Exception):
     pass
 
 
-class _Guard:
-    """ASGI middleware: API key check (401) and a Content-Length cap (413), before any routing."""
+USER = "cispo_user"
+"""Key of the request's user name in the ASGI scope's "state" (set by `_Guard`)."""
 
-    def __init__(self, app: ASGIApp, api_key: str, max_bytes: int) -> None:
-        self.app, self.key, self.max_bytes = app, api_key.encode(), max_bytes
+
+def _user_of(keys: list[tuple[bytes, str]], given: bytes) -> str | None:
+    """The user of API key `given`, or None. Compares against every key with
+    `hmac.compare_digest`, without stopping at a match, so the time taken does not depend on
+    which key matched or how much of a wrong key was right."""
+    found = None
+    for key, user in keys:
+        if hmac.compare_digest(given, key):
+            found = user
+    return found
+
+
+class _Guard:
+    """ASGI middleware: API key check (401) and a Content-Length cap (413), before any routing.
+    Puts the key's user into `scope["state"][USER]`."""
+
+    def __init__(self, app: ASGIApp, users: dict[str, str], max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+        self.keys = [(key.encode(), user) for key, user in users.items()]
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -73,7 +94,8 @@ class _Guard:
         if scope["path"].startswith(FILES_ROUTE) and scope["method"] in ("GET", "HEAD"):
             await self.app(scope, receive, send)  # signed URLs: the route checks the signature
             return
-        if not hmac.compare_digest(headers.get(b"x-api-key", b""), self.key):
+        user = _user_of(self.keys, headers.get(b"x-api-key", b""))
+        if user is None:
             response = JSONResponse({"detail": "missing or wrong X-API-Key"}, status_code=401)
             await response(scope, receive, send)
             return
@@ -84,6 +106,7 @@ class _Guard:
             )
             await response(scope, receive, send)
             return
+        scope.setdefault("state", {})[USER] = user
         await self.app(scope, receive, send)
 
 
@@ -122,11 +145,12 @@ def create_app(config: ServerConfig) -> FastAPI:
     limit = config.max_request_bytes
 
     async def sweep_expired() -> None:
-        """Delete checkpoints whose TTL has passed, every `ttl_sweep_seconds` (on the control
-        thread, so never during a create-from-checkpoint load)."""
+        """Every `ttl_sweep_seconds`: finish idle sessions, and delete checkpoints whose TTL has
+        passed (on the control thread, so never during a create-from-checkpoint load)."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(config.ttl_sweep_seconds)
+            backend.expire_idle_sessions()
             await loop.run_in_executor(backend._control, backend.store.sweep)
 
     @asynccontextmanager
@@ -144,7 +168,10 @@ def create_app(config: ServerConfig) -> FastAPI:
         openapi_url=None,
     )
     app.state.backend = backend
-    app.add_middleware(_Guard, api_key=config.api_key, max_bytes=limit)
+    app.add_middleware(_Guard, users=config.users(), max_bytes=limit)
+
+    def user(request: Request) -> str:
+        return str(request.scope["state"][USER])
 
     @app.exception_handler(UserError)
     @app.exception_handler(WireError)
@@ -190,13 +217,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         request on the model would wait for this one forever."""
         try:
             yield
-        except (UserError, WireError) as error:
+        except (UserError, WireError, NotFound) as error:
             if seq_id is not None:
                 served.sequencer.refuse(backend.futures, seq_id, error)
             raise
 
-    def on_control(work: Callable[[], Result]) -> str:
-        request_id = backend.futures.create()
+    def on_control(owner: str, work: Callable[[], Result]) -> str:
+        request_id = backend.futures.create(owner)
         backend.futures.run_on(backend._control, request_id, work)
         return request_id
 
@@ -250,21 +277,22 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post(f"{api}/create_session")
     async def create_session(request: Request) -> dict[str, Any]:
         req = await body_of(request, tt.CreateSessionRequest)
-        session_id = backend.create_session(list(req.tags), req.user_metadata)
+        session_id = backend.create_session(list(req.tags), req.user_metadata, user(request))
         return {"type": "create_session", "session_id": session_id}
 
     @app.post(f"{api}/session_heartbeat")
     async def heartbeat(request: Request) -> Response:
         req = await body_of(request, tt.SessionHeartbeatRequest)
-        session = backend.sessions.get(req.session_id)
-        if session is None or session.finished:
+        try:
+            backend.session(req.session_id, user(request))
+        except NotFound:  # 410 stops the SDK's heartbeat loop
             return JSONResponse({"detail": "session finished or unknown"}, status_code=410)
         return JSONResponse({"type": "session_heartbeat"})
 
     @app.post(f"{api}/sessions/{{session_id}}/finish")
     async def finish(session_id: str, request: Request) -> dict[str, Any]:
         await _body(request, limit)
-        backend.finish_session(session_id)
+        backend.finish_session(session_id, user(request))
         return {}
 
     # ------------------------------------------------------------------ models
@@ -273,10 +301,11 @@ def create_app(config: ServerConfig) -> FastAPI:
         req = await body_of(request, tt.CreateModelRequest)
         if getattr(req.optimizer_config, "type", "adamw") != "adamw":
             raise UserError("only the adamw optimizer is supported")
-        model_id = backend.reserve_model_id(req.session_id, req.model_seq_id)
+        owner = user(request)
+        model_id = backend.reserve_model_id(req.session_id, req.model_seq_id, owner)
         try:
             lora = req.lora_config.model_dump() if req.lora_config is not None else None
-            record = backend.new_record(model_id, req.base_model, lora, req.user_metadata)
+            record = backend.new_record(model_id, req.base_model, lora, req.user_metadata, owner)
         except Exception:
             backend._reserved.discard(model_id)
             raise
@@ -288,12 +317,12 @@ def create_app(config: ServerConfig) -> FastAPI:
                 backend._reserved.discard(model_id)
             return {"model_id": model_id, "type": "create_model"}
 
-        return future(on_control(work), model_id)
+        return future(on_control(owner, work), model_id)
 
     @app.post(f"{api}/get_info")
     async def get_info(request: Request) -> dict[str, Any]:
         req = await body_of(request, tt.GetInfoRequest)
-        return backend.get_info(req.model_id)
+        return backend.get_info(req.model_id, user(request))
 
     @app.post(f"{api}/forward_backward")
     async def forward_backward(request: Request) -> dict[str, Any]:
@@ -315,10 +344,10 @@ def create_app(config: ServerConfig) -> FastAPI:
             except DecodeError:
                 raise error from None
             served = backend.models.get(header.model_id)
-            if served is not None:
+            if served is not None and served.owner == user(request):
                 served.sequencer.refuse(backend.futures, int(header.seq_id), error)
             raise
-        served = backend.model(call.model_id)
+        served = backend.model(call.model_id, user(request))
         with consumes_seq_id(served, call.seq_id):
             await asyncio.to_thread(backend.check_forward_backward, served, call)
         rid = ordered(served, call.seq_id, lambda: backend.run_forward_backward(served, call))
@@ -327,7 +356,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post(f"{api}/optim_step")
     async def optim_step(request: Request) -> dict[str, Any]:
         req = await body_of(request, tt.OptimStepRequest)
-        served = backend.model(req.model_id)
+        served = backend.model(req.model_id, user(request))
         params = req.optim_params
         with consumes_seq_id(served, req.seq_id):
             if not isinstance(params, tt.AdamParams):
@@ -342,7 +371,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post(f"{api}/save_weights")
     async def save_weights(request: Request) -> dict[str, Any]:
         req = await body_of(request, tt.SaveWeightsRequest)
-        served = backend.model(req.model_id)
+        served = backend.model(req.model_id, user(request))
         with consumes_seq_id(served, req.seq_id):
             check_ttl(req.ttl_seconds)
         name = req.path or f"step-{served.engine.version}"
@@ -358,7 +387,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post(f"{api}/save_weights_for_sampler")
     async def save_weights_for_sampler(request: Request) -> dict[str, Any]:
         req = await body_of(request, tt.SaveWeightsForSamplerRequest)
-        served = backend.model(req.model_id)
+        served = backend.model(req.model_id, user(request))
         with consumes_seq_id(served, req.seq_id):
             check_ttl(req.ttl_seconds)
         work: Callable[[], Result]
@@ -378,7 +407,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post(f"{api}/save_weights_external")
     async def save_weights_external(request: Request) -> dict[str, Any]:
         req = await body_of(request, tt.SaveWeightsExternalRequest)
-        served = backend.model(req.model_id)
+        served = backend.model(req.model_id, user(request))
         with consumes_seq_id(served, req.seq_id):
             check_ttl(req.ttl_seconds)
             backend.store.checkpoint_dir(served.model_id, f"{EXTERNAL}/{req.path}")
@@ -390,31 +419,33 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post(f"{api}/load_weights")
     async def load_weights(request: Request) -> dict[str, Any]:
         req = await body_of(request, tt.LoadWeightsRequest)
+        owner = user(request)
         if req.model_id is not None:
-            served = backend.model(req.model_id)
+            served = backend.model(req.model_id, owner)
             with consumes_seq_id(served, req.seq_id):
-                backend.store.resolve(req.path)  # 400 now for an unknown path
+                backend.store.resolve(req.path, owner)  # 4xx now for an unknown path
             path, opt = req.path, req.optimizer
             rid = ordered(served, req.seq_id, lambda: backend.run_load(served, path, opt))
             return future(rid, served.model_id)
         if req.session_id is None or req.model_seq_id is None:
             raise UserError("load_weights needs model_id, or session_id and model_seq_id")
-        source, _, _ = backend.store.resolve(req.path)
+        source, _, _ = backend.store.resolve(req.path, owner)
         if req.base_model is not None and req.base_model != source.base_model:
             raise UserError(
                 f"{req.path!r} was trained on {source.base_model!r}, not {req.base_model!r}"
             )
-        model_id = backend.reserve_model_id(req.session_id, req.model_seq_id)
+        model_id = backend.reserve_model_id(req.session_id, req.model_seq_id, owner)
         path, opt, meta = req.path, req.optimizer, req.user_metadata
 
         def work() -> Result:
             try:
-                record, state = backend.store.load(path)
+                record, state = backend.store.load(path, owner)
                 new = backend.new_record(
                     model_id,
                     record.base_model,
                     {"rank": record.lora_rank, "seed": record.seed} if record.lora_rank else None,
                     meta if meta is not None else record.user_metadata,
+                    owner,
                 )
                 new.lora_targets, new.model_overrides = record.lora_targets, record.model_overrides
                 backend.create_model(new, state, optimizer=opt)
@@ -422,29 +453,30 @@ def create_app(config: ServerConfig) -> FastAPI:
                 backend._reserved.discard(model_id)
             return {"model_id": model_id, "path": path, "type": "load_weights"}
 
-        return future(on_control(work), model_id)
+        return future(on_control(owner, work), model_id)
 
     # ------------------------------------------------------------------ sampling
     @app.post(f"{api}/create_sampling_session")
     async def create_sampling_session(request: Request) -> dict[str, Any]:
         req = await body_of(request, tt.CreateSamplingSessionRequest)
-        session = backend.sessions.get(req.session_id)
-        if session is None or session.finished:
-            raise NotFound(f"unknown or finished session {req.session_id!r}")
+        owner = user(request)
+        backend.session(req.session_id, owner)
         if req.model_path is not None:
-            backend.store.resolve(req.model_path)
+            backend.store.resolve(req.model_path, owner)
         elif req.base_model is not None:
             backend.check_base_model(req.base_model)
         sampler_id = f"{req.session_id}:sample:{req.sampling_session_seq_id}"
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             backend._control,
-            lambda: backend.create_sampler(sampler_id, req.base_model, req.model_path),
+            lambda: backend.create_sampler(
+                sampler_id, req.base_model, req.model_path, owner, req.session_id
+            ),
         )
 
     @app.get(f"{api}/samplers/{{sampler_id}}")
-    async def get_sampler(sampler_id: str) -> dict[str, Any]:
-        s = backend.sampler(sampler_id)
+    async def get_sampler(sampler_id: str, request: Request) -> dict[str, Any]:
+        s = backend.sampler(sampler_id, user(request))
         return {"sampler_id": s.sampler_id, "base_model": s.base_model, "model_path": s.model_path}
 
     @app.post(f"{api}/asample")
@@ -452,7 +484,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         req = await body_of(request, tt.SampleRequest)
         if req.sampling_session_id is None:
             raise UserError("asample needs a sampling_session_id (create_sampling_session first)")
-        sampler = backend.sampler(req.sampling_session_id)
+        owner = user(request)
+        sampler = backend.sampler(req.sampling_session_id, owner)
         if req.record_stability_info:
             # Only stable_reinforce reads it, and that loss is refused: say so at the first request.
             raise UserError(f"record_stability_info=True is refused. {STABLE_REINFORCE_REFUSED}")
@@ -504,10 +537,24 @@ def create_app(config: ServerConfig) -> FastAPI:
                 f"prompt ({len(prompt)} tokens) + max_tokens ({sp.max_tokens}) exceeds "
                 f"max_context_length={limit} of {sampler.base_model!r}"
             )
+        if sp.max_tokens is None and (limit is None or len(prompt) >= limit):
+            raise UserError(
+                "sampling_params.max_tokens=None means 'up to the context length', and "
+                f"{sampler.base_model!r} has room for no more tokens after a {len(prompt)}-token "
+                f"prompt (max_context_length={limit}); give max_tokens"
+            )
+        tokens = req.num_samples * (sp.max_tokens or (limit or 0) - len(prompt))
+        if tokens > config.max_sample_tokens:
+            raise UserError(
+                f"num_samples ({req.num_samples}) × max_tokens "
+                f"({sp.max_tokens or f'None = {(limit or 0) - len(prompt)} left of the context'}) "
+                f"= {tokens} exceeds max_sample_tokens={config.max_sample_tokens} of this server; "
+                "ask for fewer samples or tokens per request"
+            )
         last_n = req.prompt_logprobs_last_n
         if last_n is not None and not 1 <= last_n <= len(prompt) - 1:
             raise UserError(f"prompt_logprobs_last_n must be in [1, {len(prompt) - 1}]")
-        request_id = backend.futures.create()
+        request_id = backend.futures.create(owner)
         backend.enqueue_sample(
             _SampleJob(
                 request_id=request_id,
@@ -529,39 +576,40 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post(f"{api}/retrieve_future")
     async def retrieve_future(request: Request) -> Response:
         req = await body_of(request, tt.FutureRetrieveRequest)
-        if req.request_id not in backend.futures:
-            raise NotFound(f"unknown request_id {req.request_id!r}")
+        backend.futures.check(req.request_id, user(request))
         result = await backend.futures.wait(req.request_id)
         return _result_response(req.request_id, result)
 
     # ------------------------------------------------------------------ training runs (REST)
     @app.get(f"{api}/training_runs")
-    async def training_runs(limit: int = 20, offset: int = 0) -> dict[str, Any]:
-        runs = sorted(backend.store.runs.values(), key=lambda r: r.created, reverse=True)
+    async def training_runs(request: Request, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+        owner = user(request)
+        runs = [r for r in list(backend.store.runs.values()) if r.owner == owner]
+        runs.sort(key=lambda r: r.created, reverse=True)
         page = runs[offset : offset + limit]
         return {
             "training_runs": [backend.store.training_run_json(r) for r in page],
             "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)},
         }
 
-    def run_record(run_id: str) -> Any:
-        record = backend.store.runs.get(run_id)
+    def run_record(run_id: str, request: Request) -> Any:
+        record = backend.store.owned(run_id, user(request))
         if record is None:
             raise NotFound(f"unknown training run {run_id!r}")
         return record
 
     @app.get(f"{api}/training_runs/{{run_id}}")
-    async def training_run(run_id: str) -> dict[str, Any]:
-        return backend.store.training_run_json(run_record(run_id))
+    async def training_run(run_id: str, request: Request) -> dict[str, Any]:
+        return backend.store.training_run_json(run_record(run_id, request))
 
     @app.get(f"{api}/training_runs/{{run_id}}/checkpoints")
-    async def checkpoints(run_id: str) -> dict[str, Any]:
-        record = run_record(run_id)
+    async def checkpoints(run_id: str, request: Request) -> dict[str, Any]:
+        record = run_record(run_id, request)
         backend.store.sweep()
         return {"checkpoints": list(record.checkpoints)}
 
-    def checkpoint_entry(run_id: str, checkpoint_id: str) -> dict[str, Any]:
-        run_record(run_id)
+    def checkpoint_entry(run_id: str, checkpoint_id: str, request: Request) -> dict[str, Any]:
+        run_record(run_id, request)
         backend.store.checkpoint_dir(run_id, checkpoint_id)  # 400 for a malformed id
         entry = backend.store.entry(run_id, checkpoint_id)
         if entry is None:
@@ -569,8 +617,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         return entry
 
     @app.delete(f"{api}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}")
-    async def delete_checkpoint(run_id: str, checkpoint_id: str) -> Response:
-        checkpoint_entry(run_id, checkpoint_id)
+    async def delete_checkpoint(run_id: str, checkpoint_id: str, request: Request) -> Response:
+        checkpoint_entry(run_id, checkpoint_id, request)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(
             backend._control, lambda: backend.store.delete(run_id, checkpoint_id)
@@ -592,11 +640,11 @@ def create_app(config: ServerConfig) -> FastAPI:
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int)):
             raise UserError(f"ttl_seconds must be an integer or null, got {ttl!r}")
         check_ttl(ttl)
-        checkpoint_entry(run_id, checkpoint_id)
+        checkpoint_entry(run_id, checkpoint_id, request)
         backend.store.set_ttl(run_id, checkpoint_id, ttl)
         return Response(status_code=204)
 
-    signing_key = hmac.new(config.api_key.encode(), b"cispo external_files", "sha256").digest()
+    signing_key = secrets.token_bytes(32)  # per server process: a restart voids old URLs
 
     def signature(relative: str, expires: int) -> str:
         return hmac.new(signing_key, f"{relative}|{expires}".encode(), hashlib.sha256).hexdigest()
@@ -608,7 +656,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         kind, _, name = checkpoint_id.partition("/")
         if kind != EXTERNAL:
             raise UserError(f"only {EXTERNAL}/<name> checkpoints have download URLs")
-        checkpoint_entry(run_id, checkpoint_id)
+        checkpoint_entry(run_id, checkpoint_id, request)
         files = backend.store.external_files(run_id, name)
         expires = int(time.time()) + URL_LIFETIME_S
         base = str(request.base_url).rstrip("/")
@@ -642,7 +690,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             path = json.loads(body)["tinker_path"]
         except (ValueError, KeyError, TypeError) as error:
             raise UserError("weights_info takes {'tinker_path': 'tinker://...'}") from error
-        record, _, _ = backend.store.resolve(str(path))
+        record, _, _ = backend.store.resolve(str(path), user(request))
         lora = record.lora_rank > 0
         targets = set(record.lora_targets)
         return {
@@ -657,8 +705,10 @@ def create_app(config: ServerConfig) -> FastAPI:
         }
 
     @app.get(f"{api}/checkpoints")
-    async def user_checkpoints(limit: int = 100, offset: int = 0) -> dict[str, Any]:
-        found = backend.store.all_checkpoints()
+    async def user_checkpoints(
+        request: Request, limit: int = 100, offset: int = 0
+    ) -> dict[str, Any]:
+        found = backend.store.all_checkpoints(user(request))
         return {
             "checkpoints": found[offset : offset + limit],
             "cursor": {"offset": offset, "limit": limit, "total_count": len(found)},
@@ -666,19 +716,20 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     # ------------------------------------------------------------------ sessions (REST)
     @app.get(f"{api}/sessions")
-    async def list_sessions(limit: int = 20, offset: int = 0) -> dict[str, Any]:
-        ids = list(reversed(backend.sessions))  # newest first
+    async def list_sessions(request: Request, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+        owner = user(request)
+        ids = [k for k, s in reversed(list(backend.sessions.items())) if s.owner == owner]
         return {"sessions": ids[offset : offset + limit]}
 
     @app.get(f"{api}/sessions/{{session_id}}")
-    async def get_session(session_id: str) -> dict[str, Any]:
-        session = backend.sessions.get(session_id)
-        if session is None:
+    async def get_session(session_id: str, request: Request) -> dict[str, Any]:
+        session: Session | None = backend.sessions.get(session_id)
+        if session is None or session.owner != user(request):
             raise NotFound(f"unknown session {session_id!r}")
         prefix = f"{session_id}:"
         return {
             "training_run_ids": [r for r in backend.store.runs if r.startswith(prefix)],
-            "sampler_ids": [s for s in backend.samplers if s.startswith(prefix)],
+            "sampler_ids": [s for s in list(backend.samplers) if s.startswith(prefix)],
             "user_metadata": session.user_metadata,
         }
 
@@ -694,7 +745,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             data = None
         if isinstance(data, dict) and isinstance(data.get("seq_id"), int):
             served = backend.models.get(str(data.get("model_id")))
-            if served is not None:
+            if served is not None and served.owner == user(request):
                 served.sequencer.refuse(backend.futures, data["seq_id"], UserError(detail))
         return JSONResponse({"detail": detail}, status_code=404)
 

@@ -20,9 +20,11 @@ All methods run on the event loop thread, except the work itself, which runs on 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
-import itertools
 import logging
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,32 +39,51 @@ class UserError(ValueError):
     """A request that is valid on the wire but wrong for this server (category "user")."""
 
 
+class NotFound(LookupError):
+    """An unknown session, model, sampler, request or checkpoint, or one another API key owns
+    (the same answer either way); the server answers 404."""
+
+
 @dataclass
 class _Entry:
+    owner: str
     done: asyncio.Event = field(default_factory=asyncio.Event)
     result: Result | None = None
 
 
 class FutureTable:
-    """request_id -> result, filled by workers, read by long polls."""
+    """request_id -> result, filled by workers, read by long polls. Request ids are random
+    (uuid4: 122 bits), and each future belongs to the user whose request created it: another
+    user's poll gets NotFound, as for an id that never existed. A result is kept for
+    `keep_seconds` after it is ready, then forgotten (its id becomes unknown), so a long-running
+    server does not hold every result it ever produced."""
 
-    def __init__(self, poll_timeout: float = 30.0) -> None:
+    def __init__(self, poll_timeout: float = 30.0, keep_seconds: float = 3600.0) -> None:
         self.poll_timeout = poll_timeout
+        self.keep_seconds = keep_seconds
         self._entries: dict[str, _Entry] = {}
-        self._ids = itertools.count(1)
+        self._done: collections.deque[tuple[float, str]] = collections.deque()
 
-    def create(self) -> str:
-        request_id = f"req-{next(self._ids)}"
-        self._entries[request_id] = _Entry()
+    def create(self, owner: str) -> str:
+        cutoff = time.monotonic() - self.keep_seconds
+        while self._done and self._done[0][0] < cutoff:
+            self._entries.pop(self._done.popleft()[1], None)
+        request_id = f"req-{uuid.uuid4().hex}"
+        self._entries[request_id] = _Entry(owner)
         return request_id
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def resolve(self, request_id: str, result: Result) -> None:
         entry = self._entries[request_id]
         entry.result = result
         entry.done.set()
+        self._done.append((time.monotonic(), request_id))
 
     def fail(self, request_id: str, error: BaseException) -> None:
-        category = "user" if isinstance(error, (UserError, ValueError, KeyError)) else "server"
+        user = (UserError, ValueError, KeyError, NotFound)
+        category = "user" if isinstance(error, user) else "server"
         if category == "server":
             logger.exception("request %s failed", request_id, exc_info=error)
         self.resolve(
@@ -91,6 +112,12 @@ class FutureTable:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._entries
 
+    def check(self, request_id: str, owner: str) -> None:
+        """NotFound unless `request_id` exists and belongs to `owner` (one message for both)."""
+        entry = self._entries.get(request_id)
+        if entry is None or entry.owner != owner:
+            raise NotFound(f"unknown request_id {request_id!r}")
+
     async def wait(self, request_id: str, timeout: float | None = None) -> Result | None:
         """The result, or None if it is not ready within the poll timeout."""
         entry = self._entries[request_id]
@@ -107,6 +134,8 @@ class ModelSequencer:
     """Runs one model's requests in seq_id order on one worker thread."""
 
     name: str
+    owner: str
+    """The user whose futures this model's requests create."""
     window: int = 1024
     """seq_ids at or beyond `next_seq_id + window` are refused: they would wait (and hold memory)
     for predecessors that may never come. The SDK's lead is the chunk count of one
@@ -136,7 +165,7 @@ class ModelSequencer:
                 f"[{self.next_seq_id}, {self.next_seq_id + self.window - 1}] "
                 f"(next expected: {self.next_seq_id}, window {self.window})"
             )
-        request_id = table.create()
+        request_id = table.create(self.owner)
         self._by_seq_id[seq_id] = request_id
         self._pending[seq_id] = (request_id, work)
         while self.next_seq_id in self._pending:

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import logging
+import re
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,8 +38,8 @@ from cispo.engine.sampler import HFSampler
 from cispo.engine.validation import DatumError, context_length, vocab_size
 from cispo.models import TINY, apply_lora, load_bundle
 from cispo.ops.topk_logprobs import model_topk_logprobs
-from cispo.server.futures import FutureTable, ModelSequencer, Result, UserError
-from cispo.server.store import EXTERNAL, RunRecord, Store, encrypt_tree
+from cispo.server.futures import FutureTable, ModelSequencer, NotFound, Result, UserError
+from cispo.server.store import DEFAULT_OWNER, EXTERNAL, RunRecord, Store, encrypt_tree
 from cispo.server.wire import (
     MAX_TENSOR_VALUES,
     ForwardBackwardCall,
@@ -77,17 +80,56 @@ STABLE_REINFORCE_REFUSED = (
 )
 
 
-class NotFound(LookupError):
-    """An unknown session, model or sampler id; the server answers 404."""
+_USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def read_keys_file(path: Path) -> dict[str, str]:
+    """API key -> user name, from a keys file: one `<key> [<user>]` per line; blank lines and
+    lines starting with # are skipped. A key without a user name is its own user,
+    `key-<first 12 hex digits of its sha256>`. Several keys may name one user (they then share
+    everything, e.g. during a key rotation). ValueError names the line of a bad entry."""
+    keys: dict[str, str] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise ValueError(f"keys_file {str(path)!r} cannot be read: {error}") from error
+    for number, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        where = f"keys_file {str(path)!r} line {number}"
+        if len(fields) > 2:
+            raise ValueError(f"{where}: expected '<key> [<user>]', got {len(fields)} fields")
+        key = fields[0]
+        user = (
+            fields[1]
+            if len(fields) == 2
+            else f"key-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        )
+        if not _USER.match(user):
+            raise ValueError(
+                f"{where}: user name {user!r} must match {_USER.pattern} (letters, digits, . _ -)"
+            )
+        if key in keys:
+            raise ValueError(f"{where}: this key is listed twice")
+        keys[key] = user
+    if not keys:
+        raise ValueError(f"keys_file {str(path)!r} lists no key")
+    return keys
 
 
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     root: Path
     """Directory for tinker:// checkpoints, training-run records and tokenizers."""
-    api_key: str
-    """Every request must carry it in X-API-Key (`cispo serve` reads $CISPO_API_KEY when the
-    option is not given). The tinker SDK only sends keys that start with "tml-"."""
+    api_key: str = ""
+    """A key every request may carry in X-API-Key, the user "default" (`cispo serve` reads
+    $CISPO_API_KEY when the option is not given). The tinker SDK only sends keys that start with
+    "tml-". Give it, `keys_file`, or both."""
+    keys_file: Path | None = None
+    """One API key per line, `<key> [<user>]` (# comments): each user sees only the sessions,
+    models, sampling sessions, futures and checkpoints its own keys created (docs/server.md,
+    "Users and isolation")."""
     base_models: tuple[str, ...] = (TINY,)
     """Base models clients may create: "tiny", "smollm2-135m" or local HF directories (several:
     `--base-models tiny path/to/hf_dir`)."""
@@ -105,14 +147,52 @@ class ServerConfig:
     """A model accepts seq_ids in [next, next + max_seq_ids_ahead); further ones get 400."""
     poll_timeout: float = 30.0
     """Seconds one retrieve_future long poll waits before answering try_again."""
+    result_keep_seconds: float = 3600.0
+    """How long a finished request's result stays retrievable (retrieve_future); then its
+    request_id is unknown (404)."""
     ttl_sweep_seconds: float = 60.0
-    """How often checkpoints whose TTL has passed are deleted (they are refused at once anyway)."""
+    """How often checkpoints whose TTL has passed are deleted (they are refused at once anyway)
+    and idle sessions are finished."""
+    max_lora_rank: int = 256
+    """Largest LoRA rank a client may ask for (create_model); larger ranks get 400."""
+    max_sample_tokens: int = 65536
+    """Most tokens one sample request may generate: num_samples × max_tokens (max_tokens=None
+    counts as the model's context length minus the prompt). One sampling thread serves every
+    session, so this bounds how long one request holds the others."""
+    max_samplers_per_session: int = 8
+    """Sampling sessions (each a full copy of its model) one session keeps; creating one more
+    releases the least recently used, whose later requests get 404 saying it was released."""
+    session_idle_seconds: float = 600.0
+    """A session with no heartbeat and no request for this long is finished (its models and
+    sampling sessions released; checkpoints stay). The SDK heartbeats every 10 s."""
     engine: EngineConfig | None = None
     """Engine settings of every served model (None: the engine's defaults)."""
 
     def __post_init__(self) -> None:
-        if not self.api_key:
-            raise ValueError("api_key must be non-empty")
+        if not self.api_key and self.keys_file is None:
+            raise ValueError("give api_key (--api-key or $CISPO_API_KEY), keys_file, or both")
+        if self.keys_file is not None and self.api_key in read_keys_file(self.keys_file):
+            raise ValueError("api_key is also listed in keys_file; give each key once")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.max_sample_tokens < 1:
+            raise ValueError(f"max_sample_tokens must be >= 1, got {self.max_sample_tokens}")
+        if self.max_samplers_per_session < 1:
+            raise ValueError(
+                f"max_samplers_per_session must be >= 1, got {self.max_samplers_per_session}"
+            )
+        if not 0 < self.session_idle_seconds < float("inf"):
+            raise ValueError(
+                f"session_idle_seconds must be a finite number > 0, got {self.session_idle_seconds}"
+            )
+        if not 0 < self.result_keep_seconds < float("inf"):
+            raise ValueError(
+                f"result_keep_seconds must be a finite number > 0, got {self.result_keep_seconds}"
+            )
+        if not 0 < self.ttl_sweep_seconds < float("inf"):
+            raise ValueError(
+                f"ttl_sweep_seconds must be a finite number > 0, got {self.ttl_sweep_seconds}"
+            )
         if not self.base_models:
             raise ValueError("base_models must name at least one model")
         if self.max_request_bytes < 1024:
@@ -124,13 +204,23 @@ class ServerConfig:
         if self.max_tensor_values < 1:
             raise ValueError(f"max_tensor_values must be >= 1, got {self.max_tensor_values}")
 
+    def users(self) -> dict[str, str]:
+        """API key -> user name: `api_key` is "default", then the keys file's entries."""
+        keys = {self.api_key: DEFAULT_OWNER} if self.api_key else {}
+        if self.keys_file is not None:
+            keys.update(read_keys_file(self.keys_file))
+        return keys
+
 
 @dataclass
 class Session:
     session_id: str
     tags: list[str]
     user_metadata: dict[str, Any] | None
+    owner: str = DEFAULT_OWNER
     finished: bool = False
+    last_seen: float = field(default_factory=time.monotonic)
+    """time.monotonic() of its last heartbeat or request (idle sessions expire)."""
 
 
 @dataclass
@@ -141,6 +231,10 @@ class ServedModel:
     engine: Engine
     tokenizer: Any
     sequencer: ModelSequencer
+
+    @property
+    def owner(self) -> str:
+        return self.record.owner
 
     @property
     def vocab_size(self) -> int:
@@ -160,6 +254,9 @@ class SamplerSession:
     tokenizer: Any
     vocab_size: int
     max_context_length: int | None
+    owner: str = DEFAULT_OWNER
+    session_id: str = ""
+    last_used: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -183,10 +280,13 @@ class Backend:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.store = Store(config.root)
-        self.futures = FutureTable(config.poll_timeout)
+        self.futures = FutureTable(config.poll_timeout, config.result_keep_seconds)
         self.sessions: dict[str, Session] = {}
         self.models: dict[str, ServedModel] = {}
         self.samplers: dict[str, SamplerSession] = {}
+        self._released: dict[str, set[str]] = {}
+        """session_id -> its sampling sessions released by max_samplers_per_session."""
+        self._sampler_lock = threading.Lock()
         self._reserved: set[str] = set()
         self._control = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cispo-ctl")
         self._sampling = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cispo-smp")
@@ -271,11 +371,15 @@ class Backend:
         base_model: str,
         lora: Mapping[str, Any] | None,
         user_metadata: Mapping[str, Any] | None,
+        owner: str = DEFAULT_OWNER,
     ) -> RunRecord:
         self.check_base_model(base_model)
         rank = 0 if lora is None or self.config.full_finetune else int(lora["rank"])
-        if rank < 0:
-            raise UserError(f"lora_config.rank must be >= 0, got {rank}")
+        if not 0 <= rank <= self.config.max_lora_rank:
+            raise UserError(
+                f"lora_config.rank must be in [0, {self.config.max_lora_rank}] "
+                f"(max_lora_rank of this server), got {rank}"
+            )
         targets = [
             m for flag, mods in LORA_TARGETS.items() if (lora or {}).get(flag, True) for m in mods
         ]
@@ -293,12 +397,20 @@ class Backend:
             seed=self.config.seed if seed is None else int(seed),
             model_overrides=dict(self.config.model_overrides) if base_model == TINY else {},
             user_metadata={str(k): str(v) for k, v in (user_metadata or {}).items()} or None,
+            owner=owner,
         )
 
-    def reserve_model_id(self, session_id: str, model_seq_id: int) -> str:
+    def session(self, session_id: str, owner: str) -> Session:
+        """The live session `session_id` of `owner` (NotFound if unknown, finished or another
+        user's: one message for all three), marked as seen now."""
         session = self.sessions.get(session_id)
-        if session is None or session.finished:
+        if session is None or session.finished or session.owner != owner:
             raise NotFound(f"unknown or finished session {session_id!r}")
+        session.last_seen = time.monotonic()
+        return session
+
+    def reserve_model_id(self, session_id: str, model_seq_id: int, owner: str) -> str:
+        self.session(session_id, owner)
         model_id = f"{session_id}:train:{model_seq_id}"
         if model_id in self.models or model_id in self._reserved:
             raise UserError(f"model {model_id!r} already exists (model_seq_id reused)")
@@ -327,7 +439,7 @@ class Backend:
             record=record,
             engine=engine,
             tokenizer=tokenizer,
-            sequencer=ModelSequencer(model_id, window=self.config.max_seq_ids_ahead),
+            sequencer=ModelSequencer(model_id, record.owner, window=self.config.max_seq_ids_ahead),
         )
         self.store.add_run(record)
         self.models[model_id] = served
@@ -343,15 +455,19 @@ class Backend:
         except RuntimeError as error:  # state_dict key/shape mismatch
             raise UserError(f"checkpoint does not fit this model: {error}") from error
 
-    def model(self, model_id: str) -> ServedModel:
+    def model(self, model_id: str, owner: str) -> ServedModel:
+        """The live model `model_id` of `owner`; NotFound if unknown or another user's."""
         served = self.models.get(model_id)
-        if served is None:
+        if served is None or served.owner != owner:
             raise NotFound(f"unknown model_id {model_id!r}")
         self.store.touch(model_id)
+        session = self.sessions.get(served.session_id)
+        if session is not None:
+            session.last_seen = time.monotonic()
         return served
 
-    def get_info(self, model_id: str) -> dict[str, Any]:
-        served = self.model(model_id)
+    def get_info(self, model_id: str, owner: str) -> dict[str, Any]:
+        served = self.model(model_id, owner)
         record = served.record
         arch = getattr(getattr(served.engine.model, "config", None), "model_type", None)
         return {
@@ -457,7 +573,7 @@ class Backend:
     def run_ephemeral_sampler(self, served: ServedModel, sampling_session_seq_id: int) -> Result:
         snapshot = served.engine.sampler_model()
         sampler_id = f"{served.session_id}:sample:{sampling_session_seq_id}"
-        self.samplers[sampler_id] = self._sampler(
+        sampler = self._sampler(
             sampler_id,
             served.record.base_model,
             None,
@@ -465,10 +581,11 @@ class Backend:
             served.tokenizer,
             (served.record.seed + 7919 * sampling_session_seq_id) % 2**64,
         )
+        self._register_sampler(sampler, served.owner, served.session_id)
         return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
     def run_load(self, served: ServedModel, path: str, optimizer: bool) -> dict[str, Any]:
-        record, state = self.store.load(path)
+        record, state = self.store.load(path, served.owner)
         mine = served.record
         if (record.base_model, record.lora_rank, record.lora_targets) != (
             mine.base_model,
@@ -510,11 +627,16 @@ class Backend:
         )
 
     def create_sampler(
-        self, sampler_id: str, base_model: str | None, model_path: str | None
+        self,
+        sampler_id: str,
+        base_model: str | None,
+        model_path: str | None,
+        owner: str,
+        session_id: str,
     ) -> dict[str, Any]:
         """Runs on the control thread: build the base model, load saved weights if given."""
         if model_path is not None:
-            record, state = self.store.load(model_path)
+            record, state = self.store.load(model_path, owner)
         elif base_model is not None:
             record, state = self.new_record(sampler_id, base_model, None, None), None
         else:
@@ -528,15 +650,50 @@ class Backend:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        self.samplers[sampler_id] = self._sampler(
+        sampler = self._sampler(
             sampler_id, record.base_model, model_path, model, tokenizer, record.seed
         )
+        self._register_sampler(sampler, owner, session_id)
         return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
 
-    def sampler(self, sampler_id: str) -> SamplerSession:
-        found = self.samplers.get(sampler_id)
-        if found is None:
-            raise NotFound(f"unknown sampling_session_id {sampler_id!r}")
+    def _register_sampler(self, sampler: SamplerSession, owner: str, session_id: str) -> None:
+        """Add a sampling session; past `max_samplers_per_session` in its session, release the
+        least recently used other one (its model copy is freed once queued requests are done)."""
+        sampler.owner, sampler.session_id = owner, session_id
+        with self._sampler_lock:
+            self.samplers[sampler.sampler_id] = sampler
+            released = self._released.setdefault(session_id, set())
+            released.discard(sampler.sampler_id)
+            mine = [s for s in self.samplers.values() if s.session_id == session_id]
+            excess = len(mine) - self.config.max_samplers_per_session
+            for old in sorted(mine, key=lambda s: s.last_used)[: max(excess, 0)]:
+                if old is not sampler:
+                    del self.samplers[old.sampler_id]
+                    released.add(old.sampler_id)
+
+    def sampler(self, sampler_id: str, owner: str) -> SamplerSession:
+        """The sampling session `sampler_id` of `owner`, marked as used now; NotFound if unknown,
+        another user's, or released (then the message says why)."""
+        with self._sampler_lock:
+            found = self.samplers.get(sampler_id)
+            if found is None or found.owner != owner:
+                session = self.sessions.get(sampler_id.split(":sample:")[0])
+                if (
+                    session is not None
+                    and session.owner == owner
+                    and sampler_id in (self._released.get(session.session_id, ()))
+                ):
+                    raise NotFound(
+                        f"sampling_session_id {sampler_id!r} was released: its session holds at "
+                        f"most max_samplers_per_session={self.config.max_samplers_per_session} "
+                        "sampling sessions and this was the least recently used; create a new "
+                        "one (save_weights_and_get_sampling_client)"
+                    )
+                raise NotFound(f"unknown sampling_session_id {sampler_id!r}")
+            found.last_used = time.monotonic()
+        session = self.sessions.get(found.session_id)
+        if session is not None:
+            session.last_seen = found.last_used
         return found
 
     def enqueue_sample(self, job: _SampleJob) -> None:
@@ -619,19 +776,37 @@ class Backend:
         return out
 
     # ------------------------------------------------------------------ sessions
-    def create_session(self, tags: list[str], user_metadata: dict[str, Any] | None) -> str:
-        session_id = f"s{uuid.uuid4().hex[:16]}"
-        self.sessions[session_id] = Session(session_id, tags, user_metadata)
+    def create_session(
+        self, tags: list[str], user_metadata: dict[str, Any] | None, owner: str = DEFAULT_OWNER
+    ) -> str:
+        session_id = f"s{uuid.uuid4().hex}"
+        self.sessions[session_id] = Session(session_id, tags, user_metadata, owner)
         return session_id
 
-    def finish_session(self, session_id: str) -> None:
+    def finish_session(self, session_id: str, owner: str) -> None:
         session = self.sessions.get(session_id)
-        if session is None:
+        if session is None or session.owner != owner:
             raise NotFound(f"unknown session {session_id!r}")
+        self._finish(session)
+
+    def expire_idle_sessions(self) -> list[str]:
+        """Finish every live session idle (no heartbeat, no request) for longer than
+        `session_idle_seconds`; returns their ids."""
+        cutoff = time.monotonic() - self.config.session_idle_seconds
+        idle = [s for s in list(self.sessions.values()) if not s.finished and s.last_seen < cutoff]
+        for session in idle:
+            logger.info("session %s idle since %.0f s: finished", session.session_id, cutoff)
+            self._finish(session)
+        return [s.session_id for s in idle]
+
+    def _finish(self, session: Session) -> None:
+        session_id = session.session_id
         session.finished = True
         prefix = f"{session_id}:"
-        for sampler_id in [k for k in self.samplers if k.startswith(prefix)]:
-            del self.samplers[sampler_id]
+        with self._sampler_lock:
+            for sampler_id in [k for k in self.samplers if k.startswith(prefix)]:
+                del self.samplers[sampler_id]
+            self._released.pop(session_id, None)
         for model_id in [k for k in self.models if k.startswith(prefix)]:
             served = self.models.pop(model_id)
             served.sequencer.executor.shutdown(wait=False)

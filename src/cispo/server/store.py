@@ -22,6 +22,10 @@ A checkpoint may carry a TTL (`ttl_seconds`, 1 hour to 10 years, as Tinker allow
 `expires_at`, and once that time has passed the checkpoint is deleted, both by the server's periodic
 `sweep` and by any request that resolves its path (an expired path is refused, never loaded).
 `delete` removes a checkpoint's directory and its entry.
+
+Every run record names its `owner`, the user (API key) whose session created it; `resolve` and
+`all_checkpoints` take the asking user and treat another user's runs exactly as unknown ones
+(NotFound, the same message). Records written before owners existed belong to `DEFAULT_OWNER`.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import torch
 
 from cispo.checkpoint import is_complete, recover
 from cispo.engine.engine import load_engine_state, save_engine_state
-from cispo.server.futures import UserError
+from cispo.server.futures import NotFound, UserError
 
 SCHEME = "tinker://"
 KINDS = {"weights": "training", "sampler_weights": "sampler"}
@@ -52,6 +56,8 @@ EXTERNAL = "external_weights"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RESERVED = frozenset({"latest"})  # `cispo.checkpoint`'s pointer file beside the checkpoints
 _LEGACY_FILE = "state.pt"
+DEFAULT_OWNER = "default"
+"""The user of the single `--api-key`, and the owner of run records that name none."""
 TTL_RANGE = (3600, 10 * 365 * 24 * 3600)
 """Allowed `ttl_seconds`, as Tinker documents it: 1 hour to 10 years."""
 
@@ -78,6 +84,8 @@ class RunRecord:
     created: float = field(default_factory=time.time)
     last_request_time: float = field(default_factory=time.time)
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    owner: str = DEFAULT_OWNER
+    """The user (API key) whose session created the run; no other user sees it."""
 
 
 def _iso(t: float) -> str:
@@ -328,40 +336,48 @@ class Store:
             self.delete(run_id, checkpoint_id)
         return [path for _, _, path in expired]
 
-    def all_checkpoints(self) -> list[dict[str, Any]]:
-        """Every live checkpoint of every run, newest first, each with its training_run_id."""
+    def owned(self, run_id: str, owner: str) -> RunRecord | None:
+        """The run record of `run_id` if `owner` owns it, else None (unknown or another's)."""
+        record = self.runs.get(run_id)
+        return record if record is not None and record.owner == owner else None
+
+    def all_checkpoints(self, owner: str) -> list[dict[str, Any]]:
+        """Every live checkpoint of every run of `owner`, newest first, each with its
+        training_run_id."""
         self.sweep()
         found = [
             {**c, "training_run_id": run_id}
-            for run_id, record in self.runs.items()
+            for run_id, record in list(self.runs.items())
+            if record.owner == owner
             for c in record.checkpoints
         ]
         return sorted(found, key=lambda c: c["time"], reverse=True)
 
-    def resolve(self, path: str) -> tuple[RunRecord, str, Path]:
-        """`tinker://run/kind/name` -> (run record, kind, checkpoint directory); UserError if
-        unknown or incomplete."""
+    def resolve(self, path: str, owner: str) -> tuple[RunRecord, str, Path]:
+        """`tinker://run/kind/name` of `owner` -> (run record, kind, checkpoint directory);
+        UserError for a malformed or expired path, NotFound for an unknown run, another owner's
+        run or a missing or incomplete checkpoint."""
         if not path.startswith(SCHEME):
             raise UserError(f"path must look like tinker://<run>/weights/<name>, got {path!r}")
         parts = path[len(SCHEME) :].split("/")
         if len(parts) != 3 or parts[1] not in KINDS or not _NAME.match(parts[2]):
             raise UserError(f"path must look like tinker://<run>/weights/<name>, got {path!r}")
         run_id, kind, name = parts
-        record = self.runs.get(run_id)
+        record = self.owned(run_id, owner)
         if record is None:
-            raise UserError(f"unknown training run {run_id!r} in {path!r}")
+            raise NotFound(f"unknown training run {run_id!r} in {path!r}")
         listed = any(c["tinker_path"] == path for c in record.checkpoints)
         if listed and self.entry(run_id, f"{kind}/{name}") is None:
             raise UserError(f"checkpoint {path!r} has expired (its TTL passed) and was deleted")
         directory = self.runs_dir / self._dir_name(run_id) / kind / name
         if not (directory / _LEGACY_FILE).is_file() and not is_complete(directory):
-            raise UserError(f"no checkpoint at {path!r}")
+            raise NotFound(f"no checkpoint at {path!r}")
         return record, kind, directory
 
-    def load(self, path: str) -> tuple[RunRecord, dict[str, Any]]:
+    def load(self, path: str, owner: str) -> tuple[RunRecord, dict[str, Any]]:
         """The run record and {"model", "optimizer" (None for sampler weights), "version",
-        ["sample_generator"]} of a checkpoint."""
-        record, _, directory = self.resolve(path)
+        ["sample_generator"]} of a checkpoint of `owner`."""
+        record, _, directory = self.resolve(path, owner)
         if (directory / _LEGACY_FILE).is_file():
             legacy: dict[str, Any] = torch.load(
                 directory / _LEGACY_FILE, map_location="cpu", weights_only=True
@@ -378,7 +394,7 @@ class Store:
         return {
             "training_run_id": record.training_run_id,
             "base_model": record.base_model,
-            "model_owner": "local",
+            "model_owner": record.owner,
             "is_lora": record.lora_rank > 0,
             "corrupted": False,
             "lora_rank": record.lora_rank or None,
