@@ -168,6 +168,37 @@ def test_a_step_that_would_make_weights_non_finite_is_refused_and_restores_every
     assert engine.version == 2 and math.isfinite(out["optim/grad_norm"])
 
 
+def test_an_ordinary_step_is_proven_finite_without_the_dry_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The per-parameter dry run (clones of every parameter and moment) runs only when the
+    float64 bound cannot prove the step finite; the extreme step above still gets it."""
+    from cispo.engine import engine as engine_module
+
+    calls: list[int] = []
+    real = engine_module._dry_run_non_finite
+
+    def counted(*args: object) -> str | None:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "_dry_run_non_finite", counted)
+    engine = tiny_engine()
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    for _ in range(3):
+        engine.forward_backward(random_datums(2), "cispo", CISPO)
+        engine.optim_step(AdamParams(learning_rate=1e-3, weight_decay=0.1, grad_clip_norm=1.0))
+    assert engine.version == 3 and calls == []
+    assert any(not torch.equal(v, before[k]) for k, v in engine.model.state_dict().items())
+    engine.forward_backward(random_datums(2), "cispo", CISPO)
+    p = next(p for p in engine.model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        p.view(-1)[0] = 3e38
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        engine.optim_step(AdamParams(learning_rate=10.0, weight_decay=10.0))
+    assert calls == [1] and engine.version == 3
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [

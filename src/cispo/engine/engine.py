@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -239,38 +239,90 @@ class NonFiniteStep(FloatingPointError, ValueError):
     server reports it with category "user")."""
 
 
-@dataclass
-class _OptimizerSnapshot:
-    """Copies of everything `optimizer.step()` (and gradient clipping) mutates."""
+# A step whose float64 bound on every new value stays below this cannot overflow float32 (3.4e38):
+# the margin covers float32 rounding in any order of the same operations.
+_SAFE_BOUND = 1e36
 
-    params: list[Tensor]
-    grads: list[Tensor | None]
-    state: dict[Tensor, dict[str, Any]]
-    groups: list[dict[str, Any]]
 
-    @classmethod
-    def take(cls, optimizer: torch.optim.Optimizer) -> _OptimizerSnapshot:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        return cls(
-            params=[p.detach().clone() for p in params],
-            grads=[None if p.grad is None else p.grad.clone() for p in params],
-            state={
-                p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in st.items()}
-                for p, st in optimizer.state.items()
-            },
-            groups=[{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
-        )
+def _provably_finite(
+    optimizer: torch.optim.Optimizer, options: Mapping[str, Any], clip: Tensor | None
+) -> bool:
+    """True when AdamW with `options` surely leaves every weight and moment finite; False means
+    "cannot tell" (then `_dry_run_non_finite` decides). Bound from the largest magnitudes
+    (one max-abs read per tensor, no copies), with clipped gradients g (|g| <= G):
+      m' = β1·m + (1-β1)·g          |m'| <= β1·M + (1-β1)·G
+      v' = β2·v + (1-β2)·g²          v'  <= β2·V + (1-β2)·G²
+      p' = p·(1 - lr·wd) - lr·(m'/bc1) / (sqrt(v'/bc2) + eps)
+                                     |p'| <= P·|1 - lr·wd| + lr·|m'| / (bc1·eps)
+    with bc_i = 1 - β_i^t > 0 and eps > 0 (AdamParams refuses eps <= 0), so no 0/0 or inf - inf
+    can occur when every input is finite and every bound is below `_SAFE_BOUND`."""
+    lr, wd, eps = float(options["lr"]), float(options["weight_decay"]), float(options["eps"])
+    beta1, beta2 = (float(b) for b in options["betas"])
+    scale = 1.0 if clip is None else float(clip)
+    for group in optimizer.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        states = [optimizer.state.get(p, {}) for p in params]
+        steps = [float(st["step"]) if "step" in st else 0.0 for st in states]
+        t = max(steps) + 1.0
 
-    def restore(self, optimizer: torch.optim.Optimizer) -> None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        with torch.no_grad():
-            for p, value, grad in zip(params, self.params, self.grads, strict=True):
-                p.copy_(value)
-                p.grad = grad
-        optimizer.state.clear()
-        optimizer.state.update(self.state)
-        for group, saved in zip(optimizer.param_groups, self.groups, strict=True):
-            group.update(saved)
+        def top(tensors: list[Tensor]) -> float:
+            local = [_local(x).detach() for x in tensors]
+            # aminmax reads each tensor once without an |x| temporary (~15x faster than
+            # x.abs().max() on CPU); a NaN or inf anywhere gives inf, i.e. "cannot tell".
+            ends = [abs(float(e)) for x in local if x.numel() for e in torch.aminmax(x)]
+            return max(ends, default=0.0) if all(map(math.isfinite, ends)) else math.inf
+
+        big_p = top(params)
+        big_g = top([p.grad for p in params if p.grad is not None]) * scale
+        big_m = top([st["exp_avg"] for st in states if "exp_avg" in st])
+        big_v = top([st["exp_avg_sq"] for st in states if "exp_avg_sq" in st])
+        if not all(math.isfinite(x) for x in (big_p, big_g, big_m, big_v)):
+            return False
+        bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+        if bc1 <= 0.0 or bc2 <= 0.0:
+            return False
+        m_new = beta1 * big_m + (1.0 - beta1) * big_g
+        v_new = beta2 * big_v + (1.0 - beta2) * big_g * big_g
+        p_new = big_p * abs(1.0 - lr * wd) + lr * m_new / (bc1 * eps)
+        if max(m_new, v_new / bc2, p_new, big_g * big_g) >= _SAFE_BOUND:
+            return False
+    return True
+
+
+def _dry_run_non_finite(
+    optimizer: torch.optim.Optimizer, options: Mapping[str, Any], clip: Tensor | None
+) -> str | None:
+    """Where `optimizer.step()` with the group options `options`, after gradients are multiplied
+    by `clip`, would leave a non-finite weight or Adam moment; found without touching the
+    optimizer, its parameters or their gradients. Each parameter's step runs alone on clones of
+    its value, gradient and state with the same options, so with the same kernel: for-loop,
+    foreach and fused AdamW are elementwise, and one parameter's result does not depend on the
+    others. Memory: one parameter's clones at a time, not a copy of the trainable state."""
+    for group in optimizer.param_groups:
+        merged = {k: v for k, v in group.items() if k != "params"} | dict(options)
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            probe = p.detach().clone()
+            probe.grad = p.grad.detach().clone()
+            if clip is not None:
+                probe.grad.mul_(clip)  # what clip_grads_with_norm_ multiplies by
+            dry = cast(Any, type(optimizer))([probe])  # AdamW: every default then overridden
+            dry.param_groups[0].update(merged)
+            state = optimizer.state.get(p)
+            if state:
+                dry.state[probe] = {
+                    k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()
+                }
+            dry.step()
+            if not bool(torch.isfinite(_local(probe)).all()):
+                return f"parameter {i} (shape {list(p.shape)})"
+            for key, value in dry.state[probe].items():
+                if isinstance(value, Tensor) and not bool(torch.isfinite(_local(value)).all()):
+                    return f"Adam state {key!r} of parameter {i}"
+    return None
 
 
 def _rng_state(params: Sequence[Tensor]) -> tuple[Tensor, dict[int, Tensor]]:
@@ -285,18 +337,6 @@ def _set_rng_state(state: tuple[Tensor, dict[int, Tensor]]) -> None:
     torch.set_rng_state(cpu)
     for device, value in cuda.items():
         torch.cuda.set_rng_state(value, device)
-
-
-def _first_non_finite(optimizer: torch.optim.Optimizer) -> str | None:
-    """'parameter i' / 'Adam state <key> of parameter i' of the first non-finite value, or None."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for i, p in enumerate(params):
-        if not bool(torch.isfinite(_local(p)).all()):
-            return f"parameter {i} (shape {list(p.shape)})"
-        for key, value in optimizer.state.get(p, {}).items():
-            if isinstance(value, Tensor) and not bool(torch.isfinite(_local(value)).all()):
-                return f"Adam state {key!r} of parameter {i}"
-    return None
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -558,11 +598,12 @@ class Engine:
 
         Refused (NonFiniteStep) when the gradient norm is not finite (gradients are then cleared:
         they would poison every later step) or when the step would leave a non-finite weight or
-        Adam moment: weights, optimizer state and gradients are then restored bitwise. Method: the
-        parameters, gradients and optimizer state are copied before the step, checked after it,
-        and copied back on failure (one memcpy of the trainable state per step; cheaper than
-        computing the AdamW update twice, and exact because it restores the same bits instead of
-        predicting torch's arithmetic).
+        Adam moment: then weights, optimizer state and gradients are untouched. Method: a float64
+        bound from each tensor's largest magnitude proves most steps finite
+        (`_provably_finite`: one read of the state, no copy); when it cannot, a dry run of each
+        parameter's step on clones decides exactly (`_dry_run_non_finite`: the same kernel and
+        options, one parameter's memory at a time). The earlier method, a copy of the whole
+        trainable state per step, held 4x the trainable parameters (2.2 GB for SmolLM2-135M).
         """
         with self._lock:
             return self._optim_step(adam)
@@ -583,30 +624,37 @@ class Engine:
                 f"non-finite gradient norm ({float(norm)}); "
                 "the step was skipped and gradients cleared"
             )
-        saved = _OptimizerSnapshot.take(self.optimizer)
-        if adam.grad_clip_norm > 0 and self._sharded is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, adam.grad_clip_norm, norm)
-        elif adam.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, adam.grad_clip_norm)
-        for group in self.optimizer.param_groups:
-            group.update(
-                lr=adam.learning_rate,
-                betas=(adam.beta1, adam.beta2),
-                eps=adam.eps,
-                weight_decay=adam.weight_decay,
-            )
-        self._release_sampler()
-        self.optimizer.step()
-        bad = _first_non_finite(self.optimizer)
+        # The clip is torch's clip_grad_norm_ split in two (its total norm, then the multiply), so
+        # that the dry run below multiplies by the very coefficient the real step will use.
+        total = None
+        if adam.grad_clip_norm > 0:
+            total = norm if self._sharded is not None else torch.nn.utils.get_total_norm(grads)
+        clip = None if total is None else torch.clamp(adam.grad_clip_norm / (total + 1e-6), max=1.0)
+        options = {
+            "lr": adam.learning_rate,
+            "betas": (adam.beta1, adam.beta2),
+            "eps": adam.eps,
+            "weight_decay": adam.weight_decay,
+        }
+        bad = (
+            None
+            if _provably_finite(self.optimizer, options, clip)
+            else _dry_run_non_finite(self.optimizer, options, clip)
+        )
         if self._sharded is not None:  # every rank checks its shards; all refuse if any must
             bad = next((b for b in distributed.gather_objects(bad) if b is not None), None)
         if bad is not None:
-            saved.restore(self.optimizer)
             raise NonFiniteStep(
                 f"this optim_step would make {bad} non-finite (learning_rate="
                 f"{adam.learning_rate}, weight_decay={adam.weight_decay}, eps={adam.eps}); "
                 "refused: weights, optimizer state and gradients are unchanged"
             )
+        if total is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, adam.grad_clip_norm, total)
+        for group in self.optimizer.param_groups:
+            group.update(options)
+        self._release_sampler()
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
         return {"optim/grad_norm": float(norm), "optim/lr": adam.learning_rate}
