@@ -67,14 +67,18 @@ def test_a_batch_of_requests_gives_the_same_samples_in_process_and_from_the_serv
     gate = threading.Event()
     held = backend._sampling.submit(gate.wait, TIMEOUT)
     try:
-        futures = [
-            remote.sample(types.ModelInput.from_ints(p), n, types.SamplingParams(**kw))
-            for p, n, kw in requests
-        ]
-        deadline = time.time() + TIMEOUT
-        while len(backend._sample_queue) < len(requests):
-            assert time.time() < deadline, "the requests never reached the server's queue"
-            time.sleep(0.01)
+        # One at a time: the SDK sends requests concurrently, and a batch's samples depend on
+        # the order of its rows (one generator per batch), so the queue must hold them in the
+        # client's order.
+        futures = []
+        for i, (p, n, kw) in enumerate(requests):
+            futures.append(
+                remote.sample(types.ModelInput.from_ints(p), n, types.SamplingParams(**kw))
+            )
+            deadline = time.time() + TIMEOUT
+            while len(backend._sample_queue) < i + 1:
+                assert time.time() < deadline, "the request never reached the server's queue"
+                time.sleep(0.01)
     finally:
         gate.set()
     held.result()
