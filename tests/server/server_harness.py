@@ -7,8 +7,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 pytest.importorskip("tinker")
 pytest.importorskip("fastapi")
@@ -57,3 +59,21 @@ def start_server(root: Path, **overrides: object) -> LiveServer:
             raise RuntimeError("server did not start")
         time.sleep(0.02)
     return LiveServer(f"http://127.0.0.1:{port}", app.state.backend, root, server, thread)
+
+
+def assert_same(a: Any, b: Any, where: str = "state") -> None:
+    """Bitwise equality of nested dicts/lists of tensors and plain values (tensors compared as
+    bytes, so NaN payloads and -0.0 count)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"

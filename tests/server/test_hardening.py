@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from server_harness import API_KEY, LiveServer, start_server
+from server_harness import API_KEY, LiveServer, assert_same, start_server
 from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import deserialize_forward_backward_output
@@ -133,24 +133,6 @@ def _state(live: LiveServer, model_id: str) -> dict[str, Any]:
     }
 
 
-def _assert_same(a: Any, b: Any, where: str = "state") -> None:
-    """Bitwise equality of nested dicts/lists of tensors and plain values."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        same = a.reshape(-1).view(torch.uint8).tolist() == b.reshape(-1).view(torch.uint8).tolist()
-        assert same, where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def _probe_body(model_id: str, seq_id: int, *, forward_only: bool = True) -> bytes:
     request = types.ForwardBackwardRequest(
         forward_backward_input=types.ForwardBackwardInput(
@@ -223,7 +205,7 @@ def test_huge_sparse_shape_through_the_sdk_gets_400_and_the_server_stays_up(
     with pytest.raises(tinker.BadRequestError, match="declares 100000000 values"):
         training.forward_backward([_datum([1, 2, 3], weights=weights)], "cross_entropy").result()
     assert http.get("/healthz").json() == {"status": "ok"}
-    _assert_same(before, _state(live, training.model_id))
+    assert_same(before, _state(live, training.model_id))
 
 
 @pytest.mark.parametrize(
@@ -255,7 +237,7 @@ def test_bad_sparse_indices_get_400_not_500(
     )
     assert r.status_code == 400, r.text
     assert message in r.json()["detail"] and "weights" in r.json()["detail"]
-    _assert_same(before, _state(live, raw))
+    assert_same(before, _state(live, raw))
     assert http.get("/healthz").json() == {"status": "ok"}
 
 
@@ -308,7 +290,7 @@ def test_absurd_adam_params_through_the_sdk_are_refused_and_change_nothing(
     before = _state(live, training.model_id)
     with pytest.raises(tinker.BadRequestError, match=rf"AdamParams\.{field} must be a finite"):
         training.optim_step(types.AdamParams(**{field: value})).result()
-    _assert_same(before, _state(live, training.model_id))
+    assert_same(before, _state(live, training.model_id))
     assert http.get("/healthz").json() == {"status": "ok"}
 
 
@@ -344,7 +326,7 @@ def test_non_finite_adam_params_in_raw_json_get_400_naming_the_field(
     assert r.status_code == 400, r.text
     detail = r.json()["detail"]
     assert f"AdamParams.{field}" in detail and "finite" in detail, detail
-    _assert_same(before, _state(live, raw))
+    assert_same(before, _state(live, raw))
     ok = body.replace(
         f'"{field}": {literal}', f'"{field}": 0.5' if field == "beta2" else '"eps": 1e-8'
     ).replace(f'"seq_id": {seq_id}', f'"seq_id": {seq_id + 1}')  # the refusal consumed seq_id
@@ -458,7 +440,7 @@ def test_a_forward_backward_failing_in_its_last_micro_batch_leaves_no_gradient(
         assert any(g is not None for g in before["grads"])
         with pytest.raises(Exception, match="non-finite"):
             training.forward_backward(datums(math.nan), "cispo", {"nonfinite": "raise"}).result()
-        _assert_same(before, _state(server, training.model_id))
+        assert_same(before, _state(server, training.model_id))
         service.close("success").result()
     finally:
         server.stop()

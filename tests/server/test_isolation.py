@@ -20,7 +20,7 @@ import pytest
 import torch
 
 tinker = pytest.importorskip("tinker")
-from server_harness import API_KEY, LiveServer, start_server  # noqa: E402
+from server_harness import API_KEY, LiveServer, assert_same, start_server  # noqa: E402
 from tinker import types  # noqa: E402
 from tinker.proto.request_conv import forward_backward_request_to_proto  # noqa: E402
 
@@ -101,23 +101,6 @@ def _engine_state(live: LiveServer, model_id: str) -> dict[str, Any]:
         "generator": engine.sample_generator.get_state(),
         "version": engine.version,
     }
-
-
-def _assert_same(a: Any, b: Any, where: str = "state") -> None:
-    """Bitwise equality of nested dicts/lists of tensors and plain values."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def _fake(real: str) -> str:
@@ -331,7 +314,7 @@ def test_a_second_key_gets_404_for_everything_of_the_first_and_changes_nothing(
     assert own.save_state("a1").result().path != state_path
 
     # ---- nothing of alice's changed, and alice carries on with her own results
-    _assert_same(_engine_state(live, model_id), state)
+    assert_same(_engine_state(live, model_id), state)
     assert _tree_digest(run_dir) == files
     assert len(live.backend.samplers) >= n_samplers and sampler_id in live.backend.samplers
     assert not live.backend.sessions[session_id].finished

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,6 +17,7 @@ from cispo.config import TrainConfig
 from cispo.datums import rl_datum
 from cispo.engine.engine import Engine, EngineConfig
 from cispo.models import ModelBundle, load_bundle
+from cispo.train import loop
 from cispo.types import Datum
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
@@ -116,3 +118,21 @@ def grads(engine: Engine) -> dict[str, torch.Tensor]:
     return {
         name: p.grad.clone() for name, p in engine.model.named_parameters() if p.grad is not None
     }
+
+
+class Interrupted(Exception):
+    """Raised by `interrupt_after` in place of an RL step: the run stops as a killed one would."""
+
+
+def interrupt_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+    """The loop's update raises on RL step `steps` (0-based): the run stops after `steps` steps,
+    as a killed process would, its checkpoints written."""
+    real, calls = loop.train_on_rollout, [0]
+
+    def update(*args: object, **kwargs: object) -> dict[str, float]:
+        calls[0] += 1
+        if calls[0] > steps:
+            raise Interrupted
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "train_on_rollout", update)

@@ -36,7 +36,9 @@ from cispo.train.update import train_on_rollout
 from cispo.types import Datum
 from tests.train.helpers import (
     TINY_RUN,
+    Interrupted,
     assert_every_rl_step_trained,
+    interrupt_after,
     random_datums,
     run_config,
     tiny_bundle,
@@ -209,24 +211,6 @@ def _weights_at(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-class _Interrupted(Exception):
-    pass
-
-
-def _interrupt_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
-    """The loop's update raises on RL step `steps` (0-based): the run stops after `steps` steps,
-    as a killed process would, its checkpoints written."""
-    real, calls = loop.train_on_rollout, [0]
-
-    def update(*args: object, **kwargs: object) -> dict[str, float]:
-        calls[0] += 1
-        if calls[0] > steps:
-            raise _Interrupted
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(loop, "train_on_rollout", update)
-
-
 def test_an_async_run_resumes_from_its_checkpoint_with_the_first_batch_on_policy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -237,8 +221,8 @@ def test_an_async_run_resumes_from_its_checkpoint_with_the_first_batch_on_policy
         tmp_path, "--rl.steps=4", "--asynchronous.enabled=true", "--run.checkpoint_every=1"
     )
     with monkeypatch.context() as patch:
-        _interrupt_after(patch, 2)
-        with pytest.raises(_Interrupted):
+        interrupt_after(patch, 2)
+        with pytest.raises(Interrupted):
             train(config, echo=_quiet)
     assert [r["step"] for r in _metrics(tmp_path)] == [0, 1, 2]
     run = train(config, resume=True, echo=_quiet)

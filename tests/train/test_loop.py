@@ -24,8 +24,10 @@ from cispo.train import loop
 from cispo.train.loop import train
 from tests.train.helpers import (
     TINY_RUN,
+    Interrupted,
     assert_every_rl_step_trained,
     checkpoint_dirs,
+    interrupt_after,
     metrics,
     run_config,
     weights,
@@ -179,24 +181,6 @@ def test_a_tiny_seeded_run_matches_its_pinned_losses_and_rewards(
             assert abs(mine[key] - value) <= PIN_TOLERANCE, (mine["step"], key, mine[key], hint)
 
 
-class _Interrupted(Exception):
-    pass
-
-
-def _interrupt_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
-    """The loop's update raises on RL step `steps` (0-based): the run stops after `steps` steps,
-    as a killed process would, its checkpoints written."""
-    real, calls = loop.train_on_rollout, [0]
-
-    def update(*args: object, **kwargs: object) -> dict[str, float]:
-        calls[0] += 1
-        if calls[0] > steps:
-            raise _Interrupted
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(loop, "train_on_rollout", update)
-
-
 @pytest.mark.parametrize(
     ("change", "named"),
     [
@@ -222,8 +206,8 @@ def test_resuming_may_change_fields_that_cannot_change_the_trajectory(
     """eval.every, run.threads, rl.micro_batch_size, checkpointing and logging may differ
     (`RESUME_MAY_CHANGE` says why); the resumed run goes on to its last step."""
     with monkeypatch.context() as patch:
-        _interrupt_after(patch, 1)
-        with pytest.raises(_Interrupted):
+        interrupt_after(patch, 1)
+        with pytest.raises(Interrupted):
             train(_config(tmp_path, "--rl.steps=2"), echo=lambda _: None)
     changed = ["--eval.every=1", "--run.threads=1", "--rl.micro_batch_size=7", "--run.keep_last=3"]
     train(_config(tmp_path, "--rl.steps=2", *changed), resume=True, echo=lambda _: None)
