@@ -9,12 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 
 pytest.importorskip("tinker")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
+
+from tinker.proto.response_conv import deserialize_forward_backward_output  # noqa: E402
 
 from cispo.server.app import create_app  # noqa: E402
 from cispo.server.runtime import Backend, ServerConfig  # noqa: E402
@@ -77,3 +80,23 @@ def assert_same(a: Any, b: Any, where: str = "state") -> None:
             assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def wait_future(
+    http: httpx.Client, request_id: str, *, raw: bool = False, refusals_ok: bool = False
+) -> Any:
+    """Poll /retrieve_future over raw HTTP until the future is not `try_again`.
+
+    Returns the decoded forward(-backward) output for a protobuf body (`raw`: its bytes) and the
+    JSON dict otherwise (maybe {"error": ...}). Any status >= 500 fails the test, and so does a
+    4xx unless `refusals_ok`.
+    """
+    for _ in range(200):
+        r = http.post("/retrieve_future", json={"request_id": request_id})
+        assert r.status_code < (500 if refusals_ok else 300), r.text
+        if r.headers["content-type"].startswith("application/x-protobuf"):
+            return r.content if raw else deserialize_forward_backward_output(r.content)
+        body = r.json()
+        if body.get("type") != "try_again":
+            return body
+    raise AssertionError(f"future {request_id} never completed")

@@ -29,7 +29,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_harness import API_KEY, LiveServer, start_server
+from server_harness import API_KEY, LiveServer, start_server, wait_future
 from tinker import types
 from tinker.proto import tinker_public_pb2 as pb
 from tinker.proto.request_conv import forward_backward_request_to_proto
@@ -93,19 +93,6 @@ def http(live: LiveServer) -> Any:
         yield client
 
 
-def _wait(http: httpx.Client, request_id: str) -> Any:
-    """The future's result: bytes (protobuf) or a dict (JSON, maybe {"error": ...})."""
-    for _ in range(200):
-        r = http.post("/retrieve_future", json={"request_id": request_id})
-        assert r.status_code < 500, r.text
-        if r.headers["content-type"].startswith("application/x-protobuf"):
-            return r.content
-        body = r.json()
-        if body.get("type") != "try_again":
-            return body
-    raise AssertionError(f"future {request_id} never completed")
-
-
 @pytest.fixture(scope="module")
 def world(live: LiveServer, http: httpx.Client) -> dict[str, Any]:
     """A session, a LoRA model (the one whose state is checked), a checkpoint of it and a
@@ -122,9 +109,9 @@ def world(live: LiveServer, http: httpx.Client) -> dict[str, Any]:
             "lora_config": {"rank": 2, "seed": 1},
         },
     )
-    model_id = _wait(http, r.json()["request_id"])["model_id"]
+    model_id = wait_future(http, r.json()["request_id"], raw=True, refusals_ok=True)["model_id"]
     r = http.post("/save_weights", json={"model_id": model_id, "seq_id": 1, "path": "fuzz-base"})
-    checkpoint = _wait(http, r.json()["request_id"])["path"]
+    checkpoint = wait_future(http, r.json()["request_id"], raw=True, refusals_ok=True)["path"]
     # Adam moments and a pending gradient, so refusals are checked against non-trivial state.
     for seq, route, content, headers in [
         (2, "/forward_backward", None, PROTO),
@@ -137,7 +124,7 @@ def world(live: LiveServer, http: httpx.Client) -> dict[str, Any]:
             content = _render(BASES["/optim_step"](live, {"model_id": model_id}))
         r = http.post(route, content=content, headers=headers)
         assert r.status_code == 200, r.text
-        result = _wait(http, r.json()["request_id"])
+        result = wait_future(http, r.json()["request_id"], raw=True, refusals_ok=True)
         assert isinstance(result, bytes) or "error" not in result, result
     r = http.post(
         "/create_sampling_session",
@@ -230,7 +217,7 @@ def _exercise(
     if not failed:
         body = r.json()
         if "request_id" in body and route != "/retrieve_future":
-            result = _wait(http, body["request_id"])
+            result = wait_future(http, body["request_id"], raw=True, refusals_ok=True)
             if isinstance(result, dict) and "error" in result:
                 failed, note = True, str(result)[:300]
                 assert result["category"] == "user" or "Error" in result["error"], result
@@ -331,7 +318,7 @@ def _json_route(
             content = _base_forward_backward(world["model_id"], seq).SerializeToString()
             r = http.post("/forward_backward", content=content, headers=PROTO)
             assert r.status_code == 200, r.text
-            _wait(http, r.json()["request_id"])
+            wait_future(http, r.json()["request_id"], raw=True, refusals_ok=True)
         body = base(live, world)
         for path, value in data.draw(_json_mutation(body)):
             _set(body, path, value)

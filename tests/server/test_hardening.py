@@ -17,10 +17,9 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from server_harness import API_KEY, LiveServer, assert_same, start_server
+from server_harness import API_KEY, LiveServer, assert_same, start_server, wait_future
 from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
-from tinker.proto.response_conv import deserialize_forward_backward_output
 
 import cispo.server.app as server_app
 from cispo.engine.engine import EngineConfig
@@ -66,7 +65,7 @@ def _create_raw_model(http: httpx.Client) -> str:
         },
     )
     assert created.status_code == 200, created.text
-    return str(_wait(http, created.json()["request_id"])["model_id"])
+    return str(wait_future(http, created.json()["request_id"])["model_id"])
 
 
 def _next(live: LiveServer, model_id: str) -> int:
@@ -76,7 +75,7 @@ def _next(live: LiveServer, model_id: str) -> int:
 def _run(http: httpx.Client, route: str, **kwargs: Any) -> Any:
     r = http.post(route, **kwargs)
     assert r.status_code == 200, r.text
-    result = _wait(http, r.json()["request_id"])
+    result = wait_future(http, r.json()["request_id"])
     assert not (isinstance(result, dict) and "error" in result), result
     return result
 
@@ -105,18 +104,6 @@ def _sparse_body(model_id: str, seq_id: int, shape: list[int], crow: list[int], 
         seq_id=seq_id,
     )
     return forward_backward_request_to_proto(request).SerializeToString()
-
-
-def _wait(http: httpx.Client, request_id: str) -> Any:
-    for _ in range(100):
-        r = http.post("/retrieve_future", json={"request_id": request_id})
-        assert r.status_code == 200, r.text
-        if r.headers["content-type"].startswith("application/x-protobuf"):
-            return deserialize_forward_backward_output(r.content)
-        body = r.json()
-        if body.get("type") != "try_again":
-            return body
-    raise AssertionError("future never completed")
 
 
 def _state(live: LiveServer, model_id: str) -> dict[str, Any]:
@@ -406,7 +393,7 @@ def test_create_model_with_an_out_of_range_seed_is_refused_and_frees_its_model_s
             },
         )
         assert r.status_code == status, r.text
-    assert _wait(http, r.json()["request_id"])["model_id"] == f"{session}:train:0"
+    assert wait_future(http, r.json()["request_id"])["model_id"] == f"{session}:train:0"
 
 
 # ------------------------------------------------------------------ 3. failed requests roll back
@@ -472,7 +459,7 @@ def test_seq_ids_beyond_the_window_get_400_naming_the_range(tmp_path: Any) -> No
             assert server.backend.models[model].sequencer.waiting == [s + 2]
             for seq in (s, s + 1):
                 _run(http, "/forward_backward", content=_probe_body(model, seq), headers=PROTO)
-            assert _wait(http, last).loss_fn_outputs[0]["logprobs"].tolist()
+            assert wait_future(http, last).loss_fn_outputs[0]["logprobs"].tolist()
             assert _next(server, model) == s + 3
     finally:
         server.stop()

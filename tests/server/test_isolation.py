@@ -20,7 +20,7 @@ import pytest
 import torch
 
 tinker = pytest.importorskip("tinker")
-from server_harness import API_KEY, LiveServer, assert_same, start_server  # noqa: E402
+from server_harness import API_KEY, LiveServer, assert_same, start_server, wait_future  # noqa: E402
 from tinker import types  # noqa: E402
 from tinker.proto.request_conv import forward_backward_request_to_proto  # noqa: E402
 
@@ -71,18 +71,6 @@ def intruder(live: LiveServer) -> Iterator[Any]:
 
 def _http(live: LiveServer, key: str) -> httpx.Client:
     return httpx.Client(base_url=f"{live.base_url}/api/v1", headers={"X-API-Key": key}, timeout=30)
-
-
-def _wait(http: httpx.Client, request_id: str) -> Any:
-    for _ in range(200):
-        r = http.post("/retrieve_future", json={"request_id": request_id})
-        assert r.status_code == 200, r.text
-        if r.headers["content-type"].startswith("application/x-protobuf"):
-            return r.content
-        body = r.json()
-        if body.get("type") != "try_again":
-            return body
-    raise AssertionError("future never completed")
 
 
 def _tree_digest(directory: Path) -> dict[str, str]:
@@ -323,7 +311,9 @@ def test_a_second_key_gets_404_for_everything_of_the_first_and_changes_nothing(
         for c in alice.create_rest_client().list_user_checkpoints().result().checkpoints
     }
     assert {state_path, sampler_path, external_path} <= listed
-    assert isinstance(_wait(http_a, alice_rid), bytes)  # alice still reads her own future
+    assert isinstance(
+        wait_future(http_a, alice_rid, raw=True), bytes
+    )  # alice still reads her own future
     # Her next forward_backward (the seq_id the intruder tried) returns her one datum's result,
     # not the intruder's three; equal to a forward on the unchanged weights.
     want = training.forward([_datum(PROBE)], "cross_entropy").result()

@@ -7,11 +7,10 @@ from typing import Any
 
 import httpx
 import pytest
-from server_harness import API_KEY, LiveServer
+from server_harness import API_KEY, LiveServer, wait_future
 from tinker import types
 from tinker.proto import tinker_public_pb2 as pb
 from tinker.proto.request_conv import forward_backward_request_to_proto
-from tinker.proto.response_conv import deserialize_forward_backward_output
 
 from cispo.losses import LOSSES
 from cispo.server.wire import decode_forward_backward
@@ -42,20 +41,8 @@ def model_id(http: httpx.Client) -> str:
         },
     )
     assert created.status_code == 200, created.text
-    result = _wait(http, created.json()["request_id"])
+    result = wait_future(http, created.json()["request_id"])
     return str(result["model_id"])
-
-
-def _wait(http: httpx.Client, request_id: str) -> Any:
-    for _ in range(100):
-        r = http.post("/retrieve_future", json={"request_id": request_id})
-        assert r.status_code == 200, r.text
-        if r.headers["content-type"].startswith("application/x-protobuf"):
-            return deserialize_forward_backward_output(r.content)
-        body = r.json()
-        if body.get("type") != "try_again":
-            return body
-    raise AssertionError("future never completed")
 
 
 def _datum(tokens: list[int]) -> types.Datum:
@@ -95,7 +82,7 @@ def _logprobs(http: httpx.Client, live: LiveServer, model_id: str) -> list[float
         "/forward_backward", content=_fwdbwd(model_id, seq, forward_only=True), headers=PROTO
     )
     assert r.status_code == 200, r.text
-    return list(_wait(http, r.json()["request_id"]).loss_fn_outputs[0]["logprobs"].tolist())
+    return list(wait_future(http, r.json()["request_id"]).loss_fn_outputs[0]["logprobs"].tolist())
 
 
 @pytest.mark.parametrize("headers", [{}, {"X-API-Key": "tml-wrong"}])
@@ -169,7 +156,7 @@ def test_bad_loss_config_gets_400_and_changes_nothing(
         "/optim_step",
         json={"model_id": model_id, "seq_id": seq + 1, "adam_params": {"learning_rate": 0.1}},
     )
-    _wait(http, r.json()["request_id"])  # a step with no gradient accumulated: no change
+    wait_future(http, r.json()["request_id"])  # a step with no gradient accumulated: no change
     assert _logprobs(http, live, model_id) == pytest.approx(before, abs=0)
 
 
@@ -203,9 +190,9 @@ def test_out_of_order_seq_ids_execute_in_seq_id_order(
     r = http.post("/retrieve_future", json={"request_id": fwd})
     assert r.json()["type"] == "try_again"
     fb = http.post("/forward_backward", content=_fwdbwd(model_id, s), headers=PROTO)
-    _wait(http, fb.json()["request_id"])
-    assert _wait(http, opt["request_id"])["metrics"]["optim/grad_norm"] > 0
-    stepped = list(_wait(http, fwd).loss_fn_outputs[0]["logprobs"].tolist())
+    wait_future(http, fb.json()["request_id"])
+    assert wait_future(http, opt["request_id"])["metrics"]["optim/grad_norm"] > 0
+    stepped = list(wait_future(http, fwd).loss_fn_outputs[0]["logprobs"].tolist())
     assert stepped != pytest.approx(before, abs=1e-4)
     assert _logprobs(http, live, model_id) == pytest.approx(stepped, abs=1e-6)
 
@@ -218,7 +205,7 @@ def test_a_resent_seq_id_returns_the_same_future(
     first = http.post("/forward_backward", content=body, headers=PROTO).json()["request_id"]
     again = http.post("/forward_backward", content=body, headers=PROTO).json()["request_id"]
     assert first == again
-    _wait(http, first)
+    wait_future(http, first)
     # seq_id 0 was never used on this model and lies behind the counter: refused, not re-run.
     stale = http.post("/forward_backward", content=_fwdbwd(model_id, 0), headers=PROTO)
     assert stale.status_code == 400 and "already executed" in stale.json()["detail"]
