@@ -311,9 +311,8 @@ def test_a_second_key_gets_404_for_everything_of_the_first_and_changes_nothing(
         for c in alice.create_rest_client().list_user_checkpoints().result().checkpoints
     }
     assert {state_path, sampler_path, external_path} <= listed
-    assert isinstance(
-        wait_future(http_a, alice_rid, raw=True), bytes
-    )  # alice still reads her own future
+    # alice still reads her own future
+    assert isinstance(wait_future(http_a, alice_rid, raw=True), bytes)
     # Her next forward_backward (the seq_id the intruder tried) returns her one datum's result,
     # not the intruder's three; equal to a forward on the unchanged weights.
     want = training.forward([_datum(PROBE)], "cross_entropy").result()
