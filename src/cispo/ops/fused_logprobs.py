@@ -114,6 +114,20 @@ def _tiles(n: int, vocab: int, rows: int, block: int) -> list[tuple[slice, list[
     return [(slice(i, min(i + rows, n)), blocks) for i in range(0, n, rows)]
 
 
+def _advance_shift(shift: Tensor, total: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """One step of the online log-sum-exp over a tile z [C, Vb] (shift, total: [C]).
+
+    Returns (new_shift, rescale): new_shift = max(shift, max_j z_j), or 0 while that is not
+    finite; rescale = e^(shift − new_shift), the factor for what was summed so far, and 0 for rows
+    with nothing summed yet (total = 0), never e^(+large)·0. Then
+    total ← rescale·total + Σ_j e^(z_j − new_shift) and, at the end, lse = shift + log total.
+    """
+    new_max = torch.maximum(shift, z.amax(dim=1))
+    new_shift = torch.where(torch.isfinite(new_max), new_max, 0.0)
+    rescale = torch.where(total > 0, (shift - new_shift).exp(), 0.0)
+    return new_shift, rescale
+
+
 def _in_block(targets: Tensor, cols: slice) -> tuple[Tensor, Tensor]:
     """(rows whose target lies in vocab block `cols`, that target's column inside the block)."""
     hit = ((targets >= cols.start) & (targets < cols.stop)).nonzero().squeeze(1)
@@ -154,12 +168,8 @@ class _FusedLogprobs(torch.autograd.Function):
                 z = _logits_into(z_buf[:c, :w], hidden[r], weight[cols], b, temperature)
                 hit, col = _in_block(targets[r], cols)
                 target_logit[r.start + hit] = z[hit, col]
-                new_max = torch.maximum(shift[r], z.amax(dim=1))
-                new_shift = torch.where(torch.isfinite(new_max), new_max, 0.0)
-                # Rescale what was summed so far; rows with nothing summed yet (total = 0) get 0,
-                # never e^(+large)·0.
                 old_total = total[r]
-                rescale = torch.where(old_total > 0, (shift[r] - new_shift).exp(), 0.0)
+                new_shift, rescale = _advance_shift(shift[r], old_total, z)
                 if with_entropy:
                     spread[r] = rescale * (spread[r] + (shift[r] - new_shift) * old_total)
                 total[r] = rescale * old_total

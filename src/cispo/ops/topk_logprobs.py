@@ -9,7 +9,7 @@ For each row i (a position whose next-token distribution is wanted):
 
 Per vocab block the running top-k (k values) is concatenated with the block's own top-min(k, Vb)
 and reduced back to k, so the extra memory is one [chunk, vocab block] tile plus [chunk, 2k]
-(the same tiles as `cispo.ops.fused_logprobs`, whose `_logits_into` computes them, so both paths
+(the same tiles, logits and online log-sum-exp as `cispo.ops.fused_logprobs`, so both paths
 see identical logits). Inference only: no gradient. Values are sorted descending; ties keep the
 smaller token id first only as far as `torch.topk` does (exact ties do not occur in practice with
 real-valued logits). `naive_topk_logprobs` is the full-softmax reference.
@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cispo.ops.fused_logprobs import DEFAULT_CHUNK_SIZE, _logits_into, vocab_block_size
+from cispo.ops.fused_logprobs import (
+    DEFAULT_CHUNK_SIZE,
+    _advance_shift,
+    _logits_into,
+    _tiles,
+    vocab_block_size,
+)
 from cispo.ops.model_logprobs import _LOGIT_TRANSFORMS, output_projection
 
 __all__ = ["fused_topk_logprobs", "model_topk_logprobs", "naive_topk_logprobs"]
@@ -72,35 +78,25 @@ def fused_topk_logprobs(
     out_values = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
     out_ids = torch.empty(n, k, dtype=torch.int64, device=hidden.device)
     tile = torch.empty(rows, block, dtype=acc, device=hidden.device)
-    for start in range(0, n, rows):
-        h = hidden[start : start + rows]
-        c = h.shape[0]
+    for r, blocks in _tiles(n, vocab, rows, block):
+        c = r.stop - r.start
         best_v = torch.full((c, k), float("-inf"), dtype=acc, device=hidden.device)
         best_i = torch.zeros(c, k, dtype=torch.int64, device=hidden.device)
-        m = torch.full((c,), float("-inf"), dtype=acc, device=hidden.device)
-        s = torch.zeros(c, dtype=acc, device=hidden.device)
-        for lo in range(0, vocab, block):
-            hi = min(lo + block, vocab)
+        shift = torch.zeros(c, dtype=acc, device=hidden.device)
+        total = torch.zeros(c, dtype=acc, device=hidden.device)
+        for cols in blocks:
+            b = None if bias is None else bias[cols]
             z = _logits_into(
-                tile[:c, : hi - lo],
-                h,
-                weight[lo:hi],
-                None if bias is None else bias[lo:hi],
-                temperature,
+                tile[:c, : cols.stop - cols.start], hidden[r], weight[cols], b, temperature
             )
-            m_new = torch.maximum(m, z.max(dim=1).values)
-            # exp(-inf - -inf) is NaN; a row whose max is still -inf has s = 0 either way.
-            scale = torch.where(torch.isneginf(m_new), 0.0, torch.exp(m - m_new))
-            s = s * scale + torch.exp(z - m_new[:, None]).sum(dim=1)
-            m = m_new
-            values, ids = z.topk(min(k, hi - lo), dim=1)
-            merged_v = torch.cat([best_v, values], dim=1)
-            merged_i = torch.cat([best_i, ids + lo], dim=1)
-            best_v, order = merged_v.topk(k, dim=1)
-            best_i = merged_i.gather(1, order)
-        lse = m + torch.log(s)
-        out_values[start : start + c] = (best_v - lse[:, None]).float()
-        out_ids[start : start + c] = best_i
+            values, ids = z.topk(min(k, cols.stop - cols.start), dim=1)
+            best_v, order = torch.cat([best_v, values], dim=1).topk(k, dim=1)
+            best_i = torch.cat([best_i, ids + cols.start], dim=1).gather(1, order)
+            new_shift, rescale = _advance_shift(shift, total, z)
+            total = rescale * total + torch.exp(z.sub_(new_shift[:, None])).sum(dim=1)
+            shift = new_shift
+        out_values[r] = (best_v - (shift + total.log())[:, None]).float()
+        out_ids[r] = best_i
     return out_values, out_ids
 
 
