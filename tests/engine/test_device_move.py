@@ -31,7 +31,9 @@ def test_micro_batch_and_loss_inputs_reach_the_models_device(
     seen: dict[str, torch.device] = {}
 
     def scores(*args: torch.Tensor, **kwargs: Any) -> FusedLogprobOutput:
-        for name, tensor in zip(("input_ids", "attention_mask", "targets", "loss_mask"), args):
+        for name, tensor in zip(
+            ("input_ids", "attention_mask", "targets", "loss_mask"), args[:4], strict=True
+        ):
             seen[f"model/{name}"] = tensor.device
         return FusedLogprobOutput(logprobs=torch.zeros(args[0].shape, device=META), entropy=None)
 
