@@ -237,7 +237,7 @@ def main(out_path: Path, weights_path: Path | None) -> None:
             "after": [a for _, a in diffs],
         }
 
-    lora_checks(rank, refs, results, out_path.parent)
+    lora_checks(rank, refs, results, out_path.parent / f"{out_path.stem}-lora")
 
     # The fused logprob path through the FSDP root: values and gradients against the naive
     # single-process reference.

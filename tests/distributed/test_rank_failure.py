@@ -5,14 +5,22 @@ collectives, where it would wait for rank 1 until the process group's timeout (3
 default). torchrun's elastic agent sees rank 1 exit, sends the other ranks SIGTERM and exits
 non-zero, so no collective timeout is needed on one node: the launch ends in seconds, with the
 checkpoint of the last finished step as `latest` (a `--resume` continues from there).
+
+On two nodes (two torchrun launches, one rank each) the agents do not tear each other's workers
+down; rank 0 ends because gloo sees its peer's socket close ("Connection closed by peer") and
+raises in the collective. NCCL does not notice a dead peer that way (its watchdog's timeout
+does): not runnable here (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.distributed.common import ROOT, torchrun
+import pytest
+
+from tests.distributed.common import ROOT, free_port, torchrun
 
 SCRIPT = ROOT / "tests" / "distributed" / "failure_checks.py"
 BOUND_S = 120  # the whole launch, start-up included (measured ~20 s on the shared 2-core VM)
@@ -52,3 +60,23 @@ def test_a_rank_raising_mid_run_ends_the_whole_launch_non_zero_within_a_bound(
     root = run / "checkpoints" / "tiny"
     assert (root / "latest").read_text().split()[0] == "step_000001"  # RL step 1 finished
     assert not (root / "step_000002").exists()
+
+
+@pytest.mark.slow
+def test_on_two_nodes_the_surviving_rank_fails_too_within_a_bound(tmp_path: Path) -> None:
+    port = free_port()
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1"]
+    args = [str(SCRIPT), "arithmetic_cispo", *SMALL_RUN, f"--run.dir={tmp_path / 'run'}"]
+    start = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:  # both nodes must run at once to meet
+        node0, node1 = pool.map(
+            lambda node: torchrun(
+                [*common, "--node-rank", str(node), "--master-port", str(port), *args],
+                timeout=BOUND_S,
+            ),
+            [0, 1],
+        )
+    assert node1.returncode != 0 and node0.returncode != 0, node0.stderr[-4000:]
+    assert "DeliberateFailure: rank 1 fails in RL step 2" in node1.stdout + node1.stderr
+    assert "Connection closed by peer" in node0.stdout + node0.stderr, node0.stderr[-4000:]
+    assert time.monotonic() - start < BOUND_S
