@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 import cispo.distributed
-from cispo.engine import Engine
+from cispo.engine import Engine, EngineConfig
+from cispo.models import load_bundle
 from cispo.types import AdamParams
 from tests.distributed.common import full_weights, max_diff, random_datums, tiny_engine
 
@@ -24,6 +25,7 @@ STEPS = 3
 LR = 1e-3
 BATCH = 7  # 4 datums on rank 0, 3 on rank 1: unequal token counts
 MICRO = 3  # rank 0 runs 2 micro-batches, rank 1 one real + one padding micro-batch
+LORA_OVERRIDES = {"hidden_size": 32, "num_layers": 2, "num_heads": 2}
 CASES = [  # (family, tied head, reduction, grad clip)
     ("llama", True, "token_mean", 0.0),
     ("llama", True, "seq_mean_token_mean", 0.0),
@@ -74,12 +76,93 @@ def metric_diffs(ref: list[dict[str, float]], got: list[dict[str, float]]) -> di
     return out
 
 
+def lora_engine(seed: int = 0) -> Engine:
+    """The "tiny" bundle (hidden 32, 2 layers) with LoRA rank 4 on every linear layer."""
+    bundle = load_bundle("tiny", lora_rank=4, seed=seed, overrides=LORA_OVERRIDES)
+    return Engine(
+        bundle.model, eos_token_id=None, pad_token_id=0, config=EngineConfig(micro_batch_size=MICRO)
+    )
+
+
+def lora_checks(rank: int, refs: dict[str, Any], results: dict[str, Any], tmp: Path) -> None:
+    """LoRA (peft) under FSDP2: training against one process, the frozen base, a DCP round trip
+    of adapter-only optimizer state, and both exports loaded back with peft."""
+    from peft import PeftModel
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from cispo.engine.sharded_state import (
+        export_engine_hf,
+        load_sharded_engine_state,
+        save_sharded_engine_state,
+    )
+    from cispo.export import export_checkpoint
+
+    engine = lora_engine()
+    sharded = any(type(p).__name__ == "DTensor" for p in engine.model.parameters())
+    trainable = sum(p.requires_grad for p in engine.model.parameters())
+    train(engine, "token_mean", 0.0, share=True)
+    weights = full_weights(engine)
+    checkpoint = tmp / "lora_checkpoint"
+    state = {"base_model": "tiny", "model_overrides": LORA_OVERRIDES}
+    save_sharded_engine_state(engine, checkpoint, state)
+    other = lora_engine(seed=1)  # other base and adapter weights, no optimizer state
+    load_sharded_engine_state(other, checkpoint)
+    loaded = full_weights(other)  # a collective: not inside the rank-0 branch below
+    options = StateDictOptions(full_state_dict=True)
+    optim = [
+        get_optimizer_state_dict(e.model, e.optimizer, options=options)["state"]
+        for e in (engine, other)
+    ]
+    optim_diff = max(
+        float((optim[0][k][key] - optim[1][k][key]).abs().max())
+        for k in optim[0]
+        for key in ("exp_avg", "exp_avg_sq")
+    )
+    export_engine_hf(engine, tmp / "lora_adapter")
+    if rank != 0:
+        return
+    start, final = refs["lora"]
+    lora = [k for k in start if ".lora_" in k]
+    base = [k for k in start if ".lora_" not in k]
+
+    def peft_diff(base_model: torch.nn.Module, adapter: Path) -> float | str:
+        """max |Δ| between the weights peft loads and the sharded run's, or why it failed."""
+        try:
+            state = PeftModel.from_pretrained(base_model, str(adapter)).state_dict()
+        except Exception as error:  # the test reports it
+            return f"{type(error).__name__}: {error}"
+        return max_diff(dict(state), weights)
+
+    fresh_base = load_bundle("tiny", seed=0, overrides=LORA_OVERRIDES).model
+    exported = export_checkpoint(checkpoint, tmp / "lora_export")
+    assert exported.base_dir is not None and exported.adapter_dir is not None
+    results["lora"] = {
+        "sharded": sharded,
+        "trainable": trainable,
+        "optimizer_entries": [len(o) for o in optim],
+        "weight_diff": max_diff(weights, final),
+        "adapters_moved": max(float((weights[k] - start[k]).abs().max()) for k in lora),
+        "base_moved": max(float((weights[k] - start[k]).abs().max()) for k in base),
+        "dcp_weight_diff": max_diff(loaded, weights),
+        "dcp_optimizer_diff": optim_diff,
+        "engine_export_diff": peft_diff(fresh_base, tmp / "lora_adapter"),
+        "cli_export_diff": peft_diff(
+            AutoModelForCausalLM.from_pretrained(exported.base_dir), exported.adapter_dir
+        ),
+    }
+
+
 def main(out_path: Path, weights_path: Path | None) -> None:
     import os
 
     rank = int(os.environ["RANK"])
     refs: dict[str, Any] = {}
     if rank == 0:  # single-process references, before any process group exists
+        engine = lora_engine()
+        start = full_weights(engine)
+        train(engine, "token_mean", 0.0, share=False)
+        refs["lora"] = (start, full_weights(engine))
         for family, tied, reduction, clip in CASES:
             engine = tiny_engine(family, tied=tied, micro_batch_size=MICRO)
             start = full_weights(engine)
@@ -139,15 +222,22 @@ def main(out_path: Path, weights_path: Path | None) -> None:
     if rank == 0:
         results["per_rank_mean_weight_diff"] = max_diff(weights, refs["llama/token_mean"][1])
 
-    # Ranks that built different initial weights are refused on every rank, before sharding.
-    try:
-        tiny_engine("llama", seed=rank)
-        refused = ""
-    except ValueError as error:
-        refused = str(error)
-    refusals = cispo.distributed.gather_objects(refused)
+    # Ranks that built different initial weights (seed = rank) all train rank 0's: shard_model
+    # broadcasts rank 0's parameters and buffers before sharding. The engine's sampler template
+    # is its copy of the rank's own model taken before sharding (loaded only by `sampler()`).
+    engine = tiny_engine("llama", seed=rank)
+    assert engine._sampler_template is not None
+    seed0 = cispo.distributed.broadcast_object(refs["llama/token_mean"][0] if rank == 0 else None)
+    own = engine._sampler_template.state_dict()
+    before = max_diff({k: own[k] for k in seed0}, seed0)
+    diffs = cispo.distributed.gather_objects((before, max_diff(full_weights(engine), seed0)))
     if rank == 0:
-        results["different_weights_refusals"] = refusals
+        results["different_seeds"] = {
+            "before": [b for b, _ in diffs],
+            "after": [a for _, a in diffs],
+        }
+
+    lora_checks(rank, refs, results, out_path.parent / f"{out_path.stem}-lora")
 
     # The fused logprob path through the FSDP root: values and gradients against the naive
     # single-process reference.

@@ -20,7 +20,8 @@ rank's share of a batch changes with the world size too, so such a resume contin
 mathematically (up to float summation order), not bitwise.
 
 `export_hf` gathers the full weights to rank 0 (CPU) and writes `model.safetensors` + `config.json`
-that `from_pretrained` loads; a tied LM head is stored once, under the embedding's name.
+that `from_pretrained` loads; a tied LM head is stored once, under the embedding's name. A peft
+(LoRA) model is written as a PEFT adapter directory.
 """
 
 from __future__ import annotations
@@ -230,6 +231,12 @@ def export_hf(path: Path, model: nn.Module) -> Path | None:
     Every rank calls it (the gather is a collective); rank 0 writes `model.safetensors` and
     `config.json` into `path` and returns it, the other ranks return None. With tied word
     embeddings `lm_head.weight` is left out: `from_pretrained` ties it back to the embedding.
+
+    A peft model (LoRA) is written as a PEFT adapter directory instead (`adapter_config.json` +
+    `adapter_model.safetensors`, peft's own key mapping `get_peft_model_state_dict`), which
+    `PeftModel.from_pretrained(base, path)` loads onto the base the engine was built from (its
+    weights are frozen: training never changes them). The merged model of a LoRA run comes from
+    `cispo export` (`cispo.export`), which also writes the base beside the adapter.
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
@@ -239,6 +246,11 @@ def export_hf(path: Path, model: nn.Module) -> Path | None:
     if current_rank() != 0:
         _barrier()
         return None
+    peft_config = getattr(model, "peft_config", None)
+    if isinstance(peft_config, Mapping):
+        _write_peft_adapter(Path(path), model, peft_config, state)
+        _barrier()
+        return Path(path)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     tensors = {
         name: tensor.detach().contiguous()
@@ -251,6 +263,22 @@ def export_hf(path: Path, model: nn.Module) -> Path | None:
     config.save_pretrained(str(path))
     _barrier()
     return path
+
+
+def _write_peft_adapter(
+    path: Path, model: nn.Module, peft_config: Mapping[str, Any], state: Mapping[str, Any]
+) -> None:
+    """Rank 0 of `export_hf` for a peft model: the active adapter of the gathered `state`."""
+    from peft import get_peft_model_state_dict
+
+    name = str(getattr(model, "active_adapter", "default"))
+    adapter = get_peft_model_state_dict(model, state_dict=dict(state), adapter_name=name)
+    tensors = {k: v.detach().contiguous() for k, v in adapter.items() if isinstance(v, Tensor)}
+    path.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(
+        tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"}
+    )
+    peft_config[name].save_pretrained(str(path))
 
 
 def read_sharded_model_state(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -19,6 +19,8 @@ fp32, the sharded fp32 parameters stay the optimizer's master weights.
 
 from __future__ import annotations
 
+from itertools import chain
+
 import torch
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -30,7 +32,7 @@ from cispo.ops import model_token_logprobs
 
 __all__ = [
     "TokenLogprobs",
-    "check_same_weights",
+    "broadcast_from_rank0",
     "decoder_layers",
     "full_state_dict",
     "shard_model",
@@ -87,46 +89,38 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def check_same_weights(model: nn.Module, device: torch.device) -> None:
-    """Refuse, on every rank, to shard models whose ranks hold different weights.
+def broadcast_from_rank0(model: nn.Module, device: torch.device) -> None:
+    """Overwrite every rank's parameters and buffers with rank 0's, in place (a collective).
 
     `fully_shard` keeps each rank's slice of its *own* local model and broadcasts nothing, so ranks
-    that built their models from different seeds would train an inconsistent patchwork. One
-    all-gather of (Σ w, Σ |w|) per parameter, float64, compared exactly (the same weights give
-    the same sums bit for bit).
+    that built their models differently (another seed, a rank-dependent init) would train an
+    inconsistent patchwork. One `broadcast` per tensor (tied weights once), each staged on
+    `device` (the backend's: NCCL sends CUDA tensors only) and copied back where it lives. Cost:
+    one broadcast of the whole model at start.
     """
-    named = list(model.named_parameters())
-    local = torch.stack(
-        [
-            torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()])
-            for _, p in named
-        ]
-    ).to(device)  # [P, 2]
-    table = [torch.empty_like(local) for _ in range(current_world_size())]
-    torch.distributed.all_gather(table, local)
-    for r, other in enumerate(table[1:], start=1):
-        differs = (other != table[0]).any(dim=1).nonzero()
-        if len(differs):
-            name = named[int(differs[0])][0]
-            raise ValueError(
-                f"rank {r} holds different initial weights from rank 0 (first: {name!r}): build "
-                "the model identically on every rank (same seed, same files) before sharding"
-            )
+    with torch.no_grad():
+        for tensor in chain(model.parameters(), model.buffers()):
+            staged = tensor.detach().to(device)
+            torch.distributed.broadcast(staged, src=0)
+            if staged.data_ptr() != tensor.data_ptr():  # staged on another device
+                tensor.copy_(staged)
 
 
 def shard_model(model: nn.Module, *, bf16: bool = False) -> TokenLogprobs:
     """Shard `model` in place over the current process group; return the FSDP root to call.
 
-    The parameters of `model` become sharded DTensors (build the optimizer over them afterwards);
-    `model.state_dict()` then holds the local shards. Needs an active process group of more than
-    one rank. bf16: mixed precision (CUDA only).
+    Rank 0's parameters and buffers are broadcast first (`broadcast_from_rank0`), so every rank
+    trains rank 0's initial weights whatever it built. The parameters of `model` become sharded
+    DTensors (build the optimizer over them afterwards); `model.state_dict()` then holds the
+    local shards. Frozen parameters (a peft LoRA base) are sharded too and stay frozen. Needs
+    an active process group of more than one rank. bf16: mixed precision (CUDA only).
     """
     if not active():
         raise RuntimeError("shard_model needs an initialised process group of more than one rank")
     device_type = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
     if bf16 and device_type != "cuda":
         raise ValueError("bf16 mixed precision is for CUDA (nccl) only; on CPU/gloo use float32")
-    check_same_weights(model, torch.device(device_type))
+    broadcast_from_rank0(model, torch.device(device_type))
     mesh = init_device_mesh(device_type, (current_world_size(),))
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

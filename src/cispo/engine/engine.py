@@ -183,6 +183,30 @@ def loss_totals(datums: Sequence[Datum]) -> tuple[float, float]:
     return float(tokens), float(sequences)
 
 
+def _to_device(batch: _Batch, device: torch.device) -> _Batch:
+    """`batch` with every tensor on `device` (the model's); `batch` itself when already there.
+
+    `_collate` builds on the CPU; the model, and so its logprobs, may be on an accelerator, where
+    the loss inputs (mask, advantages, sampler/old/ref logprobs, weights) must be too."""
+    if batch.input_ids.device == device:
+        return batch
+    return _Batch(
+        batch.input_ids.to(device),
+        batch.attention_mask.to(device),
+        batch.targets.to(device),
+        batch.loss_mask.to(device),
+        {k: v.to(device) for k, v in batch.fields.items()},
+        batch.lengths,
+    )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (a sharded one's local shard device); CPU for
+    a model without parameters."""
+    first = next(iter(model.parameters()), None)
+    return torch.device("cpu") if first is None else first.device
+
+
 def _rows(batch: _Batch, start: int, stop: int) -> _Batch:
     """Sequences [start, stop) of a collated batch, trimmed to their own longest length."""
     lengths = batch.lengths[start:stop]
@@ -514,10 +538,11 @@ class Engine:
         outputs: list[dict[str, TensorData]] = []
         parts: list[tuple[float, Mapping[str, float]]] = []
         loss_sum = 0.0
+        device = _model_device(self.model)
         for index in range(steps):
             padding = index >= len(plan)
             start, stop, groups = (0, 1, None) if padding else plan[index]
-            part = _rows(full, start, stop)
+            part = _to_device(_rows(full, start, stop), device)  # collated on CPU
             with torch.set_grad_enabled(not forward_only):
                 scored = self._token_logprobs(
                     part.input_ids,
