@@ -54,8 +54,9 @@ def test_a_rank_raising_mid_run_ends_the_whole_launch_non_zero_within_a_bound(
     log = done.stdout + done.stderr
     assert done.returncode != 0, log[-4000:]
     assert "DeliberateFailure: rank 1 fails in RL step 2" in log, log[-4000:]
-    # rank 0 did not finish its run: torchrun ended it (SIGTERM) after rank 1's failure
-    assert "exitcode  : -15" in log and "Signal 15 (SIGTERM) received" in log, log[-4000:]
+    # Rank 0 did not finish its run either (torchrun's agent SIGTERMs it, or its next collective
+    # fails on the closed connection first: either way no step 2 below). The agent's wording is
+    # not asserted; it changes between torch versions.
     assert elapsed < BOUND_S
     root = run / "checkpoints" / "tiny"
     assert (root / "latest").read_text().split()[0] == "step_000001"  # RL step 1 finished
