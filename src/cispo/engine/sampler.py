@@ -446,7 +446,8 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     A bijection of [0, 2^64)."""
     z = (z ^ (z >> np.uint64(30))) * _MIX1
     z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
+    out: np.ndarray = z ^ (z >> np.uint64(31))
+    return out
 
 
 def stream_uniforms(
