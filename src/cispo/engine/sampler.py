@@ -25,7 +25,8 @@ float rounding of its logits, which the batch's padding and size can move by ~1e
 takes one stream id per prompt (default: its index); a seeded request through the client or the
 server gets stream id 0, so its samples are a function of (weights, prompt, n, params) alone,
 as with vLLM's per-request seed (`cispo.engine.batching`); a rollout passes each prompt's index
-in the step's batch, so a rank sampling a slice of the batch draws what one process would.
+in the step's batch, so a rank sampling a slice of the batch draws what one process would
+(tests/engine/test_sampler_streams.py).
 
 Left out: speculative decoding, prefix sharing between different prompts, a static cache and
 CUDA graphs.
@@ -100,8 +101,8 @@ class HFSampler:
     """`Sampler` over one transformers model (frozen here: eval mode, no gradients), with the
     KV-cached `sample` and `compute_logprobs` of this module.
 
-    `generator` draws the samples of requests without a seed (the engine passes its own, so that
-    it is checkpointed with the engine's state); `tokenizer` is needed only for stop strings;
+    `generator` draws the base seed of requests without a seed (the engine passes its own, so
+    that it is checkpointed with the engine's state); `tokenizer` is needed only for stop strings;
     `freeze=False` leaves the model's mode and `requires_grad` alone (`cispo.engine.engine`'s
     shared sampler, which reads a training model).
     """
