@@ -55,8 +55,8 @@ class SamplingParams:
     max_tokens: int | None = None
     """Most tokens to generate per sequence. None: up to the model's max_position_embeddings."""
     seed: int | None = None
-    """Seeds a fresh CPU generator for this call; None uses the `generator` argument, else
-    torch's global RNG."""
+    """The base seed of the call's per-row random streams (`cispo.engine.sampler`); None: one
+    integer drawn from the sampler's generator, else from torch's global RNG."""
     stop: str | list[str] | list[int] | None = None
     """Stop strings or stop token ids, in addition to eos. None: eos only. []: nothing stops a
     sequence but max_tokens (Tinker's meaning). The token that completes a stop is kept."""

@@ -53,7 +53,8 @@ def test_deferred_sampling_batches_requests_and_equals_one_engine_batch(tmp_path
     params = SamplingParams(max_tokens=5, temperature=1.0, seed=11)
     futures = [sampler.sample(ModelInput.from_ints(p), 3, params) for p in prompts]
     got = [f.result().sequences for f in futures]
-    want = training.engine.sampler().sample(prompts, 3, params)
+    # Seeded requests sample on stream 0 each (cispo.engine.batching).
+    want = training.engine.sampler().sample(prompts, 3, params, [0, 0, 0])
     assert [[s.tokens for s in g] for g in got] == [[s.tokens for s in g] for g in want]
     assert [[s.logprobs for s in g] for g in got] == [[s.logprobs for s in g] for g in want]
 

@@ -92,9 +92,10 @@ class FakeLLM:
             out = self.model(input_ids=torch.tensor([ids]))
         return out.logits[0].float()  # [T, V]
 
-    def generate(self, prompts: list[dict[str, list[int]]], sp: Any) -> list[RequestOutput]:
+    def generate(self, prompts: list[dict[str, list[int]]], sps: Any) -> list[RequestOutput]:
         outputs = []
-        for prompt in prompts:
+        per_prompt = sps if isinstance(sps, list) else [sps] * len(prompts)  # as LLM.generate
+        for prompt, sp in zip(prompts, per_prompt, strict=True):
             ids = list(prompt["prompt_token_ids"])
             if sp.prompt_logprobs == -1 and self.max_logprobs != -1:
                 raise ValueError("prompt_logprobs=-1 needs LLM(max_logprobs=-1)")

@@ -4,6 +4,7 @@ requests (the client's `SamplingClient.flush` and the server's sampling thread b
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -22,15 +23,21 @@ class Recording(HFSampler):
     def __init__(self, *args: Any, fail_on: list[int] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.calls: list[tuple[list[list[int]], int, SamplingParams]] = []
+        self.streams: list[list[int] | None] = []
         self.fail_on = fail_on
 
     def sample(
-        self, prompts: list[list[int]], num_samples: int, params: SamplingParams
+        self,
+        prompts: list[list[int]],
+        num_samples: int,
+        params: SamplingParams,
+        stream_ids: Sequence[int] | None = None,
     ) -> list[list[SampledSequence]]:
         self.calls.append((prompts, num_samples, params))
+        self.streams.append(None if stream_ids is None else list(stream_ids))
         if self.fail_on in prompts:
             raise ValueError("this batch fails")
-        return super().sample(prompts, num_samples, params)
+        return super().sample(prompts, num_samples, params, stream_ids)
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +81,13 @@ def test_compatible_requests_run_as_one_sample_call_per_group_in_arrival_order(
         ([PROMPTS[1]], 3),
     ]
     assert [(c[0], c[1]) for c in b.calls] == [([PROMPTS[1]], 2)]
-    direct = _sampler(bundle).sample([PROMPTS[0], PROMPTS[2]], 2, p1)
+    # A seeded request runs on stream 0: its samples are those of the prompt sampled alone.
+    assert a.streams[0] == [0, 0]
+    direct = _sampler(bundle).sample([PROMPTS[0], PROMPTS[2]], 2, p1, [0, 0])
     assert [s.tokens for s in got[0]] == [s.tokens for s in direct[0]]
     assert [s.tokens for s in got[2]] == [s.tokens for s in direct[1]]
+    (alone,) = _sampler(bundle).sample([PROMPTS[2]], 2, p1)
+    assert [s.tokens for s in got[2]] == [s.tokens for s in alone]
     assert sorted(got) == [0, 1, 2, 3, 4] and all(len(got[i]) == 2 for i in range(4))
     assert len(got[4]) == 3
 
@@ -122,3 +133,46 @@ def test_a_waiter_whose_delivery_fails_gets_its_error_and_the_others_their_sampl
     )
     assert len(sampler.calls) == 1 and delivered == [1, 2]
     assert failed == {0: "encoding failed"}
+
+
+def _run(requests: list[SampleRequest]) -> list[list[SampledSequence]]:
+    got: dict[int, list[SampledSequence]] = {}
+    run_sample_batches(
+        [(r, i) for i, r in enumerate(requests)],
+        lambda i, seqs: got.__setitem__(i, seqs),
+        lambda i, error: pytest.fail(f"request {i} failed: {error}"),
+    )
+    return [got[i] for i in range(len(requests))]
+
+
+def _view(seqs: list[SampledSequence]) -> list[tuple[list[int], str]]:
+    return [(s.tokens, s.stop_reason) for s in seqs]
+
+
+def test_a_seeded_requests_samples_do_not_depend_on_what_it_is_batched_with_or_the_order(
+    bundle: Any,
+) -> None:
+    sampler = _sampler(bundle)
+    params = SamplingParams(max_tokens=6, seed=11, temperature=1.0)
+    (alone,) = _run([SampleRequest(sampler, PROMPTS[1], 3, params)])
+    mixed = _run([SampleRequest(sampler, p, 3, params) for p in (PROMPTS[0], PROMPTS[1])])
+    reordered = _run([SampleRequest(sampler, p, 3, params) for p in reversed(PROMPTS)])
+    assert len(sampler.calls) == 3 and len(sampler.calls[2][0]) == 3  # batched, not one by one
+    for other in (mixed[1], reordered[1]):
+        assert _view(other) == _view(alone)
+        for a, b in zip(other, alone, strict=True):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert len({tuple(s.tokens) for s in alone}) > 1, "the group's samples are all the same"
+    # Another stream id (in-process callers only) gives other samples for the same request.
+    (other_stream,) = _run([SampleRequest(sampler, PROMPTS[1], 3, params, stream_id=7)])
+    assert _view(other_stream) != _view(alone)
+
+
+def test_unseeded_requests_for_the_same_prompt_in_one_batch_get_different_samples(
+    bundle: Any,
+) -> None:
+    sampler = _sampler(bundle)
+    params = SamplingParams(max_tokens=8, temperature=1.0)
+    first, second = _run([SampleRequest(sampler, PROMPTS[0], 2, params) for _ in range(2)])
+    assert len(sampler.calls) == 1 and sampler.streams == [None]
+    assert _view(first) != _view(second)

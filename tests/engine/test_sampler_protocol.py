@@ -136,6 +136,28 @@ def test_a_seed_makes_sampling_reproducible_and_another_seed_changes_it(
     assert [t for t, _ in run(3)] != [t for t, _ in run(4)]
 
 
+def test_a_seeded_prompts_samples_depend_on_its_stream_id_not_on_the_other_prompts(
+    make: Callable[[ModelBundle], Sampler],
+) -> None:
+    """Prompt i's samples are a function of (weights, prompt, n, params, stream_ids[i]): the
+    same as when it is sampled alone on that stream, in any batch and position; the default
+    stream id is the prompt's index."""
+    sampler = make(tiny_bundle())
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=6, stop=[])
+
+    def view(groups: list[list[SampledSequence]]) -> list[list[list[int]]]:
+        return [[s.tokens for s in g] for g in groups]
+
+    batch = view(sampler.sample(PROMPTS, 3, params, [4, 0, 9]))
+    for i, stream in ((0, 4), (1, 0), (2, 9)):
+        assert view(sampler.sample([PROMPTS[i]], 3, params, [stream])) == [batch[i]]
+    assert view(sampler.sample(PROMPTS[::-1], 3, params, [9, 0, 4])) == batch[::-1]
+    assert view(sampler.sample(PROMPTS, 3, params)) == view(
+        sampler.sample(PROMPTS, 3, params, [0, 1, 2])
+    )
+    assert view(sampler.sample([PROMPTS[0]], 3, params, [5])) != [batch[0]]
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_and_scored_logprobs_are_the_trainers(
     make: Callable[[ModelBundle], Sampler], temperature: float

@@ -166,3 +166,26 @@ def test_real_vllm_sampled_logprobs_are_the_trainers(tmp_path: Path) -> None:
     sampled = [torch.tensor(s.logprobs) for g in groups for s in g]
     for s, t in zip(sampled, trainer, strict=True):
         torch.testing.assert_close(s, t, atol=1e-3, rtol=0)
+
+
+def test_each_stream_gets_its_own_vllm_seed_and_stream_0_the_requests_seed() -> None:
+    """With a seed, prompt i's vLLM request is seeded with `stream_seed(seed, stream_ids[i])`:
+    the same prompt on two streams samples differently, on equal streams identically, and
+    stream 0 is the request's own seed (vLLM's per-request seed, what the server sends)."""
+    bundle = tiny_bundle()
+    sampler = _sampler(bundle)
+    engine = sampler.engine
+    assert isinstance(engine, FakeLLM)
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=4, stop=[])
+    same = [PROMPTS[0], PROMPTS[0]]
+    two_streams = sampler.sample(same, 3, params, [0, 5])
+    one_stream = sampler.sample(same, 3, params, [5, 5])
+    assert two_streams[0] != two_streams[1] and one_stream[0] == one_stream[1]
+    assert two_streams[1] == one_stream[0]
+    direct = engine.generate(
+        [{"prompt_token_ids": PROMPTS[0]}],
+        FakeSamplingParams(**vllm_sampling_kwargs(params, 3)),  # seed=4 itself
+    )
+    assert [list(c.token_ids) for c in direct[0].outputs] == [s.tokens for s in two_streams[0]]
+    with pytest.raises(ValueError, match=r"stream_ids has 1 entries for 2 prompts"):
+        sampler.sample(same, 3, params, [0])

@@ -2,7 +2,8 @@
 both batch pending requests with `cispo.engine.batching.run_sample_batches` (one KV-cached
 `Sampler.sample` per group of compatible requests) over the same weights. Through the real tinker
 SDK; the server's sampling thread is held while the requests arrive so that it drains them in one
-pass, as the client's first `.result()` does."""
+pass, as the client's first `.result()` does. Seeded requests sample on their own random streams,
+so the order in which the concurrent requests reach the server's queue does not matter."""
 
 from __future__ import annotations
 
@@ -61,24 +62,29 @@ def test_a_batch_of_requests_gives_the_same_samples_in_process_and_from_the_serv
         local.sample(ModelInput.from_ints(p), n, SamplingParams(**kw)) for p, n, kw in requests
     ]
     in_process = [_view(f.result().sequences) for f in pending]
+    # The same batch submitted in reverse order: the same samples, bit for bit.
+    backwards = {
+        i: local.sample(ModelInput.from_ints(p), n, SamplingParams(**kw))
+        for i, (p, n, kw) in reversed(list(enumerate(requests)))
+    }
+    assert [_view(backwards[i].result().sequences) for i in range(len(requests))] == in_process
     # Hold the server's one sampling thread until every request is queued (test-only access to
     # the backend's executor and queue): it then drains them in one pass, as flush() did.
     backend = live.backend
     gate = threading.Event()
     held = backend._sampling.submit(gate.wait, TIMEOUT)
     try:
-        # One at a time: the SDK sends requests concurrently, and a batch's samples depend on
-        # the order of its rows (one generator per batch), so the queue must hold them in the
-        # client's order.
-        futures = []
-        for i, (p, n, kw) in enumerate(requests):
-            futures.append(
-                remote.sample(types.ModelInput.from_ints(p), n, types.SamplingParams(**kw))
-            )
-            deadline = time.time() + TIMEOUT
-            while len(backend._sample_queue) < i + 1:
-                assert time.time() < deadline, "the request never reached the server's queue"
-                time.sleep(0.01)
+        # Sent concurrently (the SDK's way), so they reach the queue in any order: a seeded
+        # request samples on its own stream (stream id 0; cispo.engine.batching), so the row
+        # order of the batch does not change its samples.
+        futures = [
+            remote.sample(types.ModelInput.from_ints(p), n, types.SamplingParams(**kw))
+            for p, n, kw in requests
+        ]
+        deadline = time.time() + TIMEOUT
+        while len(backend._sample_queue) < len(requests):
+            assert time.time() < deadline, "the requests never reached the server's queue"
+            time.sleep(0.01)
     finally:
         gate.set()
     held.result()

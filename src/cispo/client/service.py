@@ -36,7 +36,7 @@ from cispo.checkpoint import is_sharded, load_checkpoint
 from cispo.client.futures import APIFuture, OrderedWorker, completed
 from cispo.engine.batching import SampleRequest, run_sample_batches
 from cispo.engine.engine import Engine, EngineConfig, load_engine_state, save_engine_state
-from cispo.engine.sampler import HFSampler, Sampler
+from cispo.engine.sampler import HFSampler, Sampler, check_stream_ids
 from cispo.engine.sharded_state import load_sharded_engine_state, save_sharded_named_state
 from cispo.models import ModelBundle, load_bundle
 from cispo.types import (
@@ -325,22 +325,33 @@ class SamplingClient:
         num_samples: int,
         sampling_params: SamplingParams,
         include_prompt_logprobs: bool = False,
+        *,
+        stream_id: int = 0,
     ) -> APIFuture[SampleResponse]:
+        """Tinker's `sample`; `stream_id` (cispo only, used with a seed) picks the prompt's
+        random stream: requests with the same prompt, params and stream id get the same
+        samples, whatever they are batched with (`cispo.engine.batching`)."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        (stream_id,) = check_stream_ids([stream_id], 1)  # refused here, not in the batch
         if include_prompt_logprobs:
             tokens = prompt.to_ints()
             prompt_lp: list[float | None] = [None, *self.sampler.compute_logprobs([tokens])[0]]
-            response = self._sample_now(tokens, num_samples, sampling_params)
+            response = self._sample_now(tokens, num_samples, sampling_params, stream_id)
             return completed(SampleResponse(response.sequences, prompt_logprobs=prompt_lp))
         future: concurrent.futures.Future[SampleResponse] = concurrent.futures.Future()
-        request = SampleRequest(self.sampler, prompt.to_ints(), num_samples, sampling_params)
+        request = SampleRequest(
+            self.sampler, prompt.to_ints(), num_samples, sampling_params, stream_id
+        )
         with self._lock:
             self._pending.append((request, future))
         return APIFuture(future, on_wait=self.flush)
 
-    def _sample_now(self, tokens: list[int], n: int, params: SamplingParams) -> SampleResponse:
-        sequences = self.sampler.sample([tokens], n, params)[0]
+    def _sample_now(
+        self, tokens: list[int], n: int, params: SamplingParams, stream_id: int
+    ) -> SampleResponse:
+        streams = [stream_id] if params.seed is not None else None  # as in a batch of one
+        sequences = self.sampler.sample([tokens], n, params, streams)[0]
         return SampleResponse(sequences=sequences)
 
     def flush(self) -> None:

@@ -8,6 +8,14 @@ request, in submission order. The client's `SamplingClient` runs its deferred re
 queued since its last pass (`cispo.server.runtime.Backend._drain_samples`), so the same requests
 with the same seeds give the same samples in process and over HTTP.
 
+Streams (`cispo.engine.sampler.stream_uniforms`): a seeded request's prompt runs on its
+`stream_id`, 0 unless the in-process caller chose another (the server and the Tinker SDK send
+none), so its samples are a function of (weights, prompt, n, params, stream id) alone, whatever it
+is batched with and in which order (up to the float rounding of its logits), like vLLM's
+per-request seed; two seeded requests with the same prompt, params and stream id get the same
+samples. Unseeded requests promise no reproducibility: they run on their positions in the group
+(stream ids 0 .. P-1 under one base seed per call), so that no two of them share draws.
+
 A failing group does not stop the others: every waiter of that group gets the error (`fail`), as
 does a waiter whose own `deliver` raises. A `BaseException` that is not an `Exception`
 (KeyboardInterrupt) fails every waiter not yet served, then propagates.
@@ -33,6 +41,8 @@ class SampleRequest:
     prompt: list[int]
     num_samples: int
     params: SamplingParams
+    stream_id: int = 0
+    """The prompt's random stream when `params.seed` is set (module docstring)."""
 
     def batch_key(self) -> tuple[int, int, str]:
         """Requests with equal keys run in one `sample` call. `SamplingParams` may hold a list
@@ -55,8 +65,12 @@ def run_sample_batches(
     for index, batch in enumerate(batches):
         first = batch[0][0]
         try:
+            seeded = first.params.seed is not None
             results = first.sampler.sample(
-                [request.prompt for request, _ in batch], first.num_samples, first.params
+                [request.prompt for request, _ in batch],
+                first.num_samples,
+                first.params,
+                [request.stream_id for request, _ in batch] if seeded else None,
             )
             if len(results) != len(batch):
                 raise RuntimeError(

@@ -810,10 +810,14 @@ class SharedSampler(HFSampler):
             self._model, self.shared = copy_of_weights, False
 
     def sample(
-        self, prompts: list[list[int]], num_samples: int, params: SamplingParams
+        self,
+        prompts: list[list[int]],
+        num_samples: int,
+        params: SamplingParams,
+        stream_ids: Sequence[int] | None = None,
     ) -> list[list[SampledSequence]]:
         with self._lock, _eval_mode(self.model if self.shared else None):
-            return super().sample(prompts, num_samples, params)
+            return super().sample(prompts, num_samples, params, stream_ids)
 
     def compute_logprobs(
         self, sequences: list[list[int]], *, temperature: float = 1.0

@@ -47,6 +47,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from cispo.engine.sampler import check_stream_ids, stream_seed
 from cispo.types import SampledSequence, SamplingParams
 
 __all__ = ["VLLMEngine", "VLLMSampler", "vllm_sampling_kwargs"]
@@ -59,7 +60,9 @@ class VLLMEngine(Protocol):
     """What the adapter needs of an engine: `vllm.LLM.generate`, plus weight loading and a
     fingerprint of the weights it holds (`RealVLLMEngine` for vLLM, a fake in the tests)."""
 
-    def generate(self, prompts: list[dict[str, list[int]]], sampling_params: Any) -> list[Any]: ...
+    def generate(self, prompts: list[dict[str, list[int]]], sampling_params: Any) -> list[Any]:
+        """`sampling_params`: one `vllm.SamplingParams`, or a list of one per prompt."""
+        ...
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None: ...
 
@@ -144,8 +147,15 @@ class VLLMSampler:
         return self._engine
 
     def sample(
-        self, prompts: list[list[int]], num_samples: int, params: SamplingParams
+        self,
+        prompts: list[list[int]],
+        num_samples: int,
+        params: SamplingParams,
+        stream_ids: Sequence[int] | None = None,
     ) -> list[list[SampledSequence]]:
+        """With `params.seed`, prompt i's request gets its own vLLM seed,
+        `stream_seed(seed, stream_ids[i])` (the seed itself for stream 0); vLLM draws each
+        request from its own seeded generator, so that is the protocol's per-stream guarantee."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if any(len(p) == 0 for p in prompts):
@@ -153,7 +163,14 @@ class VLLMSampler:
         engine = self.engine
         if not prompts:
             return []
-        request = self.sampling_params_cls(**vllm_sampling_kwargs(params, num_samples))
+        streams = check_stream_ids(stream_ids, len(prompts))
+        kwargs = vllm_sampling_kwargs(params, num_samples)
+        request: Any = self.sampling_params_cls(**kwargs)
+        if params.seed is not None:  # one SamplingParams per prompt (LLM.generate takes a list)
+            request = [
+                self.sampling_params_cls(**{**kwargs, "seed": stream_seed(params.seed, s)})
+                for s in streams
+            ]
         outputs = engine.generate([{"prompt_token_ids": list(p)} for p in prompts], request)
         if len(outputs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")

@@ -7,9 +7,11 @@ trainer version `step` has lag `step − v`, at most the source's `max_staleness
 
 - `InProcessSource` (here): batch `step` is sampled through the training client's own sampling
   client with the current weights, so every batch has lag 0. This is the synchronous loop. Under
-  torchrun every rank gathers the current weights (a collective), rank 0 alone samples and scores
-  the whole batch and broadcasts it, and each rank then trains its share (`cispo.train.update`):
-  the batches are those of one process at any world size (docs/distributed.md says why).
+  torchrun every rank gathers the current weights (a collective), samples and scores its
+  `share_bounds` share of the batch's prompts, each prompt on the random stream of its index in
+  the batch, and the ranks all-gather the shares, so that every rank assembles the same whole
+  batch, the one one process samples (up to float rounding; docs/distributed.md). Each rank then
+  trains its share (`cispo.train.update`). One process is world size 1 of the same code.
 - `cispo.asynchronous.source.WorkerSource`: batches come from a sampler worker process that runs
   ahead of the trainer, lag ≤ `asynchronous.max_staleness`.
 """
@@ -21,7 +23,7 @@ from typing import Protocol
 from cispo import distributed
 from cispo.client.service import TrainingClient
 from cispo.config import TrainConfig
-from cispo.rollout.rollouts import Rollout, collect_rollout
+from cispo.rollout.rollouts import Rollout, assemble_rollout, sample_share, step_problems
 from cispo.tasks import Task
 
 
@@ -65,13 +67,14 @@ class InProcessSource:
 
     def next(self, step: int) -> Rollout:
         sampler = self.training.save_weights_and_get_sampling_client()  # every rank: collective
-        rollout = None
-        if distributed.current_rank() == 0:
-            rollout = collect_rollout(sampler, self.task, step, self.config)
-            rollout.version = step  # the current weights are the policy after `step` rounds
-        shared = distributed.broadcast_object(rollout)
-        assert shared is not None  # rank 0 always has one
-        return shared
+        problems = step_problems(self.task, step, self.config)  # the same on every rank
+        start, stop = distributed.share_bounds(
+            len(problems), distributed.current_rank(), distributed.current_world_size()
+        )
+        mine = sample_share(sampler, self.task, problems, step, self.config, range(start, stop))
+        shares = distributed.gather_objects(mine)  # every rank, in rank order
+        # The current weights are the policy after `step` rounds of updates.
+        return assemble_rollout(step, problems, shares, self.config, version=step)
 
     def after_step(self, version: int) -> dict[str, float]:
         return {}  # the next batch reads the weights straight from the training client

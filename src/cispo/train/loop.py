@@ -14,8 +14,9 @@ start, evaluation, logging, checkpoints, the staleness check and lag statistics,
 the same code for both: synchronous training is lag 0 of this loop.
 
 Under `torchrun` (docs/distributed.md) every rank runs this loop on the same config: the engine
-shards the model, rank 0 samples, scores and broadcasts each batch (`InProcessSource`), every rank
-trains its share of it (`train_on_rollout`), evaluation runs on rank 0's full copy of the weights,
+shards the model, every rank samples and scores its share of each batch's prompts and the shares
+are all-gathered into the whole batch (`InProcessSource`), every rank trains its share of it
+(`train_on_rollout`), evaluation runs on rank 0's full copy of the weights,
 checkpoints are sharded (DCP) directories that every rank writes, and rank 0 alone prints and
 writes config.json, the logs, samples and plots. Every collective is issued by every rank in the
 same order; nothing in a rank-0-only branch issues one.
