@@ -26,12 +26,19 @@ def evaluate(
     metrics = {"eval/accuracy": sum(r == 1.0 for r in scores.rewards) / len(problems)}
     k = config.eval.pass_k
     if k > 0:
-        params = SamplingParams(
-            max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=1
-        )
+        # One seed per problem: a seeded request samples on its own stream, so a shared seed
+        # would give every problem the same uniforms (correlated pass@k across problems).
         futures = [
-            sampler.sample(ModelInput.from_ints(encode_prompt(tok, p.prompt)), k, params)
-            for p in problems
+            sampler.sample(
+                ModelInput.from_ints(encode_prompt(tok, p.prompt)),
+                k,
+                SamplingParams(
+                    max_tokens=config.sampling.max_tokens,
+                    temperature=config.sampling.temperature,
+                    seed=1 + i,
+                ),
+            )
+            for i, p in enumerate(problems)
         ]
         hits = 0
         for problem, future in zip(problems, futures, strict=True):
