@@ -50,7 +50,9 @@ def _group_datums(sizes: tuple[int, ...] = (4, 1, 3), seed: int = 0) -> list[Dat
 
 def _pair(**config: Any) -> tuple[Engine, Engine]:
     """Two engines on the same weights: padded, and shared-prefix packed."""
-    return tiny_engine(**config), tiny_engine(shared_prefix=True, **config)
+    padded, shared = tiny_engine(shared_prefix=False, **config), tiny_engine(**config)
+    assert not padded.shared_prefix and shared.shared_prefix  # the default packs
+    return padded, shared
 
 
 def _assert_same_outputs(a: ForwardBackwardOutput, b: ForwardBackwardOutput) -> None:
@@ -111,7 +113,8 @@ def test_shared_prefix_with_an_entropy_bonus_and_kl_equals_the_padded_path(fused
 
 def test_several_groups_per_packed_row_equal_the_padded_path() -> None:
     datums = _group_datums((2, 3, 1, 2))
-    padded, shared = tiny_engine(), tiny_engine(shared_prefix=True, packed_row_tokens=64)
+    padded = tiny_engine(shared_prefix=False)
+    shared = tiny_engine(shared_prefix=True, packed_row_tokens=64)
     cfg = {"reduction": "seq_mean_token_mean"}
     _assert_same_outputs(
         padded.forward_backward(datums, "ppo", cfg), shared.forward_backward(datums, "ppo", cfg)
@@ -131,7 +134,7 @@ def test_padding_free_update_of_unrelated_sequences_equals_the_padded_path() -> 
     ]
     full = _collate(datums)
     assert detect_groups(full.input_ids, full.lengths, full.loss_mask) == [1] * 7
-    padded = tiny_engine(micro_batch_size=4)
+    padded = tiny_engine(micro_batch_size=4, shared_prefix=False)
     packed = tiny_engine(micro_batch_size=4, shared_prefix=True, packed_row_tokens=40)
     _assert_same_outputs(
         padded.forward_backward(datums, "cross_entropy"),
