@@ -47,8 +47,8 @@ RELATIVE = 1e-3  # metrics: relative to max(|value|, 1e-3), measured ≤ 3.3e-4 
 # when both sides ran padded rows; packed and padded logprobs differ by float rounding, ≤ 1.9e-6
 # in benchmarks/shared_prefix.py, docs/LOG.md)
 MISMATCH = 2e-6
-WEIGHTS = 5e-5  # max |Δweight| of the final checkpoints, measured 2.0e-5 (3.8e-6 with the same
-# engine switches on both sides: fused vs for-loop AdamW rounds differently over 150 SFT steps)
+WEIGHTS = 5e-5  # max |Δweight| of the final checkpoints, measured 2.0e-5 (3.8e-6 when both
+# sides ran padded rows and torch's default AdamW)
 
 
 @pytest.fixture(scope="module")
