@@ -193,7 +193,8 @@ def test_a_model_the_packed_path_cannot_mask_takes_the_padded_path_and_says_why(
     replaced by the packed 4D mask, so the engine keeps padded rows (same results as off)."""
     model = tiny_bundle().model
     model.config.use_sliding_window = True  # the Llama forward ignores it; the check must not
-    engine = _engine_on(model)
+    with pytest.warns(UserWarning, match="this model takes padded rows instead"):
+        engine = _engine_on(model)
     assert not engine.shared_prefix
     assert "sliding_attention" in str(engine.shared_prefix_off)
     reference = _engine_on(tiny_bundle().model, shared_prefix=False)

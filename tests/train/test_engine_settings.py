@@ -68,26 +68,6 @@ def test_the_default_plan_says_shared_prefix_and_fused_adamw_are_on() -> None:
     )
 
 
-def test_the_plan_says_when_the_model_takes_padded_rows_despite_shared_prefix(
-    tmp_path: Path,
-) -> None:
-    config = run_config(tmp_path / "run", TINY_RUN)
-    opened = open_run(config, resume=False, echo=lambda _: None)
-    try:
-        engine = opened.training.engine
-        assert engine.shared_prefix and "takes padded rows" not in describe_plan(
-            config, opened.training
-        )
-        engine.shared_prefix_off = "layer types ['sliding_attention']: ..."  # as a Qwen2 would
-        plan = describe_plan(config, opened.training)
-    finally:
-        opened.training.close()
-    assert (
-        "engine: shared_prefix on, packing off, adamw fused, fused logprobs auto (this model "
-        "takes padded rows: layer types ['sliding_attention']" in plan
-    )
-
-
 def test_runs_with_the_default_speed_features_on_and_off_end_at_the_same_weights(
     tmp_path: Path,
 ) -> None:

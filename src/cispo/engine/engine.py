@@ -31,6 +31,7 @@ import copy
 import gc
 import math
 import threading
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager
@@ -99,8 +100,8 @@ class EngineConfig:
     micro_batch_size runs alone; datums that share no prompt are groups of one). Same logprobs,
     losses and gradients as False (one right-padded row per datum) to float rounding, sharded
     (FSDP2) or not. Needs SDPA or eager attention with full-attention layers: on any other model
-    the engine takes the padded path (`Engine.shared_prefix` False, `shared_prefix_off` says
-    why). On by default: faster at every measured size (docs/LOG.md)."""
+    the engine warns and takes the padded path (`Engine.shared_prefix` False,
+    `shared_prefix_off` says why). On by default: faster at every measured size (docs/LOG.md)."""
     packed_row_tokens: int | None = None
     """With shared_prefix: pack consecutive groups into one row up to this many tokens (None: one
     group per row)."""
@@ -378,6 +379,12 @@ class Engine:
             else packing_unsupported(model)
         )
         """Why the engine takes the padded path (None: it packs, `shared_prefix`)."""
+        if self.config.shared_prefix and self.shared_prefix_off is not None:
+            warnings.warn(
+                f"EngineConfig.shared_prefix=True: this model takes padded rows instead "
+                f"({self.shared_prefix_off})",
+                stacklevel=2,
+            )
         if distributed.active():
             self._sampler_template = copy.deepcopy(model)
             self._sharded = distributed.shard_model(model, bf16=self.config.bf16)

@@ -366,10 +366,6 @@ def _silent(line: str) -> None:
 def describe_plan(config: TrainConfig, training: TrainingClient) -> str:
     rl, info = config.rl, training.get_info()
     params, trainable = info.num_parameters, info.num_trainable_parameters
-    engine = config.engine.describe()
-    padded_because = training.engine.shared_prefix_off
-    if config.engine.shared_prefix and padded_because is not None:
-        engine += f" (this model takes padded rows: {padded_because})"
     return "\n".join(
         [
             f"model: {config.model.base_model} ({params / 1e6:.2f}M parameters, "
@@ -382,7 +378,7 @@ def describe_plan(config: TrainConfig, training: TrainingClient) -> str:
             "completion tokens/step",
             f"loss: {config.loss.describe()}; reduction {config.loss.reduction}; "
             f"advantages {rl.advantage}",
-            engine,
+            config.engine.describe(),
             f"run directory: {config.run.dir}",
         ]
     )
