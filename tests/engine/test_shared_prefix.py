@@ -165,7 +165,7 @@ def _engine_on(model: torch.nn.Module, **config: Any) -> Engine:
 
 
 def test_shared_prefix_with_lora_adapters_equals_the_padded_path() -> None:
-    """LoRA on every linear layer, the head included (its B matrices set non-zero)."""
+    """LoRA on every decoder linear layer (peft's all-linear), A and B set non-zero."""
 
     def lora_model() -> torch.nn.Module:
         model = apply_lora(tiny_bundle().model, r=4, alpha=8)
