@@ -543,13 +543,16 @@ class EngineSettings:
     """Speed switches of the trainer's engine (`cispo.engine.engine.EngineConfig`): each gives the
     same update to float rounding; `rl.micro_batch_size` is the engine's micro-batch."""
 
-    shared_prefix: bool = False
-    """Run each group's common prompt once per forward, padding-free (`cispo.engine.packing`)."""
+    shared_prefix: bool = True
+    """Run each group's common prompt once per forward, padding-free (`cispo.engine.packing`);
+    on by default (faster at every measured size, docs/LOG.md), also under torchrun; a model
+    whose attention it cannot mask exactly (flash/flex, sliding windows) takes the padded path."""
     packed_row_tokens: int | None = None
     """With shared_prefix: pack consecutive groups into rows of up to this many tokens (None: one
     group per row)."""
-    adamw_impl: Literal["for-loop", "foreach", "fused"] | None = None
-    """AdamW implementation (None: torch's choice, the for-loop on CPU and foreach on CUDA)."""
+    adamw_impl: Literal["for-loop", "foreach", "fused"] | None = "fused"
+    """AdamW implementation: "fused" by default (the fastest on CPU, docs/LOG.md; sharded
+    parameters too); None: torch's choice, the for-loop on CPU and foreach on CUDA."""
     fused_logprobs: bool | None = None
     """Logprobs tile by tile from hidden states, never the [tokens, vocab] logits (None: when
     the logits would exceed one tile; False: always the naive path)."""
@@ -575,7 +578,7 @@ class EngineSettings:
 
     def describe(self) -> str:
         """One line for the run's plan: which speed features are on."""
-        adamw = self.adamw_impl or "torch default (for-loop on CPU)"
+        adamw = self.adamw_impl or "torch default (for-loop on CPU, foreach on CUDA)"
         fused = {None: "auto", True: "on", False: "off"}[self.fused_logprobs]
         packing = (
             "off"

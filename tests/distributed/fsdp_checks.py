@@ -1,9 +1,12 @@
 """Launched by test_fsdp_engine.py: `torchrun --nproc-per-node 2 fsdp_checks.py OUT.json [W.pt]`.
 
-Rank 0 first trains single-process references (no process group yet: the engine's plain path),
-then every rank joins the group and trains the same steps on its share of each batch. Rank 0
-writes the differences to OUT.json; the test reads them and applies the tolerances. With W.pt,
-rank 0 also saves the final weights of every case there (the two-node test compares them).
+Rank 0 first trains single-process references (no process group yet: the engine's plain path,
+padded rows and for-loop AdamW), then every rank joins the group and trains the same steps on its
+share of each batch with the engine's defaults (shared-prefix packing through the FSDP root, fused
+AdamW on DTensor parameters), or padded rows in the "padded" case. The batches are groups of
+datums that share a prompt, and one group is split over the two ranks. Rank 0 writes the
+differences to OUT.json; the test reads them and applies the tolerances. With W.pt, rank 0 also
+saves the final weights of every case there (the two-node test compares them).
 """
 
 from __future__ import annotations
@@ -16,26 +19,59 @@ from typing import Any
 import torch
 
 import cispo.distributed
+import cispo.distributed.fsdp
+from cispo.datums import rl_datum
 from cispo.engine import Engine, EngineConfig
 from cispo.models import load_bundle
 from cispo.types import AdamParams
-from tests.distributed.common import full_weights, max_diff, random_datums, tiny_engine
+from tests.distributed.common import VOCAB, full_weights, max_diff, tiny_engine
 
 STEPS = 3
 LR = 1e-3
-BATCH = 7  # 4 datums on rank 0, 3 on rank 1: unequal token counts
+BATCH = 7  # 4 datums on rank 0, 3 on rank 1: unequal token counts (GROUPS sums to it)
 MICRO = 3  # rank 0 runs 2 micro-batches, rank 1 one real + one padding micro-batch
 LORA_OVERRIDES = {"hidden_size": 32, "num_layers": 2, "num_heads": 2}
-CASES = [  # (family, tied head, reduction, grad clip)
-    ("llama", True, "token_mean", 0.0),
-    ("llama", True, "seq_mean_token_mean", 0.0),
-    ("qwen2", False, "token_mean", 0.5),
-    ("qwen2", False, "seq_mean_token_sum", 0.0),
+CASES = [  # (family, tied head, reduction, grad clip, sharded engine's config)
+    ("llama", True, "token_mean", 0.0, {}),
+    ("llama", True, "seq_mean_token_mean", 0.0, {}),
+    ("qwen2", False, "token_mean", 0.5, {}),
+    ("qwen2", False, "seq_mean_token_sum", 0.0, {}),
+    ("llama", True, "padded", 0.0, {"shared_prefix": False, "adamw_impl": "for-loop"}),
 ]
+REFERENCE = {"shared_prefix": False, "adamw_impl": "for-loop"}  # the single-process reference
+GROUPS = (3, 2, 2)  # datums per prompt; rank 0 gets the first 4 (the group of 2 is split)
+assert sum(GROUPS) == BATCH
 
 
 def batches() -> list[list[Any]]:
-    return [random_datums(BATCH, seed=10 + step) for step in range(STEPS)]
+    """Per step, RL datums whose prompts repeat in consecutive groups of `GROUPS`, with mixed
+    prompt and completion lengths (so the ranks' shares differ in token counts)."""
+    out = []
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(10 + step)
+        datums = []
+        for k, size in enumerate(GROUPS):
+            prompt = torch.randint(4, VOCAB, (2 + (k + step) % 3,), generator=g).tolist()
+            for i in range(size):
+                n = 1 + (i * 5 + k + step) % 6
+                completion = torch.randint(4, VOCAB, (n,), generator=g).tolist()
+                sampler = (-torch.rand(n, generator=g) * 3 - 0.5).tolist()
+                advantage = float(torch.randn((), generator=g))
+                datum = rl_datum(prompt, completion, sampler, advantage, old_logprobs=sampler)
+                datums.append(datum)
+        out.append(datums)
+    return out
+
+
+PACKED_GROUPS: list[int] = []  # the largest group each packed forward through the FSDP root ran
+
+
+def _recording(real: Any) -> Any:
+    def packed(*args: Any, group_sizes: list[int], **kwargs: Any) -> Any:
+        PACKED_GROUPS.append(max(group_sizes))
+        return real(*args, group_sizes=group_sizes, **kwargs)
+
+    return packed
 
 
 def train(
@@ -53,6 +89,10 @@ def train(
         first = first or grads_full(engine)
         history.append({**out.metrics, **engine.optim_step(adam)})
     return history, first
+
+
+def loss_reduction(case: str) -> str:
+    return "token_mean" if case == "padded" else case
 
 
 def grads_full(engine: Engine) -> dict[str, torch.Tensor]:
@@ -163,12 +203,12 @@ def main(out_path: Path, weights_path: Path | None) -> None:
         start = full_weights(engine)
         train(engine, "token_mean", 0.0, share=False)
         refs["lora"] = (start, full_weights(engine))
-        for family, tied, reduction, clip in CASES:
-            engine = tiny_engine(family, tied=tied, micro_batch_size=MICRO)
+        for family, tied, reduction, clip, _ in CASES:
+            engine = tiny_engine(family, tied=tied, micro_batch_size=MICRO, **REFERENCE)
             start = full_weights(engine)
-            history, grads = train(engine, reduction, clip, share=False)
+            history, grads = train(engine, loss_reduction(reduction), clip, share=False)
             refs[f"{family}/{reduction}"] = (start, full_weights(engine), history, grads)
-        ref = tiny_engine("llama", micro_batch_size=MICRO, fused_logprobs=False)
+        ref = tiny_engine("llama", micro_batch_size=MICRO, fused_logprobs=False, **REFERENCE)
         batch = batches()[0]
         out = ref.forward_backward(batch, "cispo", {"reduction": "token_mean", "anchor": "old"})
         refs["fused"] = ([o["logprobs"].to_torch() for o in out.loss_fn_outputs], grads_full(ref))
@@ -178,10 +218,15 @@ def main(out_path: Path, weights_path: Path | None) -> None:
     results: dict[str, Any] = {"backend": info.backend, "cases": {}}
     finals: dict[str, dict[str, torch.Tensor]] = {}
 
-    for family, tied, reduction, clip in CASES:
-        engine = tiny_engine(family, tied=tied, micro_batch_size=MICRO)
+    cispo.distributed.fsdp.packed_token_logprobs = _recording(  # type: ignore[attr-defined]
+        cispo.distributed.fsdp.packed_token_logprobs
+    )
+    for family, tied, reduction, clip, config in CASES:
+        engine = tiny_engine(family, tied=tied, micro_batch_size=MICRO, **config)
         sharded = any(type(p).__name__ == "DTensor" for p in engine.model.parameters())
-        history, grads = train(engine, reduction, clip, share=True)
+        PACKED_GROUPS.clear()
+        history, grads = train(engine, loss_reduction(reduction), clip, share=True)
+        largest_packed = cispo.distributed.gather_objects(max(PACKED_GROUPS, default=0))
         weights = full_weights(engine)
         local_tokens = [
             sum(
@@ -196,6 +241,8 @@ def main(out_path: Path, weights_path: Path | None) -> None:
             start, final, ref_history, ref_grads = refs[f"{family}/{reduction}"]
             results["cases"][f"{family}/{reduction}"] = {
                 "sharded": sharded,
+                "packed_largest_group": largest_packed,
+                "adamw_fused": bool(engine.optimizer.param_groups[0]["fused"]),
                 "moved": max_diff(final, start),
                 "weight_diff": max_diff(weights, final),
                 "grad_diff": max_diff(grads, ref_grads),

@@ -1,4 +1,6 @@
-"""Claims about the engine under torchrun (2 ranks, FSDP2, gloo on CPU) against one process.
+"""Claims about the engine under torchrun (2 ranks, FSDP2, gloo on CPU) against one process:
+with the engine's defaults (shared-prefix packing through the FSDP root, fused AdamW on DTensor
+parameters) and with padded rows, against the padded, for-loop AdamW single-process reference.
 
 One launch of `fsdp_checks.py` runs every check (a 2-rank launch costs ~10 s); this module reads
 its JSON and applies the tolerances. Gradients are compared after the first step; weights after
@@ -22,6 +24,7 @@ CASES = [
     "llama/seq_mean_token_mean",
     "qwen2/token_mean",
     "qwen2/seq_mean_token_sum",
+    "llama/padded",
 ]
 # Metrics whose merged value does not depend on how the datums are cut into micro-batches.
 # (`loss/value`, `loss/active_tokens`, `fork/grad_share` are per-micro-batch quantities whose
@@ -53,6 +56,10 @@ def test_two_fsdp_ranks_with_unequal_tokens_train_like_one_process(
 ) -> None:
     got = results["cases"][case]
     assert results["backend"] == "gloo" and got["sharded"]
+    if case.endswith("/padded"):  # engine.shared_prefix=false, adamw for-loop: padded rows
+        assert got["packed_largest_group"] == [0, 0] and not got["adamw_fused"]
+    else:  # the defaults: every rank packed a group of 2+ through the root; fused AdamW
+        assert min(got["packed_largest_group"]) >= 2 and got["adamw_fused"]
     assert got["moved"] > 1e-3  # training happened: 3 steps of lr 1e-3 moved the weights
     tokens_rank0, tokens_rank1 = got["tokens_per_rank"]
     assert all(a != b for a, b in zip(tokens_rank0, tokens_rank1, strict=True))

@@ -11,11 +11,12 @@ import torch
 from torch import Tensor
 
 from cispo.datums import rl_datum, sft_datum
-from cispo.engine.engine import Engine, _collate, loss_totals
+from cispo.engine.engine import Engine, EngineConfig, _collate, loss_totals
 from cispo.engine.packing import detect_groups, micro_batches, plan_micro_batches
 from cispo.engine.sampler import sample
+from cispo.models import apply_lora
 from cispo.types import AdamParams, Datum, ForwardBackwardOutput, SamplingParams
-from tests.train.helpers import grads, tiny_engine
+from tests.train.helpers import grads, tiny_bundle, tiny_engine
 
 TOL = 1e-5
 OBJECTIVES: dict[str, dict[str, Any]] = {
@@ -50,7 +51,9 @@ def _group_datums(sizes: tuple[int, ...] = (4, 1, 3), seed: int = 0) -> list[Dat
 
 def _pair(**config: Any) -> tuple[Engine, Engine]:
     """Two engines on the same weights: padded, and shared-prefix packed."""
-    return tiny_engine(**config), tiny_engine(shared_prefix=True, **config)
+    padded, shared = tiny_engine(shared_prefix=False, **config), tiny_engine(**config)
+    assert not padded.shared_prefix and shared.shared_prefix  # the default packs
+    return padded, shared
 
 
 def _assert_same_outputs(a: ForwardBackwardOutput, b: ForwardBackwardOutput) -> None:
@@ -111,7 +114,8 @@ def test_shared_prefix_with_an_entropy_bonus_and_kl_equals_the_padded_path(fused
 
 def test_several_groups_per_packed_row_equal_the_padded_path() -> None:
     datums = _group_datums((2, 3, 1, 2))
-    padded, shared = tiny_engine(), tiny_engine(shared_prefix=True, packed_row_tokens=64)
+    padded = tiny_engine(shared_prefix=False)
+    shared = tiny_engine(shared_prefix=True, packed_row_tokens=64)
     cfg = {"reduction": "seq_mean_token_mean"}
     _assert_same_outputs(
         padded.forward_backward(datums, "ppo", cfg), shared.forward_backward(datums, "ppo", cfg)
@@ -131,7 +135,7 @@ def test_padding_free_update_of_unrelated_sequences_equals_the_padded_path() -> 
     ]
     full = _collate(datums)
     assert detect_groups(full.input_ids, full.lengths, full.loss_mask) == [1] * 7
-    padded = tiny_engine(micro_batch_size=4)
+    padded = tiny_engine(micro_batch_size=4, shared_prefix=False)
     packed = tiny_engine(micro_batch_size=4, shared_prefix=True, packed_row_tokens=40)
     _assert_same_outputs(
         padded.forward_backward(datums, "cross_entropy"),
@@ -154,6 +158,52 @@ def test_optimizer_steps_with_shared_prefix_on_and_off_reach_the_same_weights() 
     # Adam divides by sqrt(v): a gradient difference of ~1e-7 moves weights by far less than lr.
     for k, v in padded.model.state_dict().items():
         torch.testing.assert_close(shared.model.state_dict()[k], v, rtol=0, atol=1e-5, msg=k)
+
+
+def _engine_on(model: torch.nn.Module, **config: Any) -> Engine:
+    return Engine(model, eos_token_id=None, pad_token_id=0, config=EngineConfig(**config))
+
+
+def test_shared_prefix_with_lora_adapters_equals_the_padded_path() -> None:
+    """LoRA on every decoder linear layer (peft's all-linear), A and B set non-zero."""
+
+    def lora_model() -> torch.nn.Module:
+        model = apply_lora(tiny_bundle().model, r=4, alpha=8)
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():  # the same adapters in both engines, B non-zero
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        return model
+
+    padded = _engine_on(lora_model(), shared_prefix=False, micro_batch_size=3)
+    shared = _engine_on(lora_model(), micro_batch_size=3)
+    assert shared.shared_prefix
+    datums = _group_datums()
+    cfg = {"reduction": "seq_mean_token_mean"}
+    _assert_same_outputs(
+        padded.forward_backward(datums, "cispo", cfg), shared.forward_backward(datums, "cispo", cfg)
+    )
+    assert grads(padded) and all("lora" in name for name in grads(padded))
+    _assert_same_grads(padded, shared)
+
+
+def test_a_model_the_packed_path_cannot_mask_takes_the_padded_path_and_says_why() -> None:
+    """shared_prefix is on by default; a sliding-window model would have its window silently
+    replaced by the packed 4D mask, so the engine keeps padded rows (same results as off)."""
+    model = tiny_bundle().model
+    model.config.use_sliding_window = True  # the Llama forward ignores it; the check must not
+    with pytest.warns(UserWarning, match="this model takes padded rows instead"):
+        engine = _engine_on(model)
+    assert not engine.shared_prefix
+    assert "sliding_attention" in str(engine.shared_prefix_off)
+    reference = _engine_on(tiny_bundle().model, shared_prefix=False)
+    assert reference.shared_prefix_off == "engine.shared_prefix=false"
+    datums = _group_datums()
+    _assert_same_outputs(
+        reference.forward_backward(datums, "cispo"), engine.forward_backward(datums, "cispo")
+    )
+    _assert_same_grads(reference, engine)
 
 
 # ---------------------------------------------------------------- groups and micro-batches

@@ -2,11 +2,12 @@
 
 Layout: one FSDP unit per decoder layer, and a root unit that holds the rest (embeddings, final
 norm, the LM head, tied or not). The root is not the causal LM itself but `TokenLogprobs`, a module
-whose forward is "input ids -> per-token logprobs": the fused logprob path
-(`cispo.ops.model_token_logprobs`) calls the decoder and reads the head weight directly, never the
-causal LM's own forward, so with the LM as root its pre-forward hook (which all-gathers the root's
-parameters) never runs and the embedding sees a sharded DTensor (`aten.embedding.default got mixed
-torch.Tensor and DTensor`). With `TokenLogprobs` as root the hook runs around the whole path.
+whose forward is "input ids -> per-token logprobs", padded (`cispo.ops.model_token_logprobs`) or
+packed with shared prefixes (`cispo.ops.packed_logprobs`). Both call the decoder and read the head
+weight directly, never the causal LM's own forward, so with the LM as root its pre-forward hook
+(which all-gathers the root's parameters) never runs and the embedding sees a sharded DTensor
+(`aten.embedding.default got mixed torch.Tensor and DTensor`). With `TokenLogprobs` as root the
+hook runs around the whole path.
 
 Gradients: FSDP2 reduce-scatters with an average over the ranks. The engine normalises each rank's
 loss by the *global* token (or sequence) count and multiplies it by the world size, so the average
@@ -19,6 +20,7 @@ fp32, the sharded fp32 parameters stay the optimizer's master weights.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import chain
 
 import torch
@@ -29,6 +31,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from cispo.distributed.group import active, current_world_size
 from cispo.ops import model_token_logprobs
+from cispo.ops.packed_logprobs import packed_token_logprobs
 
 __all__ = [
     "TokenLogprobs",
@@ -40,7 +43,9 @@ __all__ = [
 
 
 class TokenLogprobs(nn.Module):
-    """`model_token_logprobs(model, ...)` as a module, so that it can be the FSDP root.
+    """`model_token_logprobs(model, ...)` (padded rows), or `packed_token_logprobs` when `groups`
+    is given (each group's shared prefix once, padding-free: `EngineConfig.shared_prefix`), as a
+    module, so that either path runs under the FSDP root's unshard/reshard hooks.
 
     forward returns (logprobs [B, T], entropy [B, T] | None), fp32 (a tuple, so FSDP's hooks see
     the output tensors).
@@ -61,7 +66,29 @@ class TokenLogprobs(nn.Module):
         fused: bool | None = None,
         chunk_size: int | None = None,
         with_entropy: bool = False,
+        groups: Sequence[int] | None = None,
+        row_tokens: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        if groups is not None:
+            lengths = (
+                attention_mask.sum(dim=1).tolist()
+                if attention_mask is not None
+                else [input_ids.shape[1]] * input_ids.shape[0]
+            )
+            packed = packed_token_logprobs(
+                self.model,
+                input_ids,
+                lengths,
+                targets,
+                loss_mask,
+                group_sizes=groups,
+                row_tokens=row_tokens,
+                temperature=temperature,
+                fused=fused,
+                chunk_size=chunk_size,
+                with_entropy=with_entropy,
+            )
+            return packed.logprobs, packed.entropy
         out = model_token_logprobs(
             self.model,
             input_ids,

@@ -31,6 +31,7 @@ import copy
 import gc
 import math
 import threading
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 
 from cispo import distributed
 from cispo.checkpoint import load_checkpoint, save_named_state
-from cispo.engine.packing import micro_batches, token_logprobs
+from cispo.engine.packing import micro_batches, packing_unsupported, token_logprobs
 from cispo.engine.sampler import HFSampler
 from cispo.engine.validation import (
     collapse_soft_targets,
@@ -93,22 +94,26 @@ class EngineConfig:
     naive reference path."""
     logprob_chunk_size: int | None = None
     """Tokens per tile of the fused path (None: `cispo.ops` default)."""
-    shared_prefix: bool = False
-    """Run each group's common prompt once per forward (`cispo.engine.packing`); micro-batches
-    then hold whole groups of consecutive same-prompt datums (a group larger than
-    micro_batch_size runs alone). Same logprobs, losses and gradients as False (one right-padded
-    row per datum) to float rounding; needs SDPA or eager attention with full-attention layers."""
+    shared_prefix: bool = True
+    """Run each group's common prompt once per forward, padding-free (`cispo.engine.packing`);
+    micro-batches then hold whole groups of consecutive same-prompt datums (a group larger than
+    micro_batch_size runs alone; datums that share no prompt are groups of one). Same logprobs,
+    losses and gradients as False (one right-padded row per datum) to float rounding, sharded
+    (FSDP2) or not. Needs SDPA or eager attention with full-attention layers: on any other model
+    the engine warns and takes the padded path (`Engine.shared_prefix` False,
+    `shared_prefix_off` says why). On by default: faster at every measured size (docs/LOG.md)."""
     packed_row_tokens: int | None = None
     """With shared_prefix: pack consecutive groups into one row up to this many tokens (None: one
     group per row)."""
     bf16: bool = False
     """Under a process group on CUDA (NCCL): FSDP2 mixed precision, bf16 compute and fp32
     gradient reduction (`cispo.distributed.fsdp`). Refused without one and on CPU."""
-    adamw_impl: str | None = None
+    adamw_impl: str | None = "fused"
     """torch.optim.AdamW's implementation: "for-loop" (one parameter at a time), "foreach"
-    (multi-tensor ops over all parameters), "fused" (one fused kernel; CPU too since torch 2.4).
-    The same update to float rounding (tests/engine/test_adamw_impl.py). None: torch's own
-    choice (for-loop on CPU, foreach on CUDA)."""
+    (multi-tensor ops over all parameters), "fused" (one fused kernel; CPU too since torch 2.4;
+    sharded DTensor parameters too). The same update to float rounding
+    (tests/engine/test_adamw_impl.py). Default "fused": the fastest on CPU (docs/LOG.md).
+    None: torch's own choice (for-loop on CPU, foreach on CUDA)."""
 
     def __post_init__(self) -> None:
         if self.adamw_impl is not None and self.adamw_impl not in ADAMW_IMPLS:
@@ -392,11 +397,19 @@ class Engine:
         # full weights at each version (`sampler`).
         self._sampler_template: nn.Module | None = None
         self._sampler: HFSampler | None = None  # the sharded case's unsharded sampler
+        self.shared_prefix_off = (
+            "engine.shared_prefix=false"
+            if not self.config.shared_prefix
+            else packing_unsupported(model)
+        )
+        """Why the engine takes the padded path (None: it packs, `shared_prefix`)."""
+        if self.config.shared_prefix and self.shared_prefix_off is not None:
+            warnings.warn(
+                f"EngineConfig.shared_prefix=True: this model takes padded rows instead "
+                f"({self.shared_prefix_off})",
+                stacklevel=2,
+            )
         if distributed.active():
-            if self.config.shared_prefix:
-                raise ValueError(
-                    "EngineConfig.shared_prefix=True is not supported under a process group yet"
-                )
             self._sampler_template = copy.deepcopy(model)
             self._sharded = distributed.shard_model(model, bf16=self.config.bf16)
         elif self.config.bf16:
@@ -524,7 +537,7 @@ class Engine:
         self.model.train(not forward_only)
         size = self.config.micro_batch_size
         plan = micro_batches(
-            full.input_ids, full.lengths, full.loss_mask, size, shared=self.config.shared_prefix
+            full.input_ids, full.lengths, full.loss_mask, size, shared=self.shared_prefix
         )
         # Under a process group, the normalisers are summed over the ranks (each rank's datums,
         # or its `num_tokens`/`num_sequences`, are its share of the step) and every rank runs as
@@ -602,12 +615,10 @@ class Engine:
         **kwargs: Any,
     ) -> FusedLogprobOutput:
         """Token logprobs of a micro-batch: `cispo.engine.packing.token_logprobs` (packed rows when
-        `groups` is given), or the FSDP root when sharded (padded rows only, for now)."""
+        `groups` is given), or the FSDP root when sharded (which takes the same `groups`)."""
         if self._sharded is None:
             return token_logprobs(self.model, *args, groups=groups, row_tokens=row_tokens, **kwargs)
-        if groups is not None:
-            raise ValueError("shared_prefix is not supported under a process group yet")
-        logprobs, entropy = self._sharded(*args, **kwargs)
+        logprobs, entropy = self._sharded(*args, groups=groups, row_tokens=row_tokens, **kwargs)
         return FusedLogprobOutput(logprobs=logprobs, entropy=entropy)
 
     def _refuse_when_sharded(self, what: str) -> None:
@@ -694,6 +705,12 @@ class Engine:
             with self._lock:
                 self._snapshot = (self.version, self._frozen_copy())
         return self._snapshot[1]
+
+    @property
+    def shared_prefix(self) -> bool:
+        """Whether `forward_backward` packs each group's shared prompt (`EngineConfig.shared_prefix`
+        and a model the packed path serves exactly; else `shared_prefix_off` says why not)."""
+        return self.shared_prefix_off is None
 
     @property
     def sharded(self) -> bool:

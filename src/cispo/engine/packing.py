@@ -26,9 +26,20 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from cispo.ops import FusedLogprobOutput, model_token_logprobs
-from cispo.ops.packed_logprobs import packed_token_logprobs
+from cispo.ops.packed_logprobs import packed_token_logprobs, unsupported_reason
 
-__all__ = ["detect_groups", "micro_batches", "plan_micro_batches", "token_logprobs"]
+__all__ = [
+    "detect_groups",
+    "micro_batches",
+    "packing_unsupported",
+    "plan_micro_batches",
+    "token_logprobs",
+]
+
+
+def packing_unsupported(model: nn.Module) -> str | None:
+    """Why the engine must take the padded path for `model` (None: it may pack)."""
+    return unsupported_reason(model)
 
 
 def detect_groups(input_ids: Tensor, lengths: Sequence[int], loss_mask: Tensor) -> list[int]:

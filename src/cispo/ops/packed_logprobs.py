@@ -71,6 +71,7 @@ __all__ = [
     "common_prefix_length",
     "pack_rows",
     "packed_token_logprobs",
+    "unsupported_reason",
 ]
 
 _SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -212,23 +213,35 @@ def pack_rows(
     )
 
 
-def attention_mask_for(model: nn.Module, allowed: Tensor, dtype: torch.dtype) -> Tensor:
-    """The 4D mask `model`'s attention implementation takes for `allowed` [R, 1, W, W]: the bool
-    mask itself for SDPA, the additive 0 / finfo(dtype).min form for eager."""
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why `model` cannot run packed rows exactly (None: it can): an attention implementation
+    other than SDPA/eager, or a layer that is not full attention (a custom 4D mask would silently
+    replace its window)."""
     config = getattr(model, "config", None)
     implementation = getattr(config, "_attn_implementation", None)
     if implementation not in _SUPPORTED_ATTENTION:
-        raise NotImplementedError(
+        return (
             f"config._attn_implementation={implementation!r}: packed sequences need one of "
             f"{list(_SUPPORTED_ATTENTION)} (a custom 4D mask)"
         )
     layer_types = getattr(config, "layer_types", None) or []
     other = sorted({t for t in layer_types if t != "full_attention"})
     if other or getattr(config, "use_sliding_window", False):
-        raise NotImplementedError(
+        return (
             f"layer types {other or ['sliding_attention']}: a custom 4D mask would replace their "
             "window; packed sequences need full attention in every layer"
         )
+    return None
+
+
+def attention_mask_for(model: nn.Module, allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """The 4D mask `model`'s attention implementation takes for `allowed` [R, 1, W, W]: the bool
+    mask itself for SDPA, the additive 0 / finfo(dtype).min form for eager
+    (NotImplementedError, with `unsupported_reason`, for any other model)."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise NotImplementedError(reason)
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if implementation == "sdpa":
         return allowed
     additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
