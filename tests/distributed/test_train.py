@@ -44,13 +44,17 @@ PER_MICRO_BATCH = {"loss/value", "loss/active_tokens", "fork/grad_share"}
 # The prompts each rank sampled: the whole batch in one process, half of it on each of 2 ranks.
 PER_RANK = {"rollout/share_prompts_max", "rollout/share_prompts_min"}
 OFF = ["--engine.shared_prefix=false", "--engine.adamw_impl=for-loop"]  # the reference's
-RELATIVE = 1e-3  # metrics: relative to max(|value|, 1e-3), measured MEASURED_REL (optim/grad_norm)
-# mismatch/* (≈ 0 on-policy: |sampler - trainer| logprobs) absolute: 2e-6, measured MEASURED_MM
+RELATIVE = 1e-3  # metrics: relative to max(|value|, 1e-3), measured ≤ 5.6e-4 (optim/grad_norm)
+# mismatch/* (≈ 0 on-policy: |sampler - trainer| logprobs) absolute: 2e-6, measured 2.4e-7
 # (2.4e-7 when rank 0 sampled the whole batch and both sides ran padded rows: each rank's sampler
 # now runs half the batch, whose logits round differently, and packed and padded logprobs differ
 # by float rounding, ≤ 1.9e-6 in benchmarks/shared_prefix.py, docs/LOG.md)
 MISMATCH = 2e-6
-WEIGHTS = 5e-5  # max |Δweight| of the final checkpoints, measured MEASURED_W (3.8e-6 when both
+# Counts against a threshold (a token is a "fork" when its sampler probability is < 0.1): one token
+# can sit within float rounding of it, and each rank's sampler rounds its half batch differently.
+# Absolute, one token in 100 (the steps train 100+ tokens); measured: one token of 112 in one step.
+THRESHOLD_COUNTS = {"fork/token_frac": 0.01}
+WEIGHTS = 5e-5  # max |Δweight| of the final checkpoints, measured 2.0e-5 (3.8e-6 when both
 # sides ran padded rows and torch's default AdamW)
 
 
@@ -85,6 +89,8 @@ def test_two_ranks_train_the_same_run_as_one_process(runs: dict[str, Any]) -> No
                 continue
             scale = 1.0 if key.startswith("mismatch/") else max(abs(b[key]), 1e-3)
             tolerance = MISMATCH if key.startswith("mismatch/") else RELATIVE
+            if key in THRESHOLD_COUNTS:
+                scale, tolerance = 1.0, THRESHOLD_COUNTS[key]
             assert abs(a[key] - b[key]) / scale <= tolerance, (a["step"], key, a[key], b[key])
             compared += 1
     assert compared > 100
