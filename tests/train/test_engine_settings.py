@@ -88,6 +88,12 @@ def test_runs_with_the_default_speed_features_on_and_off_end_at_the_same_weights
         for key, value in b.items():
             if key.startswith("time") or not (isinstance(value, float) and math.isfinite(value)):
                 continue
+            # fork/* count tokens whose sampler probability is < 0.1, and the warm-started tiny
+            # model spreads its mass near-uniformly over the 10 digits (p ≈ 0.1): a weight change
+            # of float rounding moves tokens across the threshold (measured: grad_share 0.082 vs
+            # 0.110 at step 2). Discontinuous by design, so not compared here.
+            if key.startswith("fork/"):
+                continue
             scale = 1.0 if key.startswith("mismatch/") else max(abs(value), 1e-3)
             tolerance = 1e-6 if key.startswith("mismatch/") else ON_OFF_RELATIVE
             assert abs(a[key] - value) / scale <= tolerance, (a["step"], key, a[key], value)
