@@ -81,6 +81,13 @@ class WorkerFailure:
     traceback: str
 
 
+def join_publish(root: Path, version: int, weights: Mapping[str, Tensor]) -> None:
+    """`publish_weights` as the channel calls it: two versions kept, not fsynced. Under torchrun
+    every rank calls it at the same point (rank 0 from `WeightChannel.publish`, under the
+    channel's lock; rank 0 writes, the others only join its checks and barrier)."""
+    publish_weights(root, version, weights, keep_last=2, durable=False)
+
+
 class WeightChannel:
     """Published version + consumed count under one condition variable (the pacing), and the
     weights themselves as `cispo.engine.weight_sync` version directories under `root`.
@@ -103,8 +110,10 @@ class WeightChannel:
 
     # ---------------------------------------------------------------- trainer side
     def publish(self, weights: Mapping[str, Tensor], version: int) -> None:
+        """Write version `version` and let the worker see it. Under torchrun only rank 0 has a
+        channel; the other ranks call `join_publish` at the same point (a collective)."""
         with self._cond:
-            publish_weights(self.root, version, weights, keep_last=2, durable=False)
+            join_publish(self.root, version, weights)
             self._published.value = version
             self._cond.notify_all()
 
