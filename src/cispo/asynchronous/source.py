@@ -100,12 +100,16 @@ class WorkerSource:
         self.probe = probe_batch(task, training.get_tokenizer(), config)
         self.canary = SyncCanary(run.canary_threshold)
         self.worker: SamplerWorker | None = None
-        if distributed.current_rank() == 0:
-            self.worker = SamplerWorker(config, start=start, probe_tokens=self.probe)
-            self.worker.start()
-        root = self.worker.weights_root if self.worker is not None else None
-        shared_root = distributed.broadcast_object(root)  # the other ranks' `join_publish` root
-        assert shared_root is not None
+        root: Path | None = None
+        try:
+            if distributed.current_rank() == 0:
+                self.worker = SamplerWorker(config, start=start, probe_tokens=self.probe)
+                self.worker.start()
+                root = self.worker.weights_root
+        finally:  # the other ranks' `join_publish` root; None if rank 0 could not start
+            shared_root = distributed.broadcast_object(root)
+        if shared_root is None:
+            raise WorkerError("rank 0 could not start the sampler worker (its error is rank 0's)")
         self.weights_root: Path = shared_root
 
     def describe(self) -> str:
