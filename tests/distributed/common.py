@@ -76,12 +76,25 @@ def torchrun(args: list[str], *, timeout: float = 300) -> subprocess.CompletedPr
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
-    return subprocess.run(
+    # On a hang (the timeout), SIGTERM first: torchrun's agent then stops the ranks (each in a
+    # session of its own, out of reach of a kill of the agent alone; they would live on, waiting
+    # in a collective).
+    with subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", *args],
         cwd=ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        check=False,
-    )
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                process.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

@@ -13,9 +13,11 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -25,7 +27,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from cispo.asynchronous.staleness import NO_WEIGHTS, LagStats, StalenessGate
-from cispo.asynchronous.worker import SamplerWorker, WeightChannel, WeightSyncError
+from cispo.asynchronous.worker import SPAWN, SamplerWorker, WeightChannel, WeightSyncError
 from cispo.cli import load_recipe
 from cispo.client.service import TrainingClient
 from cispo.config import TrainConfig
@@ -157,6 +159,42 @@ def test_lag_stats_are_token_weighted_over_the_run() -> None:
     step1 = stats.add(1, [(0, 10)])
     assert step0["staleness/lag_0_frac"] == 1.0 and step1["staleness/lag_1_frac"] == 1.0
     assert stats.mean == pytest.approx(10 / 40) and stats.max == 1
+
+
+def _hold_the_channel_lock(channel: WeightChannel, holding: Any) -> None:
+    """A stand-in worker that takes the channel's lock and keeps it (until it is killed)."""
+    with channel._cond:
+        holding.set()
+        time.sleep(120)
+
+
+def test_a_worker_killed_holding_the_channel_lock_does_not_block_the_trainer(
+    tmp_path: Path,
+) -> None:
+    """A worker killed (SIGKILL, the OOM killer) while it holds the channel's lock never releases
+    it; the trainer's publish, mark_consumed and stop must still return (the death is then
+    reported by `next_message`), not wait forever."""
+    channel = WeightChannel(tmp_path)
+    holding = SPAWN.Event()
+    process = SPAWN.Process(target=_hold_the_channel_lock, args=(channel, holding), daemon=True)
+    process.start()
+    channel.watch(process.is_alive)
+    assert holding.wait(timeout=60), "the stand-in worker never took the lock"
+    os.kill(process.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    process.join(timeout=10)
+    assert not process.is_alive()
+
+    def trainer() -> None:
+        channel.publish({"w": torch.ones(2)}, 0)
+        channel.mark_consumed(1)
+        channel.stop()
+
+    thread = threading.Thread(target=trainer, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "the trainer is blocked on the dead worker's lock"
+    assert channel._published.value == 0 and channel._stopped.value == 1  # (read without the lock)
+    assert (tmp_path / "v_00000000" / "model.safetensors").is_file()
 
 
 # ---------------------------------------------------------------- end to end (real worker)

@@ -34,7 +34,8 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,13 @@ class WorkerFailure:
     traceback: str
 
 
+def join_publish(root: Path, version: int, weights: Mapping[str, Tensor]) -> None:
+    """`publish_weights` as the channel calls it: two versions kept, not fsynced. Under torchrun
+    every rank calls it at the same point (rank 0 from `WeightChannel.publish`, under the
+    channel's lock; rank 0 writes, the others only join its checks and barrier)."""
+    publish_weights(root, version, weights, keep_last=2, durable=False)
+
+
 class WeightChannel:
     """Published version + consumed count under one condition variable (the pacing), and the
     weights themselves as `cispo.engine.weight_sync` version directories under `root`.
@@ -100,23 +108,52 @@ class WeightChannel:
         self._consumed = SPAWN.RawValue("q", consumed)
         self._stopped = SPAWN.RawValue("b", 0)
         self._receiver: WeightReceiver | None = None  # the worker's, made on its first load
+        self._worker_alive: Callable[[], bool] | None = None  # the trainer's (`watch`)
 
     # ---------------------------------------------------------------- trainer side
+    def watch(self, alive: Callable[[], bool]) -> None:
+        """Trainer side: `alive()` tells whether the worker lives (see `_locked`)."""
+        self._worker_alive = alive
+
+    @contextmanager
+    def _locked(self) -> Iterator[bool]:
+        """The lock, trainer side (yields True), or, if the worker died holding it (killed by
+        SIGKILL or the OOM killer: it is never released then), no lock (yields False): nobody
+        else uses the channel any more, and `SamplerWorker.next_message` reports the death."""
+        while not self._cond.acquire(timeout=_POLL_S):
+            if self._worker_alive is not None and not self._worker_alive():
+                yield False
+                return
+        try:
+            yield True
+        finally:
+            self._cond.release()
+
     def publish(self, weights: Mapping[str, Tensor], version: int) -> None:
-        with self._cond:
-            publish_weights(self.root, version, weights, keep_last=2, durable=False)
+        """Write version `version` and let the worker see it. Under torchrun only rank 0 has a
+        channel; the other ranks call `join_publish` at the same point (a collective)."""
+        with self._locked() as held:
+            join_publish(self.root, version, weights)
             self._published.value = version
-            self._cond.notify_all()
+            if held:
+                self._cond.notify_all()
 
     def mark_consumed(self, count: int) -> None:
-        with self._cond:
+        with self._locked() as held:
             self._consumed.value = count
-            self._cond.notify_all()
+            if held:
+                self._cond.notify_all()
 
     def stop(self) -> None:
-        with self._cond:
-            self._stopped.value = 1
-            self._cond.notify_all()
+        """Ask the worker to stop. Never blocks for long: a worker killed (SIGKILL, the OOM
+        killer) while holding the lock never releases it, so the flag is set without the lock (a
+        waiting worker re-checks it every `_POLL_S`) and the lock is only tried, to wake it now."""
+        self._stopped.value = 1
+        if self._cond.acquire(timeout=_POLL_S):
+            try:
+                self._cond.notify_all()
+            finally:
+                self._cond.release()
 
     # ---------------------------------------------------------------- worker side
     def wait_to_start(self, gate: StalenessGate, step: int) -> bool:
@@ -152,6 +189,7 @@ class WeightChannel:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_receiver"] = None  # the trainer's side never has one; the worker makes its own
+        state["_worker_alive"] = None  # the trainer's view of the worker process
         return state
 
 
@@ -241,6 +279,7 @@ class SamplerWorker:
             daemon=True,
             args=(_WorkerSpec(config, start, probe_tokens), self.channel, self.messages),
         )
+        self.channel.watch(self.process.is_alive)
         self.pid: int | None = None
 
     def start(self) -> None:

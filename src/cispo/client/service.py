@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cispo import distributed
 from cispo.checkpoint import is_sharded, load_checkpoint
 from cispo.client.futures import APIFuture, OrderedWorker, completed
 from cispo.engine.batching import SampleRequest, run_sample_batches
@@ -184,7 +185,13 @@ class TrainingClient:
         extension, for publishing them to another process's `Sampler.load_weights`).
 
         The tensors are the model's own storage, not copies: read them before submitting more
-        training calls, which change them in place."""
+        training calls, which change them in place. Sharded (under torchrun): the full weights,
+        gathered on every rank (`cispo.distributed.full_state_dict`, a collective: every rank
+        calls it at the same point)."""
+        if self.engine.sharded:
+            return self._worker.submit(
+                lambda: distributed.full_state_dict(self.engine.model)
+            ).result()
         return self._worker.submit(lambda: dict(self.engine.model.state_dict())).result()
 
     def forward_backward(

@@ -15,7 +15,8 @@ the same code for both: synchronous training is lag 0 of this loop.
 
 Under `torchrun` (docs/distributed.md) every rank runs this loop on the same config: the engine
 shards the model, every rank samples and scores its share of each batch's prompts and the shares
-are all-gathered into the whole batch (`InProcessSource`), every rank trains its share of it
+are all-gathered into the whole batch (`InProcessSource`; with `asynchronous.enabled` rank 0 alone
+runs the sampler worker and broadcasts its batches), every rank trains its share of it
 (`train_on_rollout`), evaluation runs on rank 0's full copy of the weights,
 checkpoints are sharded (DCP) directories that every rank writes, and rank 0 alone prints and
 writes config.json, the logs, samples and plots. Every collective is issued by every rank in the
@@ -163,12 +164,6 @@ def open_run(config: TrainConfig, *, resume: bool, echo: Callable[[str], None]) 
     Under torchrun every rank builds the same model (same seed) and its engine shards it; rank 0
     alone writes the run's files."""
     info = distributed.init_from_env()
-    if info.world_size > 1 and config.asynchronous.enabled:
-        raise ValueError(
-            "asynchronous.enabled=True is not supported under torchrun (world size "
-            f"{info.world_size}) yet: run the asynchronous loop in one process "
-            "(docs/distributed.md)"
-        )
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     torch.manual_seed(config.run.seed)
