@@ -67,7 +67,7 @@ from transformers import PreTrainedModel
 from cispo.client import ServiceClient
 from cispo.config import LossSettings, OptimConfig, RLConfig, SamplingConfig, TrainConfig
 from cispo.engine import engine as engine_module
-from cispo.engine.engine import EngineConfig
+from cispo.engine.engine import EngineConfig, freeze_heap
 from cispo.prompts import encode_prompt
 from cispo.rollout.rollouts import collect_rollout
 from cispo.tasks import ArithmeticTask, Problem
@@ -182,6 +182,10 @@ def run_cispo(
     )
     params = sum(p.numel() for p in training.engine.model.parameters())
     tokenizer = training.get_tokenizer()
+    # What the loop does once set up (`cispo.train.loop.open_run`): the heap alive now (torch,
+    # transformers, the model) leaves the garbage collector's scans. Process-wide, so TRL's run
+    # (after this one) has it too.
+    freeze_heap()
     # The trainer's logprob forward (with grad) inside forward_backward.
     TIMERS.wrap(engine_module, "token_logprobs", "logprobs")
     task, rows = make_task(config), []

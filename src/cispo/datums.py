@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cispo.types import Datum, ModelInput, TensorData, as_tensor_data
+from cispo.types import Datum, ModelInput, TensorData
 
 
 def rl_datum(
@@ -34,7 +34,7 @@ def rl_datum(
     pad = len(prompt_tokens) - 1
     n = len(completion_tokens)
     inputs: dict[str, list[float] | list[int]] = {
-        "target_tokens": [*prompt_tokens[1:], *completion_tokens],
+        "target_tokens": list(map(int, [*prompt_tokens[1:], *completion_tokens])),
         "logprobs": [0.0] * pad + list(map(float, sampler_logprobs)),
         "advantages": [0.0] * pad + [float(advantage)] * n,
         "mask": [0.0] * pad + [1.0] * n,
@@ -58,7 +58,7 @@ def sft_datum(prompt_tokens: Sequence[int], answer_tokens: Sequence[int]) -> Dat
         model_input=ModelInput.from_ints([*prompt_tokens, *answer_tokens[:-1]]),
         loss_fn_inputs=_tensors(
             {
-                "target_tokens": [*prompt_tokens[1:], *answer_tokens],
+                "target_tokens": list(map(int, [*prompt_tokens[1:], *answer_tokens])),
                 "weights": [0.0] * pad + [1.0] * len(answer_tokens),
             }
         ),
@@ -66,7 +66,14 @@ def sft_datum(prompt_tokens: Sequence[int], answer_tokens: Sequence[int]) -> Dat
 
 
 def _tensors(inputs: dict[str, list[float] | list[int]]) -> dict[str, TensorData]:
-    return {key: as_tensor_data(key, values) for key, values in inputs.items()}
+    """`inputs` (fresh lists of Python ints for target_tokens, floats otherwise) wrapped as 1-D
+    TensorData without another copy (`as_tensor_data` would convert every entry again)."""
+    return {
+        key: TensorData(
+            data=values, dtype="int64" if key == "target_tokens" else "float32", shape=[len(values)]
+        )
+        for key, values in inputs.items()
+    }
 
 
 def completion_logprobs(datum: Datum, trainer_logprobs: Sequence[float]) -> list[float]:

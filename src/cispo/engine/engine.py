@@ -593,8 +593,11 @@ class Engine:
             if "logprobs" in part.fields and bool(part.loss_mask.any()):
                 part_metrics |= _sampler_mismatch(logprobs, part.fields["logprobs"], part.loss_mask)
             parts.append((float(part.loss_mask.sum()), part_metrics))
-            for i, n in enumerate(part.lengths):
-                outputs.append({"logprobs": TensorData.from_torch(logprobs[i, :n].detach())})
+            # One tensor-to-list conversion per micro-batch, then list slices per datum (the
+            # same float32 values as converting each datum's row on its own).
+            rows = logprobs.detach().float().tolist()
+            for row, n in zip(rows, part.lengths, strict=True):
+                outputs.append({"logprobs": TensorData(data=row[:n], dtype="float32", shape=[n])})
         seen = float(full.loss_mask.sum())
         if world > 1:  # every rank's micro-batch metrics, merged as one process would
             ranks = distributed.gather_objects((parts, loss_sum, seen))
@@ -647,13 +650,14 @@ class Engine:
     def _optim_step(self, adam: AdamParams) -> dict[str, float]:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in params if p.grad is not None]
-        norm = (
-            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            if grads
-            else torch.tensor(0.0)
-        )
         if self._sharded is not None:  # DTensor gradients: a replicated DTensor norm
-            norm = distributed.full_value(norm)
+            norm = distributed.full_value(
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                if grads
+                else torch.tensor(0.0)
+            )
+        else:  # torch's own total norm (the clip's), computed once for the metric and the clip
+            norm = torch.nn.utils.get_total_norm(grads)
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteStep(
@@ -662,9 +666,7 @@ class Engine:
             )
         # The clip is torch's clip_grad_norm_ split in two (its total norm, then the multiply), so
         # that the dry run below multiplies by the very coefficient the real step will use.
-        total = None
-        if adam.grad_clip_norm > 0:
-            total = norm if self._sharded is not None else torch.nn.utils.get_total_norm(grads)
+        total = norm if adam.grad_clip_norm > 0 else None
         clip = None if total is None else torch.clamp(adam.grad_clip_norm / (total + 1e-6), max=1.0)
         options = {
             "lr": adam.learning_rate,

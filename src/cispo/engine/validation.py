@@ -79,6 +79,9 @@ def validate_datums(
     need = required_inputs(config)
     need.pop("entropy", None)  # computed by the engine
     keys0: set[str] = set(datums[0].loss_fn_inputs)
+    # Per set of keys (one in a valid call): the per-position inputs besides the targets, and
+    # the inputs the loss needs that it lacks; worked out once, not once per datum.
+    by_keys: dict[frozenset[str], tuple[list[str], list[str]]] = {}
     for i, datum in enumerate(datums):
         inputs = datum.loss_fn_inputs
         n = datum.model_input.length
@@ -103,8 +106,9 @@ def validate_datums(
                 index=i,
                 field="loss_fn_inputs['target_tokens']",
             )
+        chunks = datum.model_input.chunks
         for name, ids in (
-            ("model_input", datum.model_input.to_ints()),
+            ("model_input", chunks[0].tokens if len(chunks) == 1 else datum.model_input.to_ints()),
             ("loss_fn_inputs['target_tokens']", inputs["target_tokens"].data),
         ):
             if ids and (min(ids) < 0 or max(ids) >= vocab_size):
@@ -115,7 +119,15 @@ def validate_datums(
                     field=name,
                 )
         width = shape[1] if len(shape) > 1 else 1
-        for key in sorted(set(inputs) - {"target_tokens"}):
+        keys = frozenset(inputs)
+        if keys not in by_keys:
+            present = {INPUT_KEYS[k] for k in keys & INPUT_KEYS.keys()}
+            by_keys[keys] = (
+                sorted(keys - {"target_tokens"}),
+                [f"{name} ({why})" for name, why in need.items() if name not in present],
+            )
+        others, missing = by_keys[keys]
+        for key in others:
             if len(inputs[key].data) != n * width:
                 raise DatumError(
                     f"loss_fn_inputs[{key!r}] has {len(inputs[key].data)} entries, expected "
@@ -124,8 +136,6 @@ def validate_datums(
                     index=i,
                     field=f"loss_fn_inputs[{key!r}]",
                 )
-        present = {INPUT_KEYS[k] for k in inputs.keys() & INPUT_KEYS.keys()}
-        missing = [f"{name} ({why})" for name, why in need.items() if name not in present]
         if missing:
             hint = (
                 " ('sampler_logprobs' is the 'logprobs' key)"
@@ -137,7 +147,7 @@ def validate_datums(
                 index=i,
                 field="loss_fn_inputs",
             )
-        if set(inputs) != keys0:
+        if keys != keys0:
             raise DatumError(
                 f"loss_fn_inputs keys {sorted(inputs)} differ from datum 0's {sorted(keys0)}: "
                 "all datums in one call must carry the same loss_fn_inputs keys",

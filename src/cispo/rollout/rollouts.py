@@ -138,19 +138,14 @@ def assemble_rollout(
     rewards = torch.tensor(flat_rewards, dtype=torch.float32).reshape(len(problems), -1)
     adv = compute_advantages(rewards, config.rl.advantage)
     datums = []
-    for i, group in enumerate(groups):
-        if bool((adv.advantages[i] == 0).all()):
+    # The advantages as Python floats in one conversion (not one tensor read per datum).
+    for prompt, group, row in zip(prompts, groups, adv.advantages.tolist(), strict=True):
+        if all(a == 0 for a in row):
             continue  # a group with no signal adds no gradient, only normaliser mass
-        for j, seq in enumerate(group):
+        for seq, advantage in zip(group, row, strict=True):
             if seq.tokens:
                 datums.append(
-                    rl_datum(
-                        prompts[i],
-                        seq.tokens,
-                        seq.logprobs,
-                        float(adv.advantages[i, j]),
-                        old_logprobs=seq.logprobs,
-                    )
+                    rl_datum(prompt, seq.tokens, seq.logprobs, advantage, old_logprobs=seq.logprobs)
                 )
     correct = [r == 1.0 for r in flat_rewards]
     sizes = [len(s.prompts) for s in shares]

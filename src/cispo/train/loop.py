@@ -329,11 +329,10 @@ def train(
                 }
             )
         progress.close()
-        opened.logger.plot()
     finally:
         source.close()
         training.close()
-        opened.logger.close()
+        opened.logger.close()  # draws the final curves (once: each draw costs ~1 s of CPU)
     summary = RunSummary(
         rl.steps,
         first["eval/accuracy"],
