@@ -124,19 +124,40 @@ class _TorchCalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _torch_calls_of_forward_backward(copies: int) -> int:
-    engine = tiny_engine(micro_batch_size=64)
-    datums = random_datums(4) * copies  # same widths and padding, `copies` times the datums
+def _torch_calls(datums: list[Any], **config: Any) -> int:
+    """Torch calls of one forward_backward on a fresh engine (a second call on the same engine
+    would also add to the gradients the first left)."""
+    engine = tiny_engine(micro_batch_size=64, **config)
+    assert engine.config.shared_prefix == config.get("shared_prefix", True)
     with _TorchCalls() as calls:
         out = engine.forward_backward(datums, "cispo", {"reduction": "token_mean"})
     assert len(out.loss_fn_outputs) == len(datums)
     return calls.count
 
 
-def test_forward_backward_runs_no_torch_call_per_datum() -> None:
+def _groups(group_size: int) -> list[Any]:
+    """Two prompts, each with `group_size` completions of the same lengths whatever the size."""
+    datums = []
+    for g, prompt in enumerate(([5, 6, 7], [8, 9])):
+        for j in range(group_size):
+            n = 1 + j % 2  # completion lengths 1, 2, 1, 2, ...: same padding for every size
+            datums.append(rl_datum(prompt, [10 + g] * n, [-0.5] * n, 1.0 - 2 * (j % 2)))
+    return datums
+
+
+def test_forward_backward_runs_no_torch_call_per_datum_on_padded_rows() -> None:
     """The model, the loss, the metrics and the per-datum output logprobs cost the same number
     of torch calls for 4 datums as for 12 in one micro-batch: the outputs are one tensor-to-list
     conversion per micro-batch, sliced per datum in Python."""
-    few = _torch_calls_of_forward_backward(1)
+    few = _torch_calls(random_datums(4), shared_prefix=False)
     assert few > 10, "vacuous: the counter saw no torch call"
-    assert _torch_calls_of_forward_backward(3) == few
+    assert _torch_calls(random_datums(4) * 3, shared_prefix=False) == few  # same widths, 3×
+
+
+def test_shared_prefix_forward_backward_runs_no_torch_call_per_datum_of_a_group() -> None:
+    """With the shared-prefix path (the default) the work per call grows with the number of
+    groups (each is packed into its own row), not with the datums in a group: two groups of 2
+    and two groups of 8 cost the same number of torch calls."""
+    few = _torch_calls(_groups(2))
+    assert few > 10, "vacuous: the counter saw no torch call"
+    assert _torch_calls(_groups(8)) == few

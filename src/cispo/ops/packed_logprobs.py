@@ -174,35 +174,40 @@ def pack_rows(
             used = size
     width = max(sum(group_tokens(*groups[k]) for k in row) for row in rows)
 
-    num_rows = len(rows)
-    input_ids = torch.zeros(num_rows, width, dtype=torch.long)
-    position_ids = torch.zeros(num_rows, width, dtype=torch.long)
-    segment = torch.full((num_rows, width), -1, dtype=torch.long)
-    owner = torch.full((num_rows, width), -2, dtype=torch.long)
-    max_len = max(len(s) for s in sequences)
-    index = torch.zeros(len(sequences), max_len, dtype=torch.long)
+    # Built as Python lists and converted once: a torch call per sequence would cost more than
+    # the packing saves on small models (tests/engine/test_hot_path.py counts them).
+    columns: dict[str, list[list[int]]] = {"ids": [], "pos": [], "seg": [], "own": []}
+    pads = {"ids": 0, "pos": 0, "seg": -1, "own": -2}
+    index_rows: list[list[int]] = [[] for _ in sequences]
     for r, row in enumerate(rows):
-        w = 0
+        ids: list[int] = []
+        pos: list[int] = []
+        seg: list[int] = []
+        own: list[int] = []
         for k in row:
             shared, members = groups[k]
-            prefix = sequences[members[0]][:shared]
-            input_ids[r, w : w + shared] = torch.tensor(prefix, dtype=torch.long)
-            position_ids[r, w : w + shared] = torch.arange(shared)
-            segment[r, w : w + shared] = k
-            owner[r, w : w + shared] = -1
-            prefix_start = w
-            w += shared
+            prefix_index = range(r * width + len(ids), r * width + len(ids) + shared)
+            ids.extend(sequences[members[0]][:shared])
+            pos.extend(range(shared))
+            seg.extend([k] * shared)
+            own.extend([-1] * shared)
             for b in members:
                 suffix = sequences[b][shared:]
                 n = len(suffix)
-                input_ids[r, w : w + n] = torch.tensor(suffix, dtype=torch.long)
-                position_ids[r, w : w + n] = torch.arange(shared, shared + n)
-                segment[r, w : w + n] = k
-                owner[r, w : w + n] = b
-                flat = r * width
-                index[b, :shared] = flat + prefix_start + torch.arange(shared)
-                index[b, shared : shared + n] = flat + w + torch.arange(n)
-                w += n
+                start_b = r * width + len(ids)
+                index_rows[b] = [*prefix_index, *range(start_b, start_b + n)]
+                ids.extend(suffix)
+                pos.extend(range(shared, shared + n))
+                seg.extend([k] * n)
+                own.extend([b] * n)
+        for name, values in (("ids", ids), ("pos", pos), ("seg", seg), ("own", own)):
+            columns[name].append([*values, *[pads[name]] * (width - len(values))])
+    max_len = max(len(s) for s in sequences)
+    index = torch.tensor([[*ix, *[0] * (max_len - len(ix))] for ix in index_rows], dtype=torch.long)
+    input_ids = torch.tensor(columns["ids"], dtype=torch.long)
+    position_ids = torch.tensor(columns["pos"], dtype=torch.long)
+    segment = torch.tensor(columns["seg"], dtype=torch.long)
+    owner = torch.tensor(columns["own"], dtype=torch.long)
     return PackedRows(
         input_ids=input_ids,
         position_ids=position_ids,
