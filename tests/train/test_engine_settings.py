@@ -17,6 +17,8 @@ SWITCHES = [
     "--engine.packed_row_tokens=256",
     "--engine.adamw_impl=fused",
     "--engine.fused_logprobs=false",
+    "--engine.trim_heap=false",
+    "--engine.mmap_threshold=131072",
 ]
 
 
@@ -28,6 +30,8 @@ def test_engine_switches_reach_the_trainers_engine(tmp_path: Path) -> None:
         assert engine.config.shared_prefix is True
         assert engine.config.packed_row_tokens == 256
         assert engine.config.fused_logprobs is False
+        assert engine.config.trim_heap is False
+        assert engine.config.mmap_threshold == 131072
         assert engine.config.micro_batch_size == config.rl.micro_batch_size
         group = engine.optimizer.param_groups[0]
         assert (group["fused"], group["foreach"]) == (True, False)
@@ -36,7 +40,7 @@ def test_engine_switches_reach_the_trainers_engine(tmp_path: Path) -> None:
         opened.training.close()
     assert (
         "engine: shared_prefix on, packing rows of ≤ 256 tokens, adamw fused, "
-        "fused logprobs off" in plan
+        "fused logprobs off, heap trim off, mmap threshold 131072 B" in plan
     )
 
 
@@ -44,7 +48,7 @@ def test_the_default_plan_says_every_speed_feature_is_off(tmp_path: Path) -> Non
     line = TrainConfig().engine.describe()
     assert line == (
         "engine: shared_prefix off, packing off, adamw torch default (for-loop on CPU), "
-        "fused logprobs auto"
+        "fused logprobs auto, heap trim on"
     )
 
 
@@ -66,6 +70,8 @@ def test_a_run_with_every_switch_on_trains_and_prints_them(tmp_path: Path) -> No
             "engine.packed_row_tokens",
         ),
         (["--engine.logprob_chunk_size=0"], "engine.logprob_chunk_size"),
+        (["--engine.mmap_threshold=-1"], "engine.mmap_threshold"),
+        (["--engine.mmap_threshold=33554433"], "engine.mmap_threshold"),
     ],
 )
 def test_bad_engine_settings_are_refused_naming_the_field(overrides: list[str], field: str) -> None:
