@@ -23,6 +23,9 @@ Contracts:
   the model is sharded with FSDP2, the normalisers are summed over the ranks and the merged
   metrics are the same on every rank, so the gradient is the single-process one
   (docs/distributed.md).
+- Memory: every forward_backward, optim_step and shared sampling pass ends by giving the heap
+  memory it freed back to the OS (`EngineConfig.trim_heap`, `cispo.engine.heap`), so freed
+  activations and sampler caches do not stay resident between calls.
 """
 
 from __future__ import annotations
