@@ -448,8 +448,32 @@ class Engine:
         computes its own, and added back when every micro-batch has succeeded; on failure the
         call's partial gradients are dropped and the saved ones put back.
         """
-        # The lock: no sampling pass on the shared weights meanwhile (`sampler()`).
-        with self._lock, self._trimmed(), self._mmap_threshold():
+        # The trim runs once this call's locals (the gradients it moved aside) are freed.
+        with self._trimmed():
+            return self._all_or_nothing(
+                datums,
+                loss_fn,
+                loss_fn_config,
+                forward_only=forward_only,
+                temperature=temperature,
+                num_tokens=num_tokens,
+                num_sequences=num_sequences,
+            )
+
+    def _all_or_nothing(
+        self,
+        datums: Sequence[Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None,
+        *,
+        forward_only: bool,
+        temperature: float,
+        num_tokens: float | None,
+        num_sequences: float | None,
+    ) -> ForwardBackwardOutput:
+        """`forward_backward` under the engine's lock (no sampling pass on the shared weights
+        meanwhile, `sampler()`) and `config.mmap_threshold`."""
+        with self._lock, self._mmap_threshold():
             config = self.check(datums, loss_fn, loss_fn_config)
             expanded, widths = expand_soft_targets(datums)
             params = [p for p in self.model.parameters() if p.requires_grad]
