@@ -11,7 +11,7 @@ and memory freed in one arena is not reused by the other. `man 3 mallopt`, `man 
 - `trim_heap()`: `malloc_trim(0)`. Since glibc 2.8 it frees memory in all arenas and in all
   chunks with whole free pages (`man 3 malloc_trim`), not only the top of the main heap. Cost: a
   walk over the free chunks (a few ms), and each returned page is zero-filled again (a minor
-  page fault) when an allocation reuses it: +25% faults, ~2% more CPU on the SmolLM2 step.
+  page fault) when an allocation reuses it: +20-29% faults, ~2% more CPU on the SmolLM2 step.
 - `set_mmap_threshold(n)`: `mallopt(M_MMAP_THRESHOLD, n)`, process-wide and fixed (no more
   dynamic raise): every block of n bytes or more gets its own mapping, unmapped on free. Cost:
   zero-filled page faults on every re-allocation of such a block (docs/LOG.md, 2026-11-30 third
