@@ -72,6 +72,11 @@ class Range:
         return text + (", or inf" if self.inf_ok else "")
 
 
+MMAP_THRESHOLD_MAX = 32 * 2**20
+"""glibc's largest M_MMAP_THRESHOLD on 64-bit (`cispo.engine.heap.MMAP_THRESHOLD_MAX`, which
+sits above this layer)."""
+
+
 def at_least(low: float) -> Range:
     return Range(low=low)
 
@@ -558,12 +563,23 @@ class EngineSettings:
     the logits would exceed one tile; False: always the naive path)."""
     logprob_chunk_size: int | None = None
     """Tokens per tile of the fused logprobs (None: `cispo.ops` default)."""
+    trim_heap: bool = True
+    """Give the heap memory each engine call freed back to the OS (glibc's malloc_trim, a no-op
+    elsewhere): the freed activations and sampler caches stop counting in the RSS between calls
+    (docs/LOG.md, 2026-11-30 third entry)."""
+    mmap_threshold: int | None = None
+    """Bytes: during each forward_backward every block this large or larger gets its own mapping,
+    unmapped as soon as it is freed (glibc's M_MMAP_THRESHOLD; a no-op elsewhere), so the
+    backward's freed activations leave no holes behind. Lower peak RSS for page faults: 131072
+    took SmolLM2-135M's step from 2,954-3,041 to 2,692 MiB for ~7% more CPU (docs/LOG.md,
+    2026-11-30 third entry). None: glibc's dynamic threshold."""
 
     def __post_init__(self) -> None:
         _validate(
             self,
             "engine",
-            {"packed_row_tokens": at_least(1), "logprob_chunk_size": at_least(1)},
+            {"packed_row_tokens": at_least(1), "logprob_chunk_size": at_least(1)}
+            | {"mmap_threshold": between(0, MMAP_THRESHOLD_MAX)},
         )
         if self.packed_row_tokens is not None and not self.shared_prefix:
             raise _fail(
@@ -585,9 +601,11 @@ class EngineSettings:
             if self.packed_row_tokens is None
             else f"rows of ≤ {self.packed_row_tokens} tokens"
         )
+        mmap = "" if self.mmap_threshold is None else f", mmap threshold {self.mmap_threshold} B"
         return (
             f"engine: shared_prefix {'on' if self.shared_prefix else 'off'}, packing {packing}, "
-            f"adamw {adamw}, fused logprobs {fused}"
+            f"adamw {adamw}, fused logprobs {fused}, heap trim "
+            f"{'on' if self.trim_heap else 'off'}{mmap}"
         )
 
 

@@ -25,6 +25,8 @@ SWITCHES = [
     "--engine.packed_row_tokens=256",
     "--engine.adamw_impl=foreach",
     "--engine.fused_logprobs=false",
+    "--engine.trim_heap=false",
+    "--engine.mmap_threshold=131072",
 ]
 OFF = ["--engine.shared_prefix=false", "--engine.adamw_impl=for-loop"]
 """The switches that turn the default speed features off."""
@@ -45,6 +47,8 @@ def test_engine_switches_reach_the_trainers_engine(tmp_path: Path) -> None:
         assert engine.config.shared_prefix is True and engine.shared_prefix
         assert engine.config.packed_row_tokens == 256
         assert engine.config.fused_logprobs is False
+        assert engine.config.trim_heap is False
+        assert engine.config.mmap_threshold == 131072
         assert engine.config.micro_batch_size == config.rl.micro_batch_size
         group = engine.optimizer.param_groups[0]
         assert (group["fused"], group["foreach"]) == (False, True)
@@ -53,18 +57,20 @@ def test_engine_switches_reach_the_trainers_engine(tmp_path: Path) -> None:
         opened.training.close()
     assert (
         "engine: shared_prefix on, packing rows of ≤ 256 tokens, adamw foreach, "
-        "fused logprobs off" in plan
+        "fused logprobs off, heap trim off, mmap threshold 131072 B" in plan
     )
 
 
 def test_the_default_plan_says_shared_prefix_and_fused_adamw_are_on() -> None:
     line = TrainConfig().engine.describe()
-    assert line == "engine: shared_prefix on, packing off, adamw fused, fused logprobs auto"
+    assert line == (
+        "engine: shared_prefix on, packing off, adamw fused, fused logprobs auto, heap trim on"
+    )
     # The recipe's defaults are the engine's (the server and bare clients build EngineConfig()).
     assert EngineConfig(**EngineSettings().kwargs()) == EngineConfig()
     off = apply_overrides(TrainConfig(), OFF).engine
     assert off.describe() == (
-        "engine: shared_prefix off, packing off, adamw for-loop, fused logprobs auto"
+        "engine: shared_prefix off, packing off, adamw for-loop, fused logprobs auto, heap trim on"
     )
 
 
@@ -118,6 +124,8 @@ def test_runs_with_the_default_speed_features_on_and_off_end_at_the_same_weights
             "engine.packed_row_tokens",
         ),
         (["--engine.logprob_chunk_size=0"], "engine.logprob_chunk_size"),
+        (["--engine.mmap_threshold=-1"], "engine.mmap_threshold"),
+        (["--engine.mmap_threshold=33554433"], "engine.mmap_threshold"),
     ],
 )
 def test_bad_engine_settings_are_refused_naming_the_field(overrides: list[str], field: str) -> None:

@@ -9,6 +9,8 @@
   group of compatible requests) that the client's `SamplingClient` and the server both use.
 - `validation.py`: `validate_datums` (what `Engine.check` and the server run before a
   forward_backward) and its `DatumError`; soft targets [T, K] as K ordinary datums.
+- `heap.py`: giving freed heap memory back to the OS (glibc's malloc_trim / mallopt; no-ops
+  elsewhere), which the engine does after each call (`EngineConfig.trim_heap`).
 - `sharded_state.py`: an engine's state as a sharded DCP checkpoint, and the HF export, under
   torchrun (`cispo.distributed`; docs/distributed.md).
 

@@ -23,6 +23,9 @@ Contracts:
   the model is sharded with FSDP2, the normalisers are summed over the ranks and the merged
   metrics are the same on every rank, so the gradient is the single-process one
   (docs/distributed.md).
+- Memory: every forward_backward, optim_step and shared sampling pass ends by giving the heap
+  memory it freed back to the OS (`EngineConfig.trim_heap`, `cispo.engine.heap`), so freed
+  activations and sampler caches do not stay resident between calls.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ import math
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -45,6 +48,7 @@ from torch import Tensor, nn
 
 from cispo import distributed
 from cispo.checkpoint import load_checkpoint, save_named_state
+from cispo.engine.heap import MMAP_THRESHOLD_MAX, set_mmap_threshold, trim_heap
 from cispo.engine.packing import micro_batches, packing_unsupported, token_logprobs
 from cispo.engine.sampler import HFSampler
 from cispo.engine.validation import (
@@ -114,6 +118,19 @@ class EngineConfig:
     sharded DTensor parameters too). The same update to float rounding
     (tests/engine/test_adamw_impl.py). Default "fused": the fastest on CPU (docs/LOG.md).
     None: torch's own choice (for-loop on CPU, foreach on CUDA)."""
+    trim_heap: bool = True
+    """After every forward_backward, optim_step and sampling pass on the shared weights (and once
+    at construction, after the model was loaded), give the heap memory freed since back to the
+    OS (`cispo.engine.heap.trim_heap`, glibc's malloc_trim; a no-op elsewhere). Without it
+    glibc keeps freed activations and sampler caches resident. Cost: a few ms per call, and the
+    returned pages fault in again when reused (docs/LOG.md, 2026-11-30 third entry)."""
+    mmap_threshold: int | None = None
+    """Bytes: during each forward_backward, glibc's mmap threshold is fixed to this
+    (`cispo.engine.heap.set_mmap_threshold`), so every block this large or larger is unmapped
+    as soon as the backward frees it instead of leaving a hole in the heap; after the call, 32
+    MiB (glibc's maximum, where its dynamic threshold ends up). Process-wide while it lasts.
+    Lower peak RSS for page faults on every re-allocation (docs/LOG.md, 2026-11-30 third
+    entry). None: glibc's dynamic threshold throughout."""
 
     def __post_init__(self) -> None:
         if self.adamw_impl is not None and self.adamw_impl not in ADAMW_IMPLS:
@@ -127,6 +144,11 @@ class EngineConfig:
             raise ValueError(f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}")
         if self.packed_row_tokens is not None and self.packed_row_tokens < 1:
             raise ValueError(f"packed_row_tokens must be >= 1, got {self.packed_row_tokens}")
+        if self.mmap_threshold is not None and not 0 <= self.mmap_threshold <= MMAP_THRESHOLD_MAX:
+            raise ValueError(
+                f"mmap_threshold must be None or in 0..{MMAP_THRESHOLD_MAX} bytes, "
+                f"got {self.mmap_threshold}"
+            )
 
 
 @dataclass(frozen=True)
@@ -432,6 +454,8 @@ class Engine:
         self._snapshot: tuple[int, nn.Module] | None = None
         self.sampler_copies = 0
         """Copies of the model made for sampling (copy-on-write; tests and benchmarks read it)."""
+        if self.config.trim_heap:  # what loading the model freed (a GGUF's dequantization)
+            trim_heap()
 
     # ---------------------------------------------------------------- training
     def forward_backward(
@@ -461,7 +485,32 @@ class Engine:
         computes its own, and added back when every micro-batch has succeeded; on failure the
         call's partial gradients are dropped and the saved ones put back.
         """
-        with self._lock:  # no sampling pass on the shared weights meanwhile (`sampler()`)
+        # The trim runs once this call's locals (the gradients it moved aside) are freed.
+        with self._trimmed():
+            return self._all_or_nothing(
+                datums,
+                loss_fn,
+                loss_fn_config,
+                forward_only=forward_only,
+                temperature=temperature,
+                num_tokens=num_tokens,
+                num_sequences=num_sequences,
+            )
+
+    def _all_or_nothing(
+        self,
+        datums: Sequence[Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None,
+        *,
+        forward_only: bool,
+        temperature: float,
+        num_tokens: float | None,
+        num_sequences: float | None,
+    ) -> ForwardBackwardOutput:
+        """`forward_backward` under the engine's lock (no sampling pass on the shared weights
+        meanwhile, `sampler()`) and `config.mmap_threshold`."""
+        with self._lock, self._mmap_threshold():
             config = self.check(datums, loss_fn, loss_fn_config)
             expanded, widths = expand_soft_targets(datums)
             params = [p for p in self.model.parameters() if p.requires_grad]
@@ -624,6 +673,24 @@ class Engine:
         logprobs, entropy = self._sharded(*args, groups=groups, row_tokens=row_tokens, **kwargs)
         return FusedLogprobOutput(logprobs=logprobs, entropy=entropy)
 
+    def _trimmed(self) -> AbstractContextManager[None]:
+        """`_trimming` when `config.trim_heap`, else nothing."""
+        return _trimming() if self.config.trim_heap else nullcontext()
+
+    @contextmanager
+    def _mmap_threshold(self) -> Iterator[None]:
+        """With `config.mmap_threshold`: glibc's mmap threshold is that for the block and its
+        maximum (32 MiB: every smaller block in the heap, as the dynamic threshold ends up)
+        after."""
+        if self.config.mmap_threshold is None:
+            yield
+            return
+        set_mmap_threshold(self.config.mmap_threshold)
+        try:
+            yield
+        finally:
+            set_mmap_threshold(MMAP_THRESHOLD_MAX)
+
     def _refuse_when_sharded(self, what: str) -> None:
         if self._sharded is not None:
             raise NotImplementedError(
@@ -644,7 +711,7 @@ class Engine:
         options, one parameter's memory at a time). The earlier method, a copy of the whole
         trainable state per step, held 4x the trainable parameters (2.2 GB for SmolLM2-135M).
         """
-        with self._lock:
+        with self._lock, self._trimmed():
             return self._optim_step(adam)
 
     def _optim_step(self, adam: AdamParams) -> dict[str, float]:
@@ -751,6 +818,7 @@ class Engine:
         live = SharedSampler(
             self.model,
             lock=self._lock,
+            after_pass=_trimming if self.config.trim_heap else nullcontext,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
             tokenizer=self.tokenizer,
@@ -815,10 +883,18 @@ class SharedSampler(HFSampler):
 
     While shared, every pass holds the engine's lock, runs under no_grad in eval mode and then
     restores the model's mode; `load_weights` detaches first (it would overwrite the trainer's
-    weights otherwise)."""
+    weights otherwise). `after_pass` wraps every pass too (the engine's heap trim)."""
 
-    def __init__(self, model: nn.Module, *, lock: threading.RLock, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lock: threading.RLock,
+        after_pass: Callable[[], AbstractContextManager[None]] = nullcontext,
+        **kwargs: Any,
+    ) -> None:
         self._lock = lock
+        self._after_pass = after_pass
         self.shared = True
         """Whether it still reads the trainer's parameters."""
         super().__init__(model, freeze=False, **kwargs)
@@ -835,13 +911,13 @@ class SharedSampler(HFSampler):
         params: SamplingParams,
         stream_ids: Sequence[int] | None = None,
     ) -> list[list[SampledSequence]]:
-        with self._lock, _eval_mode(self.model if self.shared else None):
+        with self._lock, self._after_pass(), _eval_mode(self.model if self.shared else None):
             return super().sample(prompts, num_samples, params, stream_ids)
 
     def compute_logprobs(
         self, sequences: list[list[int]], *, temperature: float = 1.0
     ) -> list[list[float]]:
-        with self._lock, _eval_mode(self.model if self.shared else None):
+        with self._lock, self._after_pass(), _eval_mode(self.model if self.shared else None):
             return super().compute_logprobs(sequences, temperature=temperature)
 
     def load_weights(self, source: Mapping[str, Tensor], version: int) -> None:
@@ -877,6 +953,16 @@ def _eval_mode(model: nn.Module | None) -> Iterator[None]:
             p.requires_grad_(True)
         for m, training in modes:
             m.training = training
+
+
+@contextmanager
+def _trimming() -> Iterator[None]:
+    """Run the block, then give the heap memory it freed back to the OS (`trim_heap`), whether
+    it succeeded or raised."""
+    try:
+        yield
+    finally:
+        trim_heap()
 
 
 def freeze_heap() -> None:

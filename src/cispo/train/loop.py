@@ -231,6 +231,8 @@ RESUME_MAY_CHANGE = {
     "engine.adamw_impl": "a speed switch of the engine: float rounding of the update only",
     "engine.fused_logprobs": "a speed switch of the engine: float summation order only",
     "engine.logprob_chunk_size": "a speed switch of the engine: float summation order only",
+    "engine.trim_heap": "where freed memory goes (the allocator): the same computation",
+    "engine.mmap_threshold": "where freed memory goes (the allocator): the same computation",
 }
 """Config fields a resumed run may change, and why none of them changes the trajectory (the
 batches, the updates, the learning rates). Every other field must equal the run's config.json."""
