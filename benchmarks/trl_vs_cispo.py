@@ -27,8 +27,9 @@ Printed per side: median seconds per step over steps 2.. (step 1 pays one-off co
 median of each section: sample (generation), reward, logprobs (the training forward: token
 logprobs and the loss), backward (`Tensor.backward`), optimizer (`AdamW.step`), other (the rest:
 datums, collation, grad norm and clipping, TRL's input preparation); the reward of every step;
-and the model FLOPs utilisation (MFU) of the update, 6·N·(tokens trained)/(logprobs + backward +
-optimizer seconds), and of sampling, 2·N·(distinct prompt tokens + generated tokens)/(sample
+and the model FLOPs utilisation (MFU) of the update, 6·N·(tokens computed)/(logprobs + backward +
+optimizer seconds), where the tokens computed are the tokens trained except that cispo's shared-
+prefix path computes each group's common prefix once (`computed_tokens`), and of sampling, 2·N·(distinct prompt tokens + generated tokens)/(sample
 seconds), both over the fp32 matmul peak measured in the same process with the same threads
 (best of a few 2048² matmuls). N counts every parameter once (tied embeddings once). cispo trains
 only groups with a reward spread, TRL every sequence, so the tokens trained differ.
@@ -68,6 +69,7 @@ from cispo.client import ServiceClient
 from cispo.config import LossSettings, OptimConfig, RLConfig, SamplingConfig, TrainConfig
 from cispo.engine import engine as engine_module
 from cispo.engine.engine import EngineConfig, freeze_heap
+from cispo.ops.packed_logprobs import common_prefix_length
 from cispo.prompts import encode_prompt
 from cispo.rollout.rollouts import collect_rollout
 from cispo.tasks import ArithmeticTask, Problem
@@ -177,7 +179,10 @@ def run_cispo(
         rank=0,
         seed=config.run.seed,
         engine_config=EngineConfig(
-            micro_batch_size=config.rl.micro_batch_size, adamw_impl=args.adamw_impl
+            micro_batch_size=config.rl.micro_batch_size,
+            adamw_impl=args.adamw_impl,
+            trim_heap=args.trim_heap,
+            mmap_threshold=args.mmap_threshold,
         ),
     )
     params = sum(p.numel() for p in training.engine.model.parameters())
@@ -207,6 +212,13 @@ def run_cispo(
             "backward": part.get("backward", 0.0),
             "optimizer": part.get("optimizer", 0.0),
             "trained_tokens": float(sum(d.model_input.length for d in rollout.datums)),
+            "computed_tokens": float(
+                computed_tokens(
+                    [d.model_input.to_ints() for d in rollout.datums],
+                    [encode_prompt(tokenizer, p.prompt) for p in rollout.problems],
+                    shared=training.engine.config.shared_prefix,
+                )
+            ),
             "sampled_tokens": metrics["rl/tokens"]
             + sum(len(encode_prompt(tokenizer, p.prompt)) for p in rollout.problems),
         }
@@ -214,6 +226,32 @@ def run_cispo(
         rows.append(row)
     training.close()
     return rows, params
+
+
+def computed_tokens(sequences: list[list[int]], prompts: list[list[int]], *, shared: bool) -> int:
+    """Token positions the update's forward computes: every datum's tokens on padded rows; with
+    the shared-prefix path, each group's longest common prefix once (as `cispo.engine.packing`
+    groups them: a maximal run of consecutive datums that start with the same prompt).
+
+    `sequences` are the datums' model inputs in rollout order, `prompts` the step's prompts in
+    problem order (the datums of a problem follow its prompt's)."""
+    if not shared:
+        return sum(len(s) for s in sequences)
+    runs: list[list[list[int]]] = []
+    i = -1
+    for seq in sequences:
+        if runs and seq[: len(prompts[i])] == prompts[i]:
+            runs[-1].append(seq)
+            continue
+        i += 1
+        while seq[: len(prompts[i])] != prompts[i]:
+            i += 1
+        runs.append([seq])
+    total = 0
+    for run in runs:
+        shared_len = common_prefix_length(run)
+        total += shared_len + sum(len(s) - shared_len for s in run)
+    return total
 
 
 def run_trl(
@@ -326,6 +364,7 @@ def run_trl(
             "reward": float(log["reward"]),
             **{k: part.get(k, 0.0) for k in SECTIONS[:-1]},
             "trained_tokens": n * (prompt_tokens + completion),
+            "computed_tokens": n * (prompt_tokens + completion),
             "sampled_tokens": rl.prompts_per_step * prompt_tokens + n * completion,
         }
         row["other"] = seconds - sum(row[k] for k in SECTIONS[:-1])
@@ -360,7 +399,7 @@ def summarise(name: str, rows: list[dict[str, float]], params: int, peak: float)
     parts = ", ".join(f"{k} {med(k):.3f}" for k in SECTIONS)
     update = [r["logprobs"] + r["backward"] + r["optimizer"] for r in timed]
     update_mfu = statistics.median(
-        6 * params * r["trained_tokens"] / max(u, 1e-9) / peak
+        6 * params * r["computed_tokens"] / max(u, 1e-9) / peak
         for r, u in zip(timed, update, strict=True)
     )
     sample_mfu = statistics.median(
@@ -368,7 +407,8 @@ def summarise(name: str, rows: list[dict[str, float]], params: int, peak: float)
     )
     print(f"{name}: {median:.3f} s/step (median of steps 2-{len(rows)}); {parts}")
     print(
-        f"{name}: MFU update {update_mfu:.1%} ({med('trained_tokens'):.0f} tokens trained/step), "
+        f"{name}: MFU update {update_mfu:.1%} ({med('computed_tokens'):.0f} tokens computed of "
+        f"{med('trained_tokens'):.0f} trained/step), "
         f"sampling {sample_mfu:.1%} ({med('sampled_tokens'):.0f} prompt + generated tokens/step)"
     )
     print(f"{name} reward/step: " + " ".join(f"{r['reward']:.2f}" for r in rows))
@@ -388,6 +428,17 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=300, help="tiny model's warm start")
     parser.add_argument("--adamw-impl", choices=sorted(TRL_OPTIM), default="fused")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--trim-heap",
+        action="store_true",
+        help="cispo's engine.trim_heap (the SmolLM2 recipe's memory setting; off by default)",
+    )
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=None,
+        help="cispo's engine.mmap_threshold in bytes (the SmolLM2 recipe uses 131072)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = base_config(args)

@@ -563,10 +563,12 @@ class EngineSettings:
     the logits would exceed one tile; False: always the naive path)."""
     logprob_chunk_size: int | None = None
     """Tokens per tile of the fused logprobs (None: `cispo.ops` default)."""
-    trim_heap: bool = True
+    trim_heap: bool = False
     """Give the heap memory each engine call freed back to the OS (glibc's malloc_trim, a no-op
     elsewhere): the freed activations and sampler caches stop counting in the RSS between calls
-    (docs/LOG.md, 2026-11-30 third entry)."""
+    (docs/LOG.md, 2026-11-30 third entry). Off by default: the freed pages fault in again on the
+    next call, +34% on a tiny model's forward_backward (17.3 → 23.0 ms); the SmolLM2 recipe,
+    where memory binds, turns it on."""
     mmap_threshold: int | None = None
     """Bytes: during each forward_backward every block this large or larger gets its own mapping,
     unmapped as soon as it is freed (glibc's M_MMAP_THRESHOLD; a no-op elsewhere), so the

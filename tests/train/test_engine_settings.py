@@ -25,7 +25,7 @@ SWITCHES = [
     "--engine.packed_row_tokens=256",
     "--engine.adamw_impl=foreach",
     "--engine.fused_logprobs=false",
-    "--engine.trim_heap=false",
+    "--engine.trim_heap=true",
     "--engine.mmap_threshold=131072",
 ]
 OFF = ["--engine.shared_prefix=false", "--engine.adamw_impl=for-loop"]
@@ -47,7 +47,7 @@ def test_engine_switches_reach_the_trainers_engine(tmp_path: Path) -> None:
         assert engine.config.shared_prefix is True and engine.shared_prefix
         assert engine.config.packed_row_tokens == 256
         assert engine.config.fused_logprobs is False
-        assert engine.config.trim_heap is False
+        assert engine.config.trim_heap is True
         assert engine.config.mmap_threshold == 131072
         assert engine.config.micro_batch_size == config.rl.micro_batch_size
         group = engine.optimizer.param_groups[0]
@@ -57,20 +57,20 @@ def test_engine_switches_reach_the_trainers_engine(tmp_path: Path) -> None:
         opened.training.close()
     assert (
         "engine: shared_prefix on, packing rows of ≤ 256 tokens, adamw foreach, "
-        "fused logprobs off, heap trim off, mmap threshold 131072 B" in plan
+        "fused logprobs off, heap trim on, mmap threshold 131072 B" in plan
     )
 
 
 def test_the_default_plan_says_shared_prefix_and_fused_adamw_are_on() -> None:
     line = TrainConfig().engine.describe()
     assert line == (
-        "engine: shared_prefix on, packing off, adamw fused, fused logprobs auto, heap trim on"
+        "engine: shared_prefix on, packing off, adamw fused, fused logprobs auto, heap trim off"
     )
     # The recipe's defaults are the engine's (the server and bare clients build EngineConfig()).
     assert EngineConfig(**EngineSettings().kwargs()) == EngineConfig()
     off = apply_overrides(TrainConfig(), OFF).engine
     assert off.describe() == (
-        "engine: shared_prefix off, packing off, adamw for-loop, fused logprobs auto, heap trim on"
+        "engine: shared_prefix off, packing off, adamw for-loop, fused logprobs auto, heap trim off"
     )
 
 

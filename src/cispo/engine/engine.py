@@ -118,12 +118,13 @@ class EngineConfig:
     sharded DTensor parameters too). The same update to float rounding
     (tests/engine/test_adamw_impl.py). Default "fused": the fastest on CPU (docs/LOG.md).
     None: torch's own choice (for-loop on CPU, foreach on CUDA)."""
-    trim_heap: bool = True
+    trim_heap: bool = False
     """After every forward_backward, optim_step and sampling pass on the shared weights (and once
     at construction, after the model was loaded), give the heap memory freed since back to the
     OS (`cispo.engine.heap.trim_heap`, glibc's malloc_trim; a no-op elsewhere). Without it
-    glibc keeps freed activations and sampler caches resident. Cost: a few ms per call, and the
-    returned pages fault in again when reused (docs/LOG.md, 2026-11-30 third entry)."""
+    glibc keeps freed activations and sampler caches resident. Cost: the returned pages fault in
+    again when reused, +34% on a tiny model's forward_backward, ~2% on SmolLM2-135M's step
+    (docs/LOG.md, 2026-11-30 third and fifth entries), so it is off unless asked for."""
     mmap_threshold: int | None = None
     """Bytes: during each forward_backward, glibc's mmap threshold is fixed to this
     (`cispo.engine.heap.set_mmap_threshold`), so every block this large or larger is unmapped
