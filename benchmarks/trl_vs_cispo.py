@@ -28,11 +28,12 @@ median of each section: sample (generation), reward, logprobs (the training forw
 logprobs and the loss), backward (`Tensor.backward`), optimizer (`AdamW.step`), other (the rest:
 datums, collation, grad norm and clipping, TRL's input preparation); the reward of every step;
 and the model FLOPs utilisation (MFU) of the update, 6·N·(tokens computed)/(logprobs + backward +
-optimizer seconds), where the tokens computed are the tokens trained except that cispo's shared-
-prefix path computes each group's common prefix once (`computed_tokens`), and of sampling, 2·N·(distinct prompt tokens + generated tokens)/(sample
-seconds), both over the fp32 matmul peak measured in the same process with the same threads
-(best of a few 2048² matmuls). N counts every parameter once (tied embeddings once). cispo trains
-only groups with a reward spread, TRL every sequence, so the tokens trained differ.
+optimizer seconds), where the tokens computed are the tokens trained except that cispo's
+shared-prefix path computes each group's common prefix once (`computed_tokens`), and of
+sampling, 2·N·(distinct prompt tokens + generated tokens)/(sample seconds), both over the fp32
+matmul peak measured in the same process with the same threads (best of a few 2048² matmuls).
+N counts every parameter once (tied embeddings once). cispo trains only groups with a reward
+spread, TRL every sequence, so the tokens trained differ.
 
 Left out on purpose: LoRA, KL/reference models, multi-epoch updates. Known differences: TRL
 normalises the loss by all completion tokens, we by the tokens of groups with a reward spread
