@@ -11,10 +11,11 @@ Full fine-tune (all 135M parameters) at a small learning rate; `--model.lora_ran
 --optim.learning_rate=1e-4` trains LoRA adapters instead (needs peft). A checkpoint with AdamW
 state is ~1.6 GB, so they are rare.
 
-Cost, measured 2026-11-22 with `run.threads=2` on a shared 2-core machine (load average ~7, so
-an idle one is faster): loading (GGUF dequantization) 30-60 s; one RL step 16-35 s, of which
-sampling 32 completions is 7-10 s and the CISPO update 8-22 s (it grows with the number of
-groups that have a reward spread); a greedy evaluation of 8 problems ~10 s.
+Cost on an idle 2-core CPU machine, 2 threads (2026-11-30, `benchmarks/trl_vs_cispo.py` with
+this recipe's sizes and memory settings): one RL step ~5.1 s (sampling 32 completions 2.2 s, the
+CISPO update 2.7 s, which grows with the number of groups that have a reward spread), 3.8×
+fewer seconds than TRL's GRPOTrainer on the same work; peak RSS 2.7 GB (1 thread,
+`benchmarks/memory.py`). Loading (GGUF dequantization) took 30-60 s on 2026-11-22.
 
     cispo train smollm2_arithmetic_cispo --run.dir=runs/smollm2
 """
