@@ -20,6 +20,7 @@ import torch
 
 import cispo.distributed
 import cispo.distributed.fsdp
+import cispo.ops.packed_logprobs
 from cispo.datums import rl_datum
 from cispo.engine import Engine, EngineConfig
 from cispo.models import load_bundle
@@ -218,8 +219,10 @@ def main(out_path: Path, weights_path: Path | None) -> None:
     results: dict[str, Any] = {"backend": info.backend, "cases": {}}
     finals: dict[str, dict[str, torch.Tensor]] = {}
 
-    cispo.distributed.fsdp.packed_token_logprobs = _recording(  # type: ignore[attr-defined]
-        cispo.distributed.fsdp.packed_token_logprobs
+    # The FSDP root's forward reaches the packed path through `cispo.ops.packed_logprobs`'s
+    # `token_logprobs`, which looks this name up in its module.
+    cispo.ops.packed_logprobs.packed_token_logprobs = _recording(
+        cispo.ops.packed_logprobs.packed_token_logprobs
     )
     for family, tied, reduction, clip, config in CASES:
         engine = tiny_engine(family, tied=tied, micro_batch_size=MICRO, **config)

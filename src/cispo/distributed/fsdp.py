@@ -30,8 +30,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from cispo.distributed.group import active, current_world_size
-from cispo.ops import model_token_logprobs
-from cispo.ops.packed_logprobs import packed_token_logprobs
+from cispo.ops.packed_logprobs import token_logprobs
 
 __all__ = [
     "TokenLogprobs",
@@ -69,32 +68,14 @@ class TokenLogprobs(nn.Module):
         groups: Sequence[int] | None = None,
         row_tokens: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        if groups is not None:
-            lengths = (
-                attention_mask.sum(dim=1).tolist()
-                if attention_mask is not None
-                else [input_ids.shape[1]] * input_ids.shape[0]
-            )
-            packed = packed_token_logprobs(
-                self.model,
-                input_ids,
-                lengths,
-                targets,
-                loss_mask,
-                group_sizes=groups,
-                row_tokens=row_tokens,
-                temperature=temperature,
-                fused=fused,
-                chunk_size=chunk_size,
-                with_entropy=with_entropy,
-            )
-            return packed.logprobs, packed.entropy
-        out = model_token_logprobs(
+        out = token_logprobs(
             self.model,
             input_ids,
             attention_mask,
             targets,
             loss_mask,
+            groups=groups,
+            row_tokens=row_tokens,
             temperature=temperature,
             fused=fused,
             chunk_size=chunk_size,

@@ -12,8 +12,9 @@ is and which datums go through one forward together:
   model inputs, which is at least the prompt.
 - `plan_micro_batches`: consecutive whole groups, at most `micro_batch_size` datums each; a group
   larger than that is a micro-batch of its own (never split: its prefix would run twice).
-- `micro_batches` / `token_logprobs`: the two calls `Engine.forward_backward` makes, either way
-  (`shared=False`: fixed-size micro-batches and `model_token_logprobs` on padded rows).
+- `micro_batches` / `token_logprobs` (from `cispo.ops.packed_logprobs`, where the FSDP root calls
+  it too): the two calls `Engine.forward_backward` makes, either way (`shared=False`: fixed-size
+  micro-batches and `model_token_logprobs` on padded rows).
 
 Micro-batch boundaries move with the groups, which never changes the update: every micro-batch's
 loss is reduced with the global token / sequence counts of the whole call.
@@ -25,8 +26,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from cispo.ops import FusedLogprobOutput, model_token_logprobs
-from cispo.ops.packed_logprobs import packed_token_logprobs, unsupported_reason
+from cispo.ops.packed_logprobs import token_logprobs, unsupported_reason
 
 __all__ = [
     "detect_groups",
@@ -98,46 +98,3 @@ def micro_batches(
         (start, min(start + micro_batch_size, batch), None)
         for start in range(0, batch, micro_batch_size)
     ]
-
-
-def token_logprobs(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    targets: Tensor,
-    loss_mask: Tensor,
-    *,
-    groups: Sequence[int] | None,
-    row_tokens: int | None = None,
-    temperature: float = 1.0,
-    fused: bool | None = None,
-    chunk_size: int | None = None,
-    with_entropy: bool = False,
-) -> FusedLogprobOutput:
-    """Per-token logprobs [B, T] of right-padded rows: `packed_token_logprobs` over `groups`, or
-    `model_token_logprobs` when `groups` is None. Same output either way."""
-    if groups is None:
-        return model_token_logprobs(
-            model,
-            input_ids,
-            attention_mask,
-            targets,
-            loss_mask,
-            temperature=temperature,
-            fused=fused,
-            chunk_size=chunk_size,
-            with_entropy=with_entropy,
-        )
-    return packed_token_logprobs(
-        model,
-        input_ids,
-        attention_mask.sum(dim=1).tolist(),
-        targets,
-        loss_mask,
-        group_sizes=groups,
-        row_tokens=row_tokens,
-        temperature=temperature,
-        fused=fused,
-        chunk_size=chunk_size,
-        with_entropy=with_entropy,
-    )

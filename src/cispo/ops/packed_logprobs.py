@@ -63,7 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from cispo.ops.fused_logprobs import FusedLogprobOutput
-from cispo.ops.model_logprobs import decoder_and_head, score_hidden
+from cispo.ops.model_logprobs import decoder_and_head, model_token_logprobs, score_hidden
 
 __all__ = [
     "PackedRows",
@@ -71,6 +71,7 @@ __all__ = [
     "common_prefix_length",
     "pack_rows",
     "packed_token_logprobs",
+    "token_logprobs",
     "unsupported_reason",
 ]
 
@@ -324,3 +325,52 @@ def packed_token_logprobs(
 
     entropy = scatter(out.entropy) if out.entropy is not None else None
     return FusedLogprobOutput(logprobs=scatter(out.logprobs), entropy=entropy)
+
+
+def token_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    targets: Tensor,
+    loss_mask: Tensor,
+    *,
+    groups: Sequence[int] | None,
+    row_tokens: int | None = None,
+    temperature: float = 1.0,
+    fused: bool | None = None,
+    chunk_size: int | None = None,
+    with_entropy: bool = False,
+) -> FusedLogprobOutput:
+    """Per-token logprobs [B, T] of right-padded rows: `packed_token_logprobs` over `groups`, or
+    `model_token_logprobs` on the padded rows when `groups` is None. Same output either way.
+    The one entry point of the engine and of the FSDP root (`cispo.distributed.fsdp`)."""
+    if groups is None:
+        return model_token_logprobs(
+            model,
+            input_ids,
+            attention_mask,
+            targets,
+            loss_mask,
+            temperature=temperature,
+            fused=fused,
+            chunk_size=chunk_size,
+            with_entropy=with_entropy,
+        )
+    lengths = (
+        attention_mask.sum(dim=1).tolist()
+        if attention_mask is not None
+        else [input_ids.shape[1]] * input_ids.shape[0]
+    )
+    return packed_token_logprobs(
+        model,
+        input_ids,
+        lengths,
+        targets,
+        loss_mask,
+        group_sizes=groups,
+        row_tokens=row_tokens,
+        temperature=temperature,
+        fused=fused,
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
+    )
