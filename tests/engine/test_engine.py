@@ -285,3 +285,23 @@ def test_a_failing_forward_backward_leaves_gradients_rng_and_weights_exactly_as_
     want = reference.model.state_dict()
     for k, v in engine.model.state_dict().items():
         assert torch.equal(v, want[k]), k
+
+
+def test_state_without_copies_shares_the_live_tensors_and_equals_the_copied_state() -> None:
+    """`state(copy_tensors=False)` (what the client's save_state writes from the engine's worker
+    thread) holds the parameters and AdamW moments themselves, no second copy; same values."""
+    engine = tiny_engine()
+    engine.forward_backward(random_datums(4), "cispo", {"reduction": "token_mean"})
+    engine.optim_step(AdamParams(learning_rate=1e-3))
+    live, copied = engine.state(copy_tensors=False), engine.state()
+    params = {p.data_ptr() for p in engine.model.parameters()}
+    assert params and all(t.data_ptr() in params for t in live["model"].values())
+    assert not any(t.data_ptr() in params for t in copied["model"].values())
+    moments = {id(s["exp_avg"]) for s in engine.optimizer.state.values()}
+    saved = [id(s["exp_avg"]) for s in live["optimizer"]["state"].values()]
+    assert moments and set(saved) == moments
+    for name, tensor in copied["model"].items():
+        assert torch.equal(tensor, live["model"][name]), name
+    for key, entry in copied["optimizer"]["state"].items():
+        for field, value in entry.items():
+            assert torch.equal(value, live["optimizer"]["state"][key][field]), (key, field)

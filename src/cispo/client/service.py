@@ -264,10 +264,12 @@ class TrainingClient:
                     durable=durable,
                 )
                 return SaveWeightsResponse(path=str(path))
+            # On the engine's worker thread, so nothing steps the weights while they are written:
+            # the live tensors, not a copy of the model and its Adam moments.
             path = save_engine_state(
                 self.checkpoint_dir,
                 name,
-                self.engine.state(),
+                self.engine.state(copy_tensors=False),
                 trainer_state,
                 keep_last=keep_last,
                 durable=durable,
