@@ -11,7 +11,7 @@ from cispo.config import TrainConfig
 from cispo.prompts import encode_prompt
 from cispo.tasks import ArithmeticTask
 from cispo.tokenizer import build_char_tokenizer
-from cispo.train.evaluate import evaluate
+from cispo.train.evaluate import evaluate, evaluate_counts, rates
 from cispo.types import ModelInput, SampledSequence, SampleResponse, SamplingParams
 
 
@@ -68,3 +68,28 @@ def test_pass_at_k_counts_a_problem_once_and_draws_each_on_its_own_seed() -> Non
     # A seeded request samples on its own stream: one shared seed would give every problem the
     # same uniforms.
     assert len({p.seed for p in sampled}) == 6
+
+
+def test_shares_of_the_problems_add_up_to_the_whole_evaluation() -> None:
+    """What each rank does under torchrun (`cispo.train.loop.sharded_evaluate`): the counts of
+    [0, 2) and [2, 6), each share on its global problem indices, give the whole set's metrics
+    and the same per-problem pass@k seeds."""
+    task = ArithmeticTask()
+    problems = task.problems("test", seed=0, n=6)
+    tok = build_char_tokenizer()
+    answers = {tuple(encode_prompt(tok, p.prompt)): p.answer for p in problems}
+    config = replace(TrainConfig(), eval=replace(TrainConfig().eval, pass_k=2))
+    whole = ScriptedSampler(answers)
+    expected = evaluate(cast(SamplingClient, whole), task, problems, config)
+    shares = ScriptedSampler(answers)
+    counts = [
+        evaluate_counts(cast(SamplingClient, shares), task, problems[a:b], config, first_index=a)
+        for a, b in ((0, 2), (2, 6))
+    ]
+    assert [c[0] for c in counts] == [2.0, 4.0]
+    assert rates([sum(c) for c in zip(*counts, strict=True)], config) == expected
+
+    def seeds(sampler: ScriptedSampler) -> list[tuple[tuple[int, ...], int, int | None]]:
+        return sorted((prompt, n, params.seed) for prompt, n, params in sampler.requests)
+
+    assert seeds(shares) == seeds(whole)  # each problem, greedy and pass@k, on the same seed

@@ -860,11 +860,20 @@ class Engine:
         moments), for a caller that writes them out before the engine runs again, as the
         client's `save_state` does on the engine's worker thread: a copy would hold a second
         model and two more moments in memory while the file is written (1.5 GB for SmolLM2-135M).
+        Only a tied weight's second name is copied, so the file has the same entries either way.
         """
         self._refuse_when_sharded("state")
         if not copy_tensors:
+            model: dict[str, Tensor] = {}
+            seen: set[int] = set()
+            for name, tensor in self.model.state_dict().items():
+                # A tied weight's second name gets its own copy, as in the copied state, so the
+                # file keeps one entry per name (one embedding-sized copy, not the whole model).
+                duplicate = tensor.data_ptr() in seen and tensor.numel() > 0
+                seen.add(tensor.data_ptr())
+                model[name] = tensor.detach().clone() if duplicate else tensor.detach()
             return {
-                "model": {k: v.detach() for k, v in self.model.state_dict().items()},
+                "model": model,
                 "optimizer": self.optimizer.state_dict(),
                 "version": self.version,
                 "sample_generator": self.sample_generator.get_state(),

@@ -17,7 +17,7 @@ Under `torchrun` (docs/distributed.md) every rank runs this loop on the same con
 shards the model, every rank samples and scores its share of each batch's prompts and the shares
 are all-gathered into the whole batch (`InProcessSource`; with `asynchronous.enabled` rank 0 alone
 runs the sampler worker and broadcasts its batches), every rank trains its share of it
-(`train_on_rollout`), evaluation runs on rank 0's full copy of the weights,
+(`train_on_rollout`), each rank evaluates its share of the test problems,
 checkpoints are sharded (DCP) directories that every rank writes, and rank 0 alone prints and
 writes config.json, the logs, samples and plots. Every collective is issued by every rank in the
 same order; nothing in a rank-0-only branch issues one.
@@ -49,7 +49,7 @@ from cispo.logging import Progress, RunLogger
 from cispo.rollout.rollouts import Rollout, sample_rows
 from cispo.rollout.source import InProcessSource, RolloutSource
 from cispo.tasks import Problem, Task, make_task
-from cispo.train.evaluate import evaluate
+from cispo.train.evaluate import evaluate_counts, rates
 from cispo.train.update import train_on_rollout
 from cispo.train.warm_start import supervised_warm_start
 
@@ -92,17 +92,25 @@ class OtherRankLogger:
         pass
 
 
-def rank0_evaluate(
+def sharded_evaluate(
     training: TrainingClient, task: Task, test: list[Problem], config: TrainConfig
 ) -> dict[str, float]:
-    """Held-out evaluation on the current weights. Under torchrun every rank gathers the weights
-    (a collective), rank 0 evaluates on its full copy (no collective) and broadcasts the
-    metrics."""
+    """`evaluate` under any world size: every rank gathers the current weights into its sampler
+    (a collective), evaluates its `share_bounds` share of the test problems (no collective) and
+    the counts are all-gathered and added, so every rank returns the whole set's metrics. With
+    greedy decoding and per-problem pass@k seeds, the shares give one process's numbers (up to
+    a logit tie that the shares' batches round differently)."""
     sampler = training.save_weights_and_get_sampling_client()
-    result = evaluate(sampler, task, test, config) if distributed.current_rank() == 0 else None
-    shared = distributed.broadcast_object(result)
-    assert shared is not None
-    return shared
+    start, stop = distributed.share_bounds(
+        len(test), distributed.current_rank(), distributed.current_world_size()
+    )
+    mine = (
+        evaluate_counts(sampler, task, test[start:stop], config, first_index=start)
+        if stop > start
+        else (0.0, 0.0, 0.0)
+    )
+    shares = distributed.gather_objects(mine)
+    return rates([sum(column) for column in zip(*shares, strict=True)], config)
 
 
 @dataclass
@@ -128,7 +136,7 @@ class OpenRun:
             self.training.save_state(
                 "step_000000", metadata={"step": 0, "warm_started": True}
             ).result()
-        first = rank0_evaluate(self.training, self.task, self.test, config)
+        first = sharded_evaluate(self.training, self.task, self.test, config)
         if not self.state:  # a fresh run; a resumed one logged step 0 already
             self.logger.log(0, first)
         echo(f"held-out greedy accuracy before RL: {first['eval/accuracy']:.1%}")
@@ -142,7 +150,7 @@ class OpenRun:
         Returns the evaluation's metrics if one ran."""
         evaluation = None
         if done % config.eval.every == 0 or done == config.rl.steps:
-            evaluation = rank0_evaluate(self.training, self.task, self.test, config)
+            evaluation = sharded_evaluate(self.training, self.task, self.test, config)
             metrics |= evaluation
             self.logger.log_samples(done, sample_rows(rollout, config.rl.group_size))
         self.logger.log(done, metrics)
