@@ -100,3 +100,34 @@ def wait_future(
         if body.get("type") != "try_again":
             return body
     raise AssertionError(f"future {request_id} never completed")
+
+
+def raw_http(live: LiveServer, *, key: str = API_KEY, timeout: float = 60) -> httpx.Client:
+    """An httpx client on the server's /api/v1 with an API key (use it as a context manager)."""
+    return httpx.Client(
+        base_url=f"{live.base_url}/api/v1", headers={"X-API-Key": key}, timeout=timeout
+    )
+
+
+def raw_session(http: httpx.Client, sdk_version: str = "test") -> str:
+    """A new session id, over raw HTTP."""
+    r = http.post(
+        "/create_session", json={"tags": [], "user_metadata": None, "sdk_version": sdk_version}
+    )
+    assert r.status_code == 200, r.text
+    return str(r.json()["session_id"])
+
+
+def create_raw_model(http: httpx.Client, session: str, *, seed: int) -> str:
+    """A rank-2 LoRA model on "tiny" in `session`, over raw HTTP; its model_id."""
+    r = http.post(
+        "/create_model",
+        json={
+            "session_id": session,
+            "model_seq_id": 0,
+            "base_model": "tiny",
+            "lora_config": {"rank": 2, "seed": seed},
+        },
+    )
+    assert r.status_code == 200, r.text
+    return str(wait_future(http, r.json()["request_id"])["model_id"])

@@ -29,7 +29,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_harness import API_KEY, LiveServer, start_server, wait_future
+from server_harness import (
+    LiveServer,
+    create_raw_model,
+    raw_http,
+    raw_session,
+    start_server,
+    wait_future,
+)
 from tinker import types
 from tinker.proto import tinker_public_pb2 as pb
 from tinker.proto.request_conv import forward_backward_request_to_proto
@@ -87,9 +94,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="module")
 def http(live: LiveServer) -> Any:
-    with httpx.Client(
-        base_url=f"{live.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=60
-    ) as client:
+    with raw_http(live) as client:
         yield client
 
 
@@ -97,19 +102,8 @@ def http(live: LiveServer) -> Any:
 def world(live: LiveServer, http: httpx.Client) -> dict[str, Any]:
     """A session, a LoRA model (the one whose state is checked), a checkpoint of it and a
     sampling session."""
-    session = http.post(
-        "/create_session", json={"tags": [], "user_metadata": None, "sdk_version": "fuzz"}
-    ).json()["session_id"]
-    r = http.post(
-        "/create_model",
-        json={
-            "session_id": session,
-            "model_seq_id": 0,
-            "base_model": "tiny",
-            "lora_config": {"rank": 2, "seed": 1},
-        },
-    )
-    model_id = wait_future(http, r.json()["request_id"], raw=True, refusals_ok=True)["model_id"]
+    session = raw_session(http, "fuzz")
+    model_id = create_raw_model(http, session, seed=1)
     r = http.post("/save_weights", json={"model_id": model_id, "seq_id": 1, "path": "fuzz-base"})
     checkpoint = wait_future(http, r.json()["request_id"], raw=True, refusals_ok=True)["path"]
     # Adam moments and a pending gradient, so refusals are checked against non-trivial state.

@@ -17,7 +17,16 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from server_harness import API_KEY, LiveServer, assert_same, start_server, wait_future
+from server_harness import (
+    API_KEY,
+    LiveServer,
+    assert_same,
+    create_raw_model,
+    raw_http,
+    raw_session,
+    start_server,
+    wait_future,
+)
 from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
@@ -39,9 +48,7 @@ def training(service: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def http(live: LiveServer) -> Any:
-    with httpx.Client(
-        base_url=f"{live.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=60
-    ) as client:
+    with raw_http(live) as client:
         yield client
 
 
@@ -52,20 +59,7 @@ def raw(http: httpx.Client) -> str:
 
 
 def _create_raw_model(http: httpx.Client) -> str:
-    session = http.post(
-        "/create_session", json={"tags": [], "user_metadata": None, "sdk_version": "test"}
-    ).json()["session_id"]
-    created = http.post(
-        "/create_model",
-        json={
-            "session_id": session,
-            "model_seq_id": 0,
-            "base_model": "tiny",
-            "lora_config": {"rank": 2, "seed": 3},
-        },
-    )
-    assert created.status_code == 200, created.text
-    return str(wait_future(http, created.json()["request_id"])["model_id"])
+    return create_raw_model(http, raw_session(http), seed=3)
 
 
 def _next(live: LiveServer, model_id: str) -> int:
@@ -323,9 +317,7 @@ def test_non_finite_adam_params_in_raw_json_get_400_naming_the_field(
 
 @pytest.fixture(scope="module")
 def sampler_id(http: httpx.Client) -> str:
-    session = http.post(
-        "/create_session", json={"tags": [], "user_metadata": None, "sdk_version": "test"}
-    ).json()["session_id"]
+    session = raw_session(http)
     r = http.post(
         "/create_sampling_session",
         json={"session_id": session, "sampling_session_seq_id": 0, "base_model": "tiny"},
@@ -379,9 +371,7 @@ def test_create_model_with_an_out_of_range_seed_is_refused_and_frees_its_model_s
     with pytest.raises(tinker.BadRequestError, match=r"lora_config\.seed"):
         service.create_lora_training_client("tiny", rank=2, seed=2**70).result()
     assert not live.backend._reserved
-    session = http.post(
-        "/create_session", json={"tags": [], "user_metadata": None, "sdk_version": "test"}
-    ).json()["session_id"]
+    session = raw_session(http)
     for seed, status in ((2**70, 400), (-(2**64), 400), (5, 200)):
         r = http.post(
             "/create_model",

@@ -11,11 +11,10 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 
 tinker = pytest.importorskip("tinker")
-from server_harness import API_KEY, LiveServer, start_server  # noqa: E402
+from server_harness import API_KEY, LiveServer, raw_http, raw_session, start_server  # noqa: E402
 from tinker import types  # noqa: E402
 
 MIB = 1 << 20
@@ -146,13 +145,9 @@ def test_idle_sessions_expire_and_heartbeating_sdk_sessions_do_not(tmp_path: Any
         gc.collect()
         before = _rss()
         idle: list[str] = []
-        with httpx.Client(
-            base_url=f"{live.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=30
-        ) as http:
+        with raw_http(live, timeout=30) as http:
             for _ in range(8):
-                session = http.post(
-                    "/create_session", json={"tags": [], "user_metadata": None, "sdk_version": "t"}
-                ).json()["session_id"]
+                session = raw_session(http, "t")
                 r = http.post(
                     "/create_model",
                     json={"session_id": session, "model_seq_id": 0, "base_model": "tiny"},

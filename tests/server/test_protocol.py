@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_harness import API_KEY, LiveServer, wait_future
+from server_harness import API_KEY, LiveServer, create_raw_model, raw_http, raw_session, wait_future
 from tinker import types
 from tinker.proto import tinker_public_pb2 as pb
 from tinker.proto.request_conv import forward_backward_request_to_proto
@@ -20,29 +20,13 @@ PROTO = {"Content-Type": "application/x-protobuf"}
 
 @pytest.fixture(scope="module")
 def http(live: LiveServer) -> Any:
-    with httpx.Client(
-        base_url=f"{live.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=30
-    ) as client:
+    with raw_http(live, timeout=30) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
 def model_id(http: httpx.Client) -> str:
-    session = http.post(
-        "/create_session", json={"tags": [], "user_metadata": None, "sdk_version": "test"}
-    ).json()
-    created = http.post(
-        "/create_model",
-        json={
-            "session_id": session["session_id"],
-            "model_seq_id": 0,
-            "base_model": "tiny",
-            "lora_config": {"rank": 2, "seed": 1},
-        },
-    )
-    assert created.status_code == 200, created.text
-    result = wait_future(http, created.json()["request_id"])
-    return str(result["model_id"])
+    return create_raw_model(http, raw_session(http), seed=1)
 
 
 def _datum(tokens: list[int]) -> types.Datum:
