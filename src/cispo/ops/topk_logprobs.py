@@ -20,8 +20,6 @@ at the positions asked for (the server's `topk_prompt_logprobs` / `topk_sample_l
 
 from __future__ import annotations
 
-from typing import cast
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,7 +31,7 @@ from cispo.ops.fused_logprobs import (
     _tiles,
     vocab_block_size,
 )
-from cispo.ops.model_logprobs import _LOGIT_TRANSFORMS, output_projection
+from cispo.ops.model_logprobs import decoder_and_head, output_projection
 
 __all__ = ["fused_topk_logprobs", "model_topk_logprobs", "naive_topk_logprobs"]
 
@@ -130,19 +128,9 @@ def model_topk_logprobs(
     Row r describes the distribution that token `tokens[positions[r] + 1]` was (or would be)
     drawn from. Returns (logprobs [len(positions), k] fp32, ids [len(positions), k] int64).
     """
-    config = getattr(model, "config", None)
-    for field in _LOGIT_TRANSFORMS:
-        value = getattr(config, field, None)
-        if value not in (None, 1, 1.0):
-            raise NotImplementedError(f"config.{field}={value}: logits are transformed")
-    get_decoder = getattr(model, "get_decoder", None)
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if not callable(get_decoder) or not isinstance(head, nn.Module):
-        raise TypeError(f"{type(model).__name__} has no get_decoder()/get_output_embeddings()")
+    decoder, head = decoder_and_head(model)
     device = next(model.parameters()).device
     input_ids = torch.tensor([tokens], device=device)
-    decoder = cast(nn.Module, get_decoder())
     hidden = decoder(input_ids=input_ids).last_hidden_state[0]  # [T, H]
     weight, bias = output_projection(head)
     index = torch.tensor(list(positions), dtype=torch.int64, device=device)
