@@ -863,24 +863,18 @@ class Engine:
         Only a tied weight's second name is copied, so the file has the same entries either way.
         """
         self._refuse_when_sharded("state")
-        if not copy_tensors:
-            model: dict[str, Tensor] = {}
-            seen: set[int] = set()
-            for name, tensor in self.model.state_dict().items():
-                # A tied weight's second name gets its own copy, as in the copied state, so the
-                # file keeps one entry per name (one embedding-sized copy, not the whole model).
-                duplicate = tensor.data_ptr() in seen and tensor.numel() > 0
-                seen.add(tensor.data_ptr())
-                model[name] = tensor.detach().clone() if duplicate else tensor.detach()
-            return {
-                "model": model,
-                "optimizer": self.optimizer.state_dict(),
-                "version": self.version,
-                "sample_generator": self.sample_generator.get_state(),
-            }
+        model: dict[str, Tensor] = {}
+        seen: set[int] = set()
+        for name, tensor in self.model.state_dict().items():
+            # Without copies, a tied weight's second name still gets its own (one
+            # embedding-sized copy), so the file keeps one entry per name either way.
+            duplicate = tensor.data_ptr() in seen and tensor.numel() > 0
+            seen.add(tensor.data_ptr())
+            model[name] = tensor.detach().clone() if copy_tensors or duplicate else tensor.detach()
+        optimizer = self.optimizer.state_dict()
         return {
-            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "model": model,
+            "optimizer": copy.deepcopy(optimizer) if copy_tensors else optimizer,
             "version": self.version,
             "sample_generator": self.sample_generator.get_state(),
         }
