@@ -22,37 +22,22 @@ import time
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from cispo.engine.engine import ADAMW_IMPLS, adamw_flags
+from cispo.models import build_tiny_model, tiny_model_config
 
 
 def _model(args: argparse.Namespace) -> nn.Module:
     if args.model:
         return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     if args.smoke:
-        config = LlamaConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            vocab_size=512,
-            tie_word_embeddings=True,
-        )
+        config = tiny_model_config(512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
     else:  # SmolLM2-135M's config.json
-        config = LlamaConfig(
-            hidden_size=576,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            intermediate_size=1536,
-            vocab_size=49152,
-            tie_word_embeddings=True,
-            max_position_embeddings=8192,
+        config = tiny_model_config(
+            49152, hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, max_position=8192
         )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    return build_tiny_model(config, seed=0)
 
 
 def main() -> None:
